@@ -1,0 +1,178 @@
+"""Endpoint computation: which pod addresses serve each service port.
+
+Rules (DESIGN §3 "Endpoints", mirroring the EndpointSlice controller and kube-proxy):
+- a Service with a selector takes the pods of its own namespace whose labels match it; a
+  Service without one takes its EndpointSlices (or, when it has none, its v1 Endpoints);
+- the port is the service port's ``targetPort``: a number as is, a name looked up per pod in
+  that pod's container ports (a pod without that name is left out for that port);
+- per endpoint: ``ready`` (may get traffic), ``serving`` (passes readiness, even while
+  terminating) and ``terminating`` (deletionTimestamp set). A terminating pod is never
+  ``ready``. ``publishNotReadyAddresses`` marks every pod with an IP ready;
+- the endpoints that get *new* traffic are the ready ones; when none is ready, the serving
+  terminating ones (KEP-1669, ProxyTerminatingEndpoints); else none;
+- a pod's readiness is its readinessProbe result when it has a probe and probing is on
+  (``probe_results``), else its Ready condition. Pods in phase Succeeded/Failed or without
+  an IP never appear.
+
+Everything here is a pure function of its arguments; callers cache by service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from .objects import EndpointSlice, Pod, Service, ServicePort
+
+__all__ = ["Endpoint", "EndpointSet", "pod_ready", "compute_endpoint_sets", "port_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    ip: str
+    port: int
+    pod: str | None = None       # pod name (same namespace as the service), for display
+    node: str | None = None
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+    def to_json(self) -> dict:
+        return {"ip": self.ip, "port": self.port, "pod": self.pod, "node": self.node,
+                "ready": self.ready, "serving": self.serving, "terminating": self.terminating}
+
+
+def port_key(sp: ServicePort) -> str:
+    """How a service port is named in keys and metrics: its name, or its number when unnamed."""
+    return sp.name or str(sp.port)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    namespace: str
+    service: str
+    port_name: str               # service port name ("" when unnamed)
+    port: int                    # service port number
+    endpoints: tuple[Endpoint, ...]   # every known endpoint, sorted by (ip, port)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.namespace, self.service, self.port_name or str(self.port))
+
+    @property
+    def usable(self) -> tuple[Endpoint, ...]:
+        """Endpoints for new traffic: ready ones, else serving+terminating ones (KEP-1669)."""
+        ready = tuple(e for e in self.endpoints if e.ready)
+        if ready:
+            return ready
+        return tuple(e for e in self.endpoints if e.serving and e.terminating)
+
+    def counts(self) -> dict[str, int]:
+        c = {"ready": 0, "serving": 0, "terminating": 0, "not_ready": 0}
+        for e in self.endpoints:
+            if e.ready:
+                c["ready"] += 1
+            elif e.terminating:
+                c["terminating"] += 1
+            else:
+                c["not_ready"] += 1
+            if e.serving:
+                c["serving"] += 1
+        return c
+
+
+def pod_ready(pod: Pod, probe_results: Mapping[tuple[str, str], bool] | None) -> bool:
+    """Readiness of one pod, before terminating/publishNotReady are considered."""
+    if pod.readiness_probe is not None and probe_results is not None:
+        return probe_results.get((pod.namespace, pod.name), False)
+    return pod.ready_condition is True
+
+
+def _resolve_target(sp: ServicePort, pod: Pod) -> int | None:
+    t = sp.target_port
+    if isinstance(t, int):
+        return t
+    return pod.named_port(t)
+
+
+def _pod_endpoints(svc: Service, sp: ServicePort, pods: Iterable[Pod],
+                   probe_results: Mapping[tuple[str, str], bool] | None) -> list[Endpoint]:
+    out = []
+    for pod in pods:
+        if not pod.pod_ip or pod.phase in ("Succeeded", "Failed"):
+            continue
+        port = _resolve_target(sp, pod)
+        if port is None:
+            continue
+        passes = pod_ready(pod, probe_results)
+        terminating = pod.terminating
+        if svc.publish_not_ready:
+            ready = serving = True
+        else:
+            serving = passes
+            ready = passes and not terminating
+        out.append(Endpoint(pod.pod_ip, port, pod.name, pod.node_name, ready, serving, terminating))
+    return out
+
+
+def _slice_endpoints(sp: ServicePort, slices: Iterable[EndpointSlice], publish_not_ready: bool) -> list[Endpoint]:
+    out = []
+    for sl in slices:
+        if sl.address_type == "FQDN":
+            continue   # FQDN slices are not routable by address; kube-proxy ignores them too
+        port = None
+        for p in sl.ports:
+            # An unnamed service port matches an unnamed slice port.
+            if p.name == sp.name and p.protocol == sp.protocol:
+                port = p.port
+                break
+        if port is None:
+            continue
+        for e in sl.endpoints:
+            # Conditions are taken as the slice states them (nil rules applied at parse time).
+            for addr in e.addresses[:1]:   # the API says consumers use the first address
+                out.append(Endpoint(addr, port, e.target, e.node_name, e.ready or publish_not_ready,
+                                    e.serving or publish_not_ready, e.terminating))
+    return out
+
+
+def compute_endpoint_sets(svc: Service, pods: Iterable[Pod] | Callable[[], Iterable[Pod]],
+                          slices: Iterable[EndpointSlice] = (),
+                          probe_results: Mapping[tuple[str, str], bool] | None = None) -> tuple[EndpointSet, ...]:
+    """Endpoint sets of every TCP port of ``svc``.
+
+    ``pods`` are the pods that match the service's selector (same namespace) — the caller
+    selects them, because it keeps the index that makes that cheap; ``slices`` are the
+    EndpointSlices and converted Endpoints of the service, used when it has no selector.
+    """
+    if svc.type == "ExternalName":
+        return ()
+    pod_list = list(pods() if callable(pods) else pods) if svc.selector is not None else []
+    slice_list = list(slices)
+    if svc.selector is None:
+        # EndpointSlices are authoritative when present; v1 Endpoints otherwise.
+        modern = [s for s in slice_list if not s.legacy]
+        slice_list = modern or [s for s in slice_list if s.legacy]
+    out = []
+    for sp in svc.ports:
+        if sp.protocol != "TCP":
+            continue
+        if svc.selector is not None:
+            eps = _pod_endpoints(svc, sp, pod_list, probe_results)
+        else:
+            eps = _slice_endpoints(sp, slice_list, svc.publish_not_ready)
+        # One entry per address: two pods cannot share an IP, but slices may repeat one.
+        uniq = {}
+        for e in eps:
+            uniq.setdefault((e.ip, e.port), e)
+        out.append(EndpointSet(svc.namespace, svc.name, sp.name, sp.port,
+                               tuple(sorted(uniq.values(), key=_sort_key))))
+    return tuple(out)
+
+
+def _sort_key(e: Endpoint):
+    return (e.ip, e.port)

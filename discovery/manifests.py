@@ -1,0 +1,888 @@
+"""Kubernetes manifests (multi-document YAML) -> typed objects, with errors that name the place.
+
+``load_paths`` reads files and folders; ``parse_document`` turns one decoded document into an
+object from ``discovery.objects``. Every problem becomes a ``ConfigError`` carrying
+``file:line: Kind/namespace/name: field.path: message``; all problems of a load are collected
+and reported together instead of stopping at the first one.
+
+Line numbers come from the YAML node marks: the loader builds dicts and lists that remember
+the line of each key / item (``_LineDict`` / ``_LineList``), so a field path can be mapped back
+to the line a person has to edit.
+
+Defaults follow what the API server sets (``pkg/apis/core/v1/defaults.go``): namespace
+``default``, protocol ``TCP``, ``targetPort`` = ``port``, ``sessionAffinity: None`` with a
+10800 s timeout, ``type: ClusterIP``, traffic policies ``Cluster``, probe period 10 s,
+timeout 1 s, thresholds 1/3.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Iterable, Iterator
+
+import yaml
+
+from . import objects as o
+
+__all__ = ["ConfigError", "LoadResult", "load_paths", "load_text", "parse_document",
+           "iter_manifest_files", "validate_set", "SUPPORTED_KINDS"]
+
+log = logging.getLogger("meshproxy.discovery")
+
+# The node port range of the API server's default --service-node-port-range.
+NODE_PORT_MIN, NODE_PORT_MAX = 30000, 32767
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+# IANA_SVC_NAME (used for named ports): <= 15 chars, lowercase alnum and '-', at least one letter,
+# no leading/trailing/double '-'.
+_IANA_SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9]|-(?!-))*\Z")
+_WILDCARD_HOST = re.compile(r"\*\.[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+
+SUPPORTED_KINDS = {
+    ("v1", "Node"), ("v1", "Pod"), ("v1", "Service"), ("v1", "Endpoints"), ("v1", "Secret"),
+    ("discovery.k8s.io/v1", "EndpointSlice"), ("discovery.k8s.io/v1beta1", "EndpointSlice"),
+    ("networking.k8s.io/v1", "Ingress"), ("networking.k8s.io/v1", "IngressClass"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError:
+    file: str
+    line: int
+    ref: str          # Kind/namespace/name, or "" when the document has no usable identity
+    field: str        # dotted field path, or ""
+    message: str
+
+    def __str__(self) -> str:
+        parts = [f"{self.file}:{self.line}"]
+        if self.ref:
+            parts.append(self.ref)
+        if self.field:
+            parts.append(self.field)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+@dataclass(slots=True)
+class LoadResult:
+    objects: list
+    errors: list[ConfigError]
+    skipped: list[str]           # "file:line: apiVersion/Kind" of documents of unknown kinds
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _LineDict(dict):
+    __slots__ = ("line", "key_lines")
+
+
+class _LineList(list):
+    __slots__ = ("line", "item_lines")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose mappings and sequences remember the line of every key and item."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        # Build a plain dict first (SafeLoader handles merge keys), then attach the lines.
+        self.flatten_mapping(node)
+        result = _LineDict()
+        result.line = node.start_mark.line + 1
+        result.key_lines = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    "found unhashable key", key_node.start_mark) from None
+            if key in result:
+                # kubectl's strict decoder refuses this too; silently keeping the last value hides typos.
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark)
+            result[key] = self.construct_object(value_node, deep=True)
+            result.key_lines[key] = key_node.start_mark.line + 1
+        return result
+
+    def construct_sequence(self, node, deep=False):  # type: ignore[override]
+        result = _LineList(self.construct_object(child, deep=True) for child in node.value)
+        result.line = node.start_mark.line + 1
+        result.item_lines = [child.start_mark.line + 1 for child in node.value]
+        return result
+
+
+def _construct_map(loader, node):
+    return loader.construct_mapping(node)
+
+
+def _construct_seq(loader, node):
+    return loader.construct_sequence(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+# Timestamps stay strings: creationTimestamp is compared as RFC 3339 text, as the API does.
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _line_of(container: Any, key: Any = None) -> int | None:
+    if key is not None:
+        if isinstance(container, _LineDict):
+            return container.key_lines.get(key, container.line)
+        if isinstance(container, _LineList) and isinstance(key, int) and key < len(container.item_lines):
+            return container.item_lines[key]
+    return getattr(container, "line", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Field access with error collection
+
+
+class _Doc:
+    """Parsing context for one document: knows where it is and collects errors."""
+
+    __slots__ = ("file", "line", "ref", "errors")
+
+    def __init__(self, file: str, line: int, ref: str):
+        self.file, self.line, self.ref = file, line, ref
+        self.errors: list[ConfigError] = []
+
+    def error(self, path: str, message: str, container: Any = None, key: Any = None) -> None:
+        line = _line_of(container, key) if container is not None else None
+        self.errors.append(ConfigError(self.file, line or self.line, self.ref, path, message))
+
+    def map(self, parent: Any, key: str, path: str, *, required: bool = False) -> dict | None:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        if value is None:
+            if required:
+                self.error(path, "required field is missing", parent)
+            return None
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, not {_type_name(value)}", parent, key)
+            return None
+        return value
+
+    def list(self, parent: Any, key: str, path: str) -> list:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(path, f"must be a list, not {_type_name(value)}", parent, key)
+            return []
+        return value
+
+    def str(self, parent: Any, key: str, path: str, *, required: bool = False,
+            default: str | None = None, choices: Iterable[str] | None = None) -> str | None:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        if value is None:
+            if required:
+                self.error(path, "required field is missing", parent)
+            return default
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, not {_type_name(value)}", parent, key)
+            return default
+        if choices is not None and value not in choices:
+            self.error(path, f"unsupported value {value!r}: must be one of {', '.join(choices)}",
+                       parent, key)
+            return default
+        return value
+
+    def int(self, parent: Any, key: str, path: str, *, required: bool = False,
+            default: int | None = None, lo: int | None = None, hi: int | None = None) -> int | None:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        if value is None:
+            if required:
+                self.error(path, "required field is missing", parent)
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, f"must be an integer, not {_type_name(value)}", parent, key)
+            return default
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.error(path, f"{value} is outside {lo}-{hi}", parent, key)
+            return default
+        return value
+
+    def bool(self, parent: Any, key: str, path: str, default: bool = False) -> bool:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, not {_type_name(value)}", parent, key)
+            return default
+        return value
+
+    def string_map(self, parent: Any, key: str, path: str) -> dict[str, str] | None:
+        value = self.map(parent, key, path)
+        if value is None:
+            return None
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)) or isinstance(v, bool):
+                if not isinstance(k, str) or not isinstance(v, str):
+                    self.error(f"{path}.{k}", f"must be a string (quote it), not {_type_name(v)}",
+                               value, k)
+                    continue
+            out[k] = str(v)
+        return out
+
+
+def _type_name(v: Any) -> str:
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return f"the number {v}"
+    return type(v).__name__
+
+
+def _frozen(m: dict[str, str] | None):
+    return MappingProxyType(dict(m)) if m else o.EMPTY_MAP
+
+
+# --------------------------------------------------------------------------------------------
+# Documents -> objects
+
+
+def parse_document(doc: Any, file: str = "<input>", line: int = 1) -> tuple[Any, list[ConfigError], str | None]:
+    """Parse one decoded document.
+
+    Returns ``(object or None, errors, skipped)``: ``skipped`` is a description when the
+    document is of a kind meshproxy does not use (not an error).
+    """
+    if doc is None:
+        return None, [], None
+    ctx = _Doc(file, _line_of(doc) or line, "")
+    if not isinstance(doc, dict):
+        ctx.error("", f"a manifest must be a mapping, not {_type_name(doc)}")
+        return None, ctx.errors, None
+    api = doc.get("apiVersion")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not isinstance(api, str):
+        ctx.error("apiVersion" if not isinstance(api, str) else "kind", "required field is missing", doc)
+        return None, ctx.errors, None
+    if kind == "List" and api == "v1":
+        ctx.error("kind", "List documents are not supported: write the items as separate documents", doc)
+        return None, ctx.errors, None
+    if (api, kind) not in SUPPORTED_KINDS:
+        return None, [], f"{file}:{ctx.line}: {api}/{kind}"
+    meta = ctx.map(doc, "metadata", "metadata", required=True)
+    name = ctx.str(meta, "name", "metadata.name", required=True) if meta is not None else None
+    cluster_scoped = kind in ("Node", "IngressClass")
+    namespace = "" if cluster_scoped else (ctx.str(meta, "namespace", "metadata.namespace") or "default")
+    ctx.ref = f"{kind}/{name}" if cluster_scoped else f"{kind}/{namespace}/{name}"
+    if name is None:
+        return None, ctx.errors, None
+    if kind in ("Service",):
+        if not _DNS1035_LABEL.match(name) or len(name) > 63:
+            ctx.error("metadata.name", f"{name!r} is not a valid DNS-1035 label (lowercase letters, digits, '-', starting with a letter)", meta, "name")
+    elif not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
+        ctx.error("metadata.name", f"{name!r} is not a valid DNS-1123 subdomain", meta, "name")
+    if namespace and (not _DNS1123_LABEL.match(namespace) or len(namespace) > 63):
+        ctx.error("metadata.namespace", f"{namespace!r} is not a valid DNS-1123 label", meta, "namespace")
+    labels = ctx.string_map(meta, "labels", "metadata.labels") or {}
+    _check_labels(ctx, meta, labels)
+    annotations = ctx.string_map(meta, "annotations", "metadata.annotations") or {}
+    m = o.Meta(
+        name=name, namespace=namespace, labels=_frozen(labels), annotations=_frozen(annotations),
+        creation_timestamp=_scalar_str(meta.get("creationTimestamp")),
+        deletion_timestamp=_scalar_str(meta.get("deletionTimestamp")) or None,
+        uid=_scalar_str(meta.get("uid")), resource_version=_scalar_str(meta.get("resourceVersion")),
+    )
+    origin = o.Origin(file, ctx.line)
+    parser = _PARSERS[kind]
+    try:
+        obj = parser(ctx, doc, m, origin)
+    except Exception as exc:  # a parser bug must not take the whole load down; report it
+        log.exception("internal error parsing %s", ctx.ref)
+        ctx.error("", f"internal error: {exc!r}")
+        return None, ctx.errors, None
+    return (obj if not ctx.errors else None), ctx.errors, None
+
+
+def _scalar_str(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def _check_labels(ctx: _Doc, meta: dict, labels: dict[str, str]) -> None:
+    from .selectors import validate_label_key, validate_label_value
+    holder = meta.get("labels")
+    for k, v in labels.items():
+        msg = validate_label_key(k) or validate_label_value(v)
+        if msg:
+            ctx.error(f"metadata.labels.{k}", msg, holder, k)
+
+
+def _parse_node(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Node:
+    status = ctx.map(doc, "status", "status") or {}
+    addrs = []
+    for i, a in enumerate(ctx.list(status, "addresses", "status.addresses")):
+        p = f"status.addresses[{i}]"
+        t = ctx.str(a, "type", f"{p}.type", required=True)
+        addr = ctx.str(a, "address", f"{p}.address", required=True)
+        if t and addr:
+            if t in ("InternalIP", "ExternalIP"):
+                _check_ip(ctx, addr, f"{p}.address", a, "address")
+            addrs.append((t, addr))
+    return o.Node(meta=m, origin=origin, addresses=tuple(addrs))
+
+
+def _check_ip(ctx: _Doc, value: str, path: str, container: Any, key: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        ctx.error(path, f"{value!r} is not an IP address", container, key)
+        return False
+
+
+def _int_or_name(ctx: _Doc, parent: dict, key: str, path: str) -> int | str | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        ctx.error(path, "must be a port number or name", parent, key)
+        return None
+    if isinstance(value, int):
+        if not 1 <= value <= 65535:
+            ctx.error(path, f"{value} is outside 1-65535", parent, key)
+            return None
+        return value
+    if isinstance(value, str):
+        if value.isdigit():
+            n = int(value)
+            if not 1 <= n <= 65535:
+                ctx.error(path, f"{n} is outside 1-65535", parent, key)
+                return None
+            return n
+        if len(value) > 15 or not _IANA_SVC_NAME.match(value) or not re.search("[a-z]", value):
+            ctx.error(path, f"{value!r} is not a valid port name (IANA_SVC_NAME: at most 15 lowercase letters, digits and '-')", parent, key)
+            return None
+        return value
+    ctx.error(path, "must be a port number or name", parent, key)
+    return None
+
+
+def _parse_probe(ctx: _Doc, pr: dict, path: str) -> o.Probe | None:
+    http = ctx.map(pr, "httpGet", f"{path}.httpGet")
+    tcp = ctx.map(pr, "tcpSocket", f"{path}.tcpSocket")
+    common = dict(
+        initial_delay=float(ctx.int(pr, "initialDelaySeconds", f"{path}.initialDelaySeconds", default=0, lo=0, hi=86400 * 365)),
+        period=float(ctx.int(pr, "periodSeconds", f"{path}.periodSeconds", default=10, lo=1, hi=86400)),
+        timeout=float(ctx.int(pr, "timeoutSeconds", f"{path}.timeoutSeconds", default=1, lo=1, hi=86400)),
+        success_threshold=ctx.int(pr, "successThreshold", f"{path}.successThreshold", default=1, lo=1, hi=1_000_000),
+        failure_threshold=ctx.int(pr, "failureThreshold", f"{path}.failureThreshold", default=3, lo=1, hi=1_000_000),
+    )
+    if http is not None and tcp is not None:
+        ctx.error(path, "may not specify more than one handler type", pr)
+        return None
+    if http is not None:
+        port = _int_or_name(ctx, http, "port", f"{path}.httpGet.port")
+        if port is None and "port" not in http:
+            ctx.error(f"{path}.httpGet.port", "required field is missing", http)
+        headers = []
+        for i, h in enumerate(ctx.list(http, "httpHeaders", f"{path}.httpGet.httpHeaders")):
+            hn = ctx.str(h, "name", f"{path}.httpGet.httpHeaders[{i}].name", required=True)
+            hv = ctx.str(h, "value", f"{path}.httpGet.httpHeaders[{i}].value", default="")
+            if hn:
+                headers.append((hn, hv or ""))
+        p = ctx.str(http, "path", f"{path}.httpGet.path", default="/") or "/"
+        if not p.startswith("/"):
+            p = "/" + p
+        return o.Probe(action="http", port=port or 0, path=p,
+                       host=ctx.str(http, "host", f"{path}.httpGet.host"),
+                       scheme=ctx.str(http, "scheme", f"{path}.httpGet.scheme", default="HTTP",
+                                      choices=("HTTP", "HTTPS")) or "HTTP",
+                       headers=tuple(headers), **common)
+    if tcp is not None:
+        port = _int_or_name(ctx, tcp, "port", f"{path}.tcpSocket.port")
+        if port is None and "port" not in tcp:
+            ctx.error(f"{path}.tcpSocket.port", "required field is missing", tcp)
+        return o.Probe(action="tcp", port=port or 0, host=ctx.str(tcp, "host", f"{path}.tcpSocket.host"), **common)
+    if "exec" in pr or "grpc" in pr:
+        # meshproxy cannot run commands inside a pod; such pods fall back to their Ready condition.
+        log.info("%s: %s: exec/grpc probes are not run by meshproxy; using the Ready condition", ctx.ref, path)
+        return None
+    ctx.error(path, "must specify a handler type (httpGet or tcpSocket)", pr)
+    return None
+
+
+def _parse_pod(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Pod:
+    spec = ctx.map(doc, "spec", "spec") or {}
+    status = ctx.map(doc, "status", "status") or {}
+    ports: list[o.ContainerPort] = []
+    probe = None
+    seen_names: dict[str, str] = {}
+    for ci, c in enumerate(ctx.list(spec, "containers", "spec.containers")):
+        cp = f"spec.containers[{ci}]"
+        if not isinstance(c, dict):
+            ctx.error(cp, "must be a mapping", spec.get("containers"), ci)
+            continue
+        for pi, p in enumerate(ctx.list(c, "ports", f"{cp}.ports")):
+            pp = f"{cp}.ports[{pi}]"
+            if not isinstance(p, dict):
+                ctx.error(pp, "must be a mapping", c.get("ports"), pi)
+                continue
+            num = ctx.int(p, "containerPort", f"{pp}.containerPort", required=True, lo=1, hi=65535)
+            pname = ctx.str(p, "name", f"{pp}.name")
+            proto = ctx.str(p, "protocol", f"{pp}.protocol", default="TCP", choices=("TCP", "UDP", "SCTP")) or "TCP"
+            if pname is not None:
+                if len(pname) > 15 or not _IANA_SVC_NAME.match(pname) or not re.search("[a-z]", pname):
+                    ctx.error(f"{pp}.name", f"{pname!r} is not a valid port name (IANA_SVC_NAME)", p, "name")
+                elif pname in seen_names:
+                    ctx.error(f"{pp}.name", f"duplicate port name {pname!r} (also {seen_names[pname]})", p, "name")
+                else:
+                    seen_names[pname] = pp
+            if num is not None:
+                ports.append(o.ContainerPort(pname, num, proto))
+        rp = ctx.map(c, "readinessProbe", f"{cp}.readinessProbe")
+        if rp is not None and probe is None:
+            probe = _parse_probe(ctx, rp, f"{cp}.readinessProbe")
+    pod_ip = ctx.str(status, "podIP", "status.podIP")
+    if pod_ip is not None and not _check_ip(ctx, pod_ip, "status.podIP", status, "podIP"):
+        pod_ip = None
+    ready = None
+    for i, cond in enumerate(ctx.list(status, "conditions", "status.conditions")):
+        if isinstance(cond, dict) and cond.get("type") == "Ready":
+            st = cond.get("status")
+            if st is True or st == "True":
+                ready = True
+            elif st is False or st in ("False", "Unknown"):
+                ready = False
+            else:
+                ctx.error(f"status.conditions[{i}].status", f"{st!r} must be True, False or Unknown", cond, "status")
+    return o.Pod(meta=m, origin=origin, node_name=ctx.str(spec, "nodeName", "spec.nodeName"),
+                 ports=tuple(ports), readiness_probe=probe, pod_ip=pod_ip, ready_condition=ready,
+                 phase=ctx.str(status, "phase", "status.phase", default="") or "",
+                 hostname=ctx.str(spec, "hostname", "spec.hostname"),
+                 subdomain=ctx.str(spec, "subdomain", "spec.subdomain"))
+
+
+_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+
+
+def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Service:
+    spec = ctx.map(doc, "spec", "spec") or {}
+    status = ctx.map(doc, "status", "status") or {}
+    stype = ctx.str(spec, "type", "spec.type", default="ClusterIP", choices=_SERVICE_TYPES) or "ClusterIP"
+    cip = ctx.str(spec, "clusterIP", "spec.clusterIP")
+    if cip == "":
+        cip = None
+    if cip is not None and cip != "None":
+        if not _check_ip(ctx, cip, "spec.clusterIP", spec, "clusterIP"):
+            cip = None
+    selector = ctx.string_map(spec, "selector", "spec.selector")
+    if selector is not None:
+        _check_labels(ctx, {"labels": spec.get("selector")}, selector)
+    ports: list[o.ServicePort] = []
+    names: dict[str, int] = {}
+    seen_port: dict[tuple[int, str], int] = {}
+    raw_ports = ctx.list(spec, "ports", "spec.ports")
+    for i, p in enumerate(raw_ports):
+        pp = f"spec.ports[{i}]"
+        if not isinstance(p, dict):
+            ctx.error(pp, "must be a mapping", raw_ports, i)
+            continue
+        name = ctx.str(p, "name", f"{pp}.name", default="") or ""
+        port = ctx.int(p, "port", f"{pp}.port", required=True, lo=1, hi=65535)
+        proto = ctx.str(p, "protocol", f"{pp}.protocol", default="TCP", choices=("TCP", "UDP", "SCTP")) or "TCP"
+        target = _int_or_name(ctx, p, "targetPort", f"{pp}.targetPort")
+        node_port = ctx.int(p, "nodePort", f"{pp}.nodePort", lo=NODE_PORT_MIN, hi=NODE_PORT_MAX)
+        if name:
+            if len(name) > 63 or not _DNS1123_LABEL.match(name):
+                ctx.error(f"{pp}.name", f"{name!r} is not a valid DNS-1123 label", p, "name")
+            elif name in names:
+                ctx.error(f"{pp}.name", f"duplicate port name {name!r} (also spec.ports[{names[name]}])", p, "name")
+            names[name] = i
+        elif len(raw_ports) > 1:
+            ctx.error(f"{pp}.name", "required when a service has more than one port", p)
+        if port is not None:
+            if (port, proto) in seen_port:
+                ctx.error(f"{pp}.port", f"duplicate {proto} port {port} (also spec.ports[{seen_port[(port, proto)]}])", p, "port")
+            seen_port[(port, proto)] = i
+        if node_port is not None and stype not in ("NodePort", "LoadBalancer"):
+            ctx.error(f"{pp}.nodePort", f"may not be used when type is {stype!r}", p, "nodePort")
+            node_port = None
+        if port is not None:
+            ports.append(o.ServicePort(name, port, target if target is not None else port, node_port, proto))
+    if cip == "None":
+        if stype in ("NodePort", "LoadBalancer"):
+            ctx.error("spec.clusterIP", f"may not be 'None' (headless) for type {stype}", spec, "clusterIP")
+    elif stype != "ExternalName" and not raw_ports:
+        ctx.error("spec.ports", "required unless the service is headless (clusterIP: None)", spec)
+    ext_name = None
+    if stype == "ExternalName":
+        ext_name = ctx.str(spec, "externalName", "spec.externalName", required=True)
+        if ext_name and not _DNS1123_SUBDOMAIN.match(ext_name.lower().rstrip(".")):
+            ctx.error("spec.externalName", f"{ext_name!r} is not a valid DNS name", spec, "externalName")
+    affinity = ctx.str(spec, "sessionAffinity", "spec.sessionAffinity", default="None", choices=("None", "ClientIP")) or "None"
+    timeout = 10800
+    cfg = ctx.map(spec, "sessionAffinityConfig", "spec.sessionAffinityConfig")
+    if cfg is not None:
+        cli = ctx.map(cfg, "clientIP", "spec.sessionAffinityConfig.clientIP")
+        if cli is not None:
+            timeout = ctx.int(cli, "timeoutSeconds", "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                              default=10800, lo=1, hi=86400) or 10800
+    etp = ctx.str(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", choices=("Cluster", "Local"))
+    if etp is not None and stype not in ("NodePort", "LoadBalancer"):
+        ctx.error("spec.externalTrafficPolicy", f"may only be set for NodePort and LoadBalancer services, not {stype}", spec, "externalTrafficPolicy")
+    itp = ctx.str(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", default="Cluster", choices=("Cluster", "Local")) or "Cluster"
+    ext_ips = []
+    for i, ip in enumerate(ctx.list(spec, "externalIPs", "spec.externalIPs")):
+        if isinstance(ip, str) and _check_ip(ctx, ip, f"spec.externalIPs[{i}]", spec.get("externalIPs"), i):
+            ext_ips.append(ip)
+    lb_ips = []
+    lb = ctx.map(status, "loadBalancer", "status.loadBalancer") or {}
+    for i, ing in enumerate(ctx.list(lb, "ingress", "status.loadBalancer.ingress")):
+        ip = ing.get("ip") if isinstance(ing, dict) else None
+        if isinstance(ip, str) and _check_ip(ctx, ip, f"status.loadBalancer.ingress[{i}].ip", ing, "ip"):
+            lb_ips.append(ip)
+    return o.Service(meta=m, origin=origin, type=stype, cluster_ip=cip,
+                     selector=MappingProxyType(selector) if selector is not None else None,
+                     ports=tuple(ports), session_affinity=affinity, affinity_timeout=timeout,
+                     external_traffic_policy=etp or "Cluster", internal_traffic_policy=itp,
+                     publish_not_ready=ctx.bool(spec, "publishNotReadyAddresses", "spec.publishNotReadyAddresses"),
+                     external_ips=tuple(ext_ips), lb_ingress_ips=tuple(lb_ips), external_name=ext_name)
+
+
+def _opt_bool(v: Any) -> bool | None:
+    return v if isinstance(v, bool) else None
+
+
+def _parse_slice_ports(ctx: _Doc, parent: dict, path: str) -> list[o.SlicePort]:
+    ports = []
+    for i, p in enumerate(ctx.list(parent, "ports", path)):
+        pp = f"{path}[{i}]"
+        if not isinstance(p, dict):
+            continue
+        num = ctx.int(p, "port", f"{pp}.port", required=True, lo=1, hi=65535)
+        if num is not None:
+            ports.append(o.SlicePort(ctx.str(p, "name", f"{pp}.name", default="") or "", num,
+                                     ctx.str(p, "protocol", f"{pp}.protocol", default="TCP") or "TCP"))
+    return ports
+
+
+def _parse_endpoint_slice(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.EndpointSlice:
+    service = m.labels.get("kubernetes.io/service-name", "")
+    if not service:
+        ctx.error("metadata.labels", "an EndpointSlice needs the label kubernetes.io/service-name to belong to a Service", doc.get("metadata"))
+    atype = ctx.str(doc, "addressType", "addressType", required=True, choices=("IPv4", "IPv6", "FQDN")) or "IPv4"
+    eps = []
+    for i, e in enumerate(ctx.list(doc, "endpoints", "endpoints")):
+        ep = f"endpoints[{i}]"
+        if not isinstance(e, dict):
+            continue
+        addrs = [a for a in ctx.list(e, "addresses", f"{ep}.addresses") if isinstance(a, str)]
+        if not addrs:
+            ctx.error(f"{ep}.addresses", "must have at least one address", e)
+        if atype != "FQDN":
+            for j, a in enumerate(addrs):
+                _check_ip(ctx, a, f"{ep}.addresses[{j}]", e.get("addresses"), j)
+        cond = ctx.map(e, "conditions", f"{ep}.conditions") or {}
+        # The API's nil rules, as kube-proxy reads them: ready and serving unset mean true,
+        # terminating unset means false.
+        ready = _opt_bool(cond.get("ready"))
+        serving = _opt_bool(cond.get("serving"))
+        term = _opt_bool(cond.get("terminating"))
+        tref = e.get("targetRef") if isinstance(e.get("targetRef"), dict) else {}
+        eps.append(o.SliceEndpoint(tuple(addrs), ready is not False, serving is not False,
+                                   term is True, ctx.str(e, "nodeName", f"{ep}.nodeName"),
+                                   tref.get("name") if isinstance(tref.get("name"), str) else None))
+    return o.EndpointSlice(meta=m, origin=origin, service=service, address_type=atype,
+                           endpoints=tuple(eps), ports=tuple(_parse_slice_ports(ctx, doc, "ports")))
+
+
+def _parse_endpoints(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.EndpointSlice:
+    """v1 Endpoints -> one EndpointSlice-shaped object (only single-subset-port-set is exact;
+    several subsets with different port sets are merged per port name, as kube-proxy did)."""
+    eps: list[o.SliceEndpoint] = []
+    ports: dict[str, o.SlicePort] = {}
+    for si, s in enumerate(ctx.list(doc, "subsets", "subsets")):
+        sp = f"subsets[{si}]"
+        if not isinstance(s, dict):
+            continue
+        for p in _parse_slice_ports(ctx, s, f"{sp}.ports"):
+            ports.setdefault(p.name, p)
+        for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for ai, a in enumerate(ctx.list(s, key, f"{sp}.{key}")):
+                ip = ctx.str(a, "ip", f"{sp}.{key}[{ai}].ip", required=True)
+                if ip and _check_ip(ctx, ip, f"{sp}.{key}[{ai}].ip", a, "ip"):
+                    tref = a.get("targetRef") if isinstance(a.get("targetRef"), dict) else {}
+                    eps.append(o.SliceEndpoint((ip,), ready, ready, False, ctx.str(a, "nodeName", f"{sp}.{key}[{ai}].nodeName"),
+                                               tref.get("name") if isinstance(tref.get("name"), str) else None))
+    return o.EndpointSlice(meta=m, origin=origin, service=m.name, endpoints=tuple(eps),
+                           ports=tuple(ports.values()), legacy=True)
+
+
+def _parse_ingress_backend(ctx: _Doc, b: dict, path: str) -> o.IngressBackend | None:
+    svc = ctx.map(b, "service", f"{path}.service")
+    res = ctx.map(b, "resource", f"{path}.resource")
+    if svc is not None and res is not None:
+        ctx.error(path, "cannot set both service and resource", b)
+        return None
+    if res is not None:
+        return o.IngressBackend(resource=f"{res.get('kind')}/{res.get('name')}")
+    if svc is None:
+        ctx.error(path, "one of service or resource is required", b)
+        return None
+    name = ctx.str(svc, "name", f"{path}.service.name", required=True)
+    port = ctx.map(svc, "port", f"{path}.service.port", required=True) or {}
+    number = ctx.int(port, "number", f"{path}.service.port.number", lo=1, hi=65535)
+    pname = ctx.str(port, "name", f"{path}.service.port.name")
+    if (number is None) == (pname is None) and "number" not in port:
+        ctx.error(f"{path}.service.port", "exactly one of number or name is required", svc, "port")
+        return None
+    if number is not None and pname is not None:
+        ctx.error(f"{path}.service.port", "cannot set both number and name", svc, "port")
+        return None
+    return o.IngressBackend(service=name, port_number=number, port_name=pname)
+
+
+def _check_host(ctx: _Doc, host: str, path: str, container: Any, key: Any) -> bool:
+    h = host.lower()
+    if h != host:
+        ctx.error(path, f"{host!r} must be lowercase", container, key)
+        return False
+    try:
+        ipaddress.ip_address(host)
+        ctx.error(path, f"{host!r} must be a DNS name, not an IP address", container, key)
+        return False
+    except ValueError:
+        pass
+    if host.startswith("*"):
+        if not _WILDCARD_HOST.match(host):
+            ctx.error(path, f"{host!r} is not a valid wildcard host ('*.' followed by a DNS name)", container, key)
+            return False
+    elif not _DNS1123_SUBDOMAIN.match(host) or len(host) > 253:
+        ctx.error(path, f"{host!r} is not a valid DNS-1123 subdomain", container, key)
+        return False
+    return True
+
+
+_PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
+
+
+def _parse_ingress(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Ingress:
+    spec = ctx.map(doc, "spec", "spec") or {}
+    cls = ctx.str(spec, "ingressClassName", "spec.ingressClassName")
+    if cls is None:
+        cls = m.annotations.get(o.ANNOTATION_INGRESS_CLASS)
+    default = None
+    db = ctx.map(spec, "defaultBackend", "spec.defaultBackend")
+    if db is not None:
+        default = _parse_ingress_backend(ctx, db, "spec.defaultBackend")
+    rules = []
+    for ri, r in enumerate(ctx.list(spec, "rules", "spec.rules")):
+        rp = f"spec.rules[{ri}]"
+        if not isinstance(r, dict):
+            ctx.error(rp, "must be a mapping", spec.get("rules"), ri)
+            continue
+        host = ctx.str(r, "host", f"{rp}.host")
+        if host == "":
+            host = None
+        if host is not None:
+            _check_host(ctx, host, f"{rp}.host", r, "host")
+        paths = []
+        http = ctx.map(r, "http", f"{rp}.http")
+        if http is not None:
+            raw_paths = ctx.list(http, "paths", f"{rp}.http.paths")
+            if not raw_paths:
+                ctx.error(f"{rp}.http.paths", "must have at least one path", http)
+            for pi, p in enumerate(raw_paths):
+                pp = f"{rp}.http.paths[{pi}]"
+                if not isinstance(p, dict):
+                    ctx.error(pp, "must be a mapping", raw_paths, pi)
+                    continue
+                ptype = ctx.str(p, "pathType", f"{pp}.pathType", required=True, choices=_PATH_TYPES)
+                path = ctx.str(p, "path", f"{pp}.path", default="")
+                if path is None:
+                    path = ""
+                if ptype in ("Exact", "Prefix"):
+                    if not path.startswith("/"):
+                        ctx.error(f"{pp}.path", f"{path!r} must be an absolute path", p, "path")
+                    elif "//" in path or any(seg in (".", "..") for seg in path.split("/")) or any(c in path for c in "?#"):
+                        # The API server's validation for Exact/Prefix: no '//', '/./', '/../', '%2f'.
+                        ctx.error(f"{pp}.path", f"{path!r} must not contain '//', '.' or '..' segments, '?' or '#'", p, "path")
+                    elif "%2f" in path.lower() or "%2e" in path.lower() or "%25" in path:
+                        ctx.error(f"{pp}.path", f"{path!r} must not contain an encoded '/', '.' or '%'", p, "path")
+                elif path and not path.startswith("/"):
+                    ctx.error(f"{pp}.path", f"{path!r} must be an absolute path", p, "path")
+                be = ctx.map(p, "backend", f"{pp}.backend", required=True)
+                backend = _parse_ingress_backend(ctx, be, f"{pp}.backend") if be is not None else None
+                if ptype and backend is not None:
+                    paths.append(o.IngressPath(path or "/", ptype, backend))
+        rules.append(o.IngressRule(host, tuple(paths)))
+    if not rules and default is None:
+        ctx.error("spec", "either defaultBackend or rules must be specified", doc, "spec")
+    tls = []
+    for ti, t in enumerate(ctx.list(spec, "tls", "spec.tls")):
+        if not isinstance(t, dict):
+            continue
+        hosts = tuple(h for h in ctx.list(t, "hosts", f"spec.tls[{ti}].hosts") if isinstance(h, str))
+        tls.append(o.IngressTLS(hosts, ctx.str(t, "secretName", f"spec.tls[{ti}].secretName")))
+    return o.Ingress(meta=m, origin=origin, class_name=cls, default_backend=default,
+                     rules=tuple(rules), tls=tuple(tls))
+
+
+def _parse_ingress_class(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.IngressClass:
+    spec = ctx.map(doc, "spec", "spec") or {}
+    controller = ctx.str(spec, "controller", "spec.controller", default="") or ""
+    return o.IngressClass(meta=m, origin=origin, controller=controller,
+                          is_default=m.annotations.get(o.ANNOTATION_DEFAULT_CLASS) == "true")
+
+
+def _parse_secret(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Secret:
+    stype = ctx.str(doc, "type", "type", default="Opaque") or "Opaque"
+    data: dict[str, bytes] = {}
+    raw = ctx.map(doc, "data", "data") or {}
+    for k, v in raw.items():
+        if not isinstance(v, str):
+            ctx.error(f"data.{k}", "must be a base64 string", raw, k)
+            continue
+        try:
+            data[str(k)] = base64.b64decode("".join(v.split()), validate=True)
+        except ValueError:
+            ctx.error(f"data.{k}", "is not valid base64", raw, k)
+    sdata = ctx.map(doc, "stringData", "stringData") or {}
+    for k, v in sdata.items():
+        if isinstance(v, str):
+            data[str(k)] = v.encode()  # stringData wins over data, as the API server merges it
+        else:
+            ctx.error(f"stringData.{k}", "must be a string", sdata, k)
+    if stype == "kubernetes.io/tls":
+        for k in ("tls.crt", "tls.key"):
+            if k not in data:
+                ctx.error(f"data.{k}", "required for type kubernetes.io/tls", doc)
+    return o.Secret(meta=m, origin=origin, type=stype, data=MappingProxyType(data))
+
+
+_PARSERS = {
+    "Node": _parse_node, "Pod": _parse_pod, "Service": _parse_service,
+    "EndpointSlice": _parse_endpoint_slice, "Endpoints": _parse_endpoints,
+    "Ingress": _parse_ingress, "IngressClass": _parse_ingress_class, "Secret": _parse_secret,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def iter_manifest_files(paths: Iterable[str]) -> Iterator[str]:
+    """Files named by PATHs: a file as given, a folder's *.yaml / *.yml / *.json (recursively,
+    sorted, dot-files skipped — editors write swap files there)."""
+    for p in paths:
+        if os.path.isdir(p):
+            found = []
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for f in files:
+                    if not f.startswith(".") and f.endswith((".yaml", ".yml", ".json")):
+                        found.append(os.path.join(root, f))
+            yield from sorted(found)
+        else:
+            yield p
+
+
+def load_text(text: str, file: str = "<input>") -> LoadResult:
+    result = LoadResult([], [], [])
+    try:
+        loader = _Loader(text)
+        try:
+            while loader.check_data():
+                start = loader.peek_event().start_mark.line + 1 if loader.check_event() else 1
+                doc = loader.get_data()
+                obj, errors, skipped = parse_document(doc, file, start)
+                result.errors.extend(errors)
+                if skipped:
+                    result.skipped.append(skipped)
+                if obj is not None:
+                    result.objects.append(obj)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        result.errors.append(ConfigError(file, line, "", "", f"invalid YAML: {problem}"))
+    return result
+
+
+def load_file(path: str) -> LoadResult:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return LoadResult([], [ConfigError(path, 0, "", "", f"cannot read: {exc}")], [])
+    return load_text(text, path)
+
+
+def load_paths(paths: Iterable[str], service_cidr: str | None = None) -> LoadResult:
+    """Load every manifest under PATHs and check the set as a whole (``validate_set``)."""
+    result = LoadResult([], [], [])
+    paths = list(paths)
+    for p in paths:
+        if not os.path.exists(p):
+            result.errors.append(ConfigError(p, 0, "", "", "no such file or directory"))
+    for f in iter_manifest_files(p for p in paths if os.path.exists(p)):
+        r = load_file(f)
+        result.objects.extend(r.objects)
+        result.errors.extend(r.errors)
+        result.skipped.extend(r.skipped)
+    result.errors.extend(validate_set(result.objects, service_cidr))
+    return result
+
+
+def validate_set(objs: Iterable[Any], service_cidr: str | None = None) -> list[ConfigError]:
+    """Checks across objects: duplicate identities, nodePorts and ClusterIPs, ClusterIPs
+    outside the service range."""
+    errors: list[ConfigError] = []
+    seen: dict[tuple, Any] = {}
+    node_ports: dict[tuple[int, str], Any] = {}
+    cluster_ips: dict[str, Any] = {}
+    net = ipaddress.ip_network(service_cidr, strict=False) if service_cidr else None
+    for obj in objs:
+        if obj.key in seen:
+            first = seen[obj.key]
+            errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "metadata.name",
+                                      f"defined twice (first at {first.origin})"))
+            continue
+        seen[obj.key] = obj
+        if isinstance(obj, o.Service):
+            for i, p in enumerate(obj.ports):
+                if p.node_port is not None:
+                    k = (p.node_port, p.protocol)
+                    if k in node_ports:
+                        other = node_ports[k]
+                        errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, f"spec.ports[{i}].nodePort",
+                                                  f"{p.node_port} is already allocated to {other.ref} ({other.origin})"))
+                    else:
+                        node_ports[k] = obj
+            ip = obj.cluster_ip
+            if ip and ip != "None":
+                if ip in cluster_ips:
+                    other = cluster_ips[ip]
+                    errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "spec.clusterIP",
+                                              f"{ip} is already allocated to {other.ref} ({other.origin})"))
+                else:
+                    cluster_ips[ip] = obj
+                if net is not None and ipaddress.ip_address(ip) not in net:
+                    errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "spec.clusterIP",
+                                              f"{ip} is not in the service range {net}"))
+    return errors

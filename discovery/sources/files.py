@@ -1,0 +1,282 @@
+"""The file source: manifests named by ``-f`` (files or folders), watched for changes.
+
+A change is applied as a diff of objects: only documents of files that changed are re-read,
+and only objects that differ become events. The whole new set is validated before anything
+is applied; a load with any error is refused as a whole and the last good objects stay in
+force (the proxy keeps serving its last good snapshot).
+
+Change detection uses inotify when the platform has it (through ctypes: no dependency) and
+falls back to polling file stats every ``poll_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from ..manifests import ConfigError, LoadResult, iter_manifest_files, load_file, validate_set
+from ..store import ADDED, DELETED, MODIFIED, Event
+
+__all__ = ["FileSource", "Outcome"]
+
+log = logging.getLogger("meshproxy.sources.files")
+
+
+@dataclass(slots=True)
+class Outcome:
+    ok: bool
+    events: list[Event]
+    errors: list[ConfigError]
+    skipped: list[str]
+    files: int
+
+
+class FileSource:
+    name = "files"
+
+    def __init__(self, paths: Iterable[str], service_cidr: str | None = None,
+                 poll_interval: float = 0.5) -> None:
+        self.paths = [os.path.abspath(p) for p in paths]
+        self.service_cidr = service_cidr
+        self.poll_interval = poll_interval
+        self._cache: dict[str, tuple[tuple[int, int, int], LoadResult]] = {}
+        self._current: dict[tuple, object] = {}     # object key -> object, last good set
+        self._task: asyncio.Task | None = None
+        self._inotify: _Inotify | None = None
+        self._reported_skips: set[str] = set()
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _stat_key(self, path: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self, changed: set[str] | None = None) -> Outcome:
+        """Re-read what changed (all files when ``changed`` is None) and diff against the last
+        good set. On success the new set becomes the last good one."""
+        errors: list[ConfigError] = []
+        for p in self.paths:
+            if not os.path.exists(p):
+                errors.append(ConfigError(p, 0, "", "", "no such file or directory"))
+        files = list(iter_manifest_files(p for p in self.paths if os.path.exists(p)))
+        cache: dict[str, tuple[tuple[int, int, int], LoadResult]] = {}
+        for f in files:
+            prev = self._cache.get(f)
+            if changed is not None and f not in changed and prev is not None:
+                cache[f] = prev
+                continue
+            sk = self._stat_key(f)
+            if prev is not None and sk is not None and prev[0] == sk and changed is None:
+                cache[f] = prev
+                continue
+            cache[f] = (sk or (0, 0, 0), load_file(f))
+        objects = []
+        skipped = []
+        for f in files:
+            r = cache[f][1]
+            objects.extend(r.objects)
+            errors.extend(r.errors)
+            skipped.extend(r.skipped)
+        errors.extend(validate_set(objects, self.service_cidr))
+        for s in skipped:
+            if s not in self._reported_skips:
+                self._reported_skips.add(s)
+                log.info("%s: kind not used by meshproxy, skipped", s)
+        if errors:
+            # Keep the cache of files that parsed cleanly so the next attempt re-reads less,
+            # but never adopt the new objects.
+            for f, entry in cache.items():
+                if not entry[1].errors:
+                    self._cache[f] = entry
+                else:
+                    self._cache.pop(f, None)
+            return Outcome(False, [], errors, skipped, len(files))
+        self._cache = cache
+        new = {obj.key: obj for obj in objects}
+        events = []
+        for key, obj in new.items():
+            old = self._current.get(key)
+            if old is None:
+                events.append(Event(ADDED, obj))
+            elif old != obj:
+                events.append(Event(MODIFIED, obj))
+        for key, obj in self._current.items():
+            if key not in new:
+                events.append(Event(DELETED, obj))
+        self._current = new
+        return Outcome(True, events, [], skipped, len(files))
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def watch(self, on_outcome: Callable[[Outcome], None], coalesce: float = 0.01) -> None:
+        """Start watching in the running loop; ``on_outcome`` gets every reload's result."""
+        self._inotify = _Inotify.create()
+        if self._inotify is not None:
+            self._task = asyncio.get_running_loop().create_task(self._watch_inotify(on_outcome, coalesce))
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._watch_poll(on_outcome))
+
+    def reload_now(self) -> Outcome:
+        """Full re-read (SIGHUP): stats are not trusted, every file is parsed again."""
+        self._cache.clear()
+        return self.load()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._inotify is not None:
+            self._inotify.close()
+
+    def _signature(self) -> dict[str, tuple[int, int, int] | None]:
+        return {f: self._stat_key(f) for f in iter_manifest_files(p for p in self.paths if os.path.exists(p))}
+
+    async def _watch_poll(self, on_outcome: Callable[[Outcome], None]) -> None:
+        sig = self._signature()
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            new = self._signature()
+            if new != sig:
+                sig = new
+                changed = {f for f in new if f not in self._cache or self._cache[f][0] != new[f]}
+                on_outcome(self.load(changed | {f for f in new if new[f] is None}))
+
+    def _watch_dirs(self) -> set[str]:
+        dirs = set()
+        for p in self.paths:
+            if os.path.isdir(p):
+                for root, subdirs, _ in os.walk(p):
+                    subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                    dirs.add(root)
+            else:
+                dirs.add(os.path.dirname(p) or ".")
+        return dirs
+
+    async def _watch_inotify(self, on_outcome: Callable[[Outcome], None], coalesce: float) -> None:
+        ino = self._inotify
+        assert ino is not None
+        loop = asyncio.get_running_loop()
+        for d in self._watch_dirs():
+            ino.add(d)
+        ready = asyncio.Event()
+        loop.add_reader(ino.fd, ready.set)
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                # Let a burst of writes (an editor saving, `cp -r`) gather into one reload.
+                await asyncio.sleep(coalesce)
+                changed: set[str] = set()
+                dirs_changed = False
+                for directory, name, is_dir in ino.read():
+                    if is_dir:
+                        dirs_changed = True
+                    changed.add(os.path.join(directory, name) if name else directory)
+                if dirs_changed:
+                    for d in self._watch_dirs():
+                        ino.add(d)
+                relevant = {c for c in changed if self._relevant(c)}
+                if relevant or dirs_changed:
+                    on_outcome(self.load(None if dirs_changed else relevant))
+        finally:
+            loop.remove_reader(ino.fd)
+
+    def _relevant(self, path: str) -> bool:
+        name = os.path.basename(path)
+        if name.startswith("."):
+            return False
+        for p in self.paths:
+            if path == p or (path.startswith(p.rstrip("/") + "/") and name.endswith((".yaml", ".yml", ".json"))):
+                return True
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# inotify through ctypes (Linux); None elsewhere.
+
+_IN_MODIFY = 0x2
+_IN_ATTRIB = 0x4
+_IN_CLOSE_WRITE = 0x8
+_IN_MOVED_FROM = 0x40
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_ISDIR = 0x40000000
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_MASK = (_IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+         | _IN_DELETE_SELF | _IN_ATTRIB)
+_EVENT = struct.Struct("iIII")
+
+
+class _Inotify:
+    def __init__(self, libc, fd: int) -> None:
+        self.libc, self.fd = libc, fd
+        self.wds: dict[int, str] = {}
+        self.dirs: set[str] = set()
+
+    @classmethod
+    def create(cls) -> "_Inotify | None":
+        if os.environ.get("MESHPROXY_NO_INOTIFY"):
+            return None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if fd < 0:
+            return None
+        return cls(libc, fd)
+
+    def add(self, directory: str) -> None:
+        if directory in self.dirs:
+            return
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(directory), _MASK)
+        if wd >= 0:
+            self.wds[wd] = directory
+            self.dirs.add(directory)
+
+    def read(self) -> list[tuple[str, str, bool]]:
+        out = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                break
+            pos = 0
+            while pos + _EVENT.size <= len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+                name = data[pos + _EVENT.size: pos + _EVENT.size + length].rstrip(b"\0").decode(errors="replace")
+                pos += _EVENT.size + length
+                directory = self.wds.get(wd)
+                if directory is None:
+                    continue
+                if mask & _IN_DELETE_SELF:
+                    self.wds.pop(wd, None)
+                    self.dirs.discard(directory)
+                out.append((directory, name, bool(mask & _IN_ISDIR)))
+        return out
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

@@ -1,0 +1,284 @@
+"""The object store and the incremental endpoint index.
+
+``Store`` keeps the objects every source reported, keyed by kind/namespace/name, and applies
+add/update/delete events. ``EndpointIndex`` sits on top of it and keeps, per service, the set
+of pods its selector picks and the resulting endpoint sets.
+
+Invariants:
+- ``EndpointIndex.members[svc]`` is always exactly the pods of the service's namespace that
+  its selector matches; it changes only when a pod's labels / the pod set / the selector
+  change, so a change to one pod touches only the services of its namespace and recomputes
+  only those that select it (before or after the change) — never all pods;
+- ``EndpointIndex.sets[svc]`` is recomputed only for services marked dirty; unchanged
+  services keep the very same tuple object (structural sharing for snapshot building);
+- ClusterIPs and nodePorts that a manifest leaves out are allocated here, deterministically
+  (a hash of the service's identity, probing forward on collision), so the same input gets
+  the same addresses after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from . import objects as o
+from .endpoints import EndpointSet, compute_endpoint_sets
+from .selectors import Selector, selector_from_map
+
+__all__ = ["Event", "Store", "EndpointIndex", "Allocator", "ADDED", "MODIFIED", "DELETED"]
+
+log = logging.getLogger("meshproxy.discovery")
+
+ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
+
+Key = tuple[str, str, str]          # (kind, namespace, name)
+NsName = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str                       # ADDED / MODIFIED / DELETED
+    obj: object                     # for DELETED: the last known object (its key is what counts)
+
+
+class Store:
+    """Objects by kind, then (namespace, name). Not thread-safe; the control plane owns it."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, dict[NsName, object]] = {}
+
+    def apply(self, events: Iterable[Event]) -> list[tuple[object | None, object | None]]:
+        """Apply events; return the effective changes as (old, new) pairs (None for absent).
+        Events that change nothing (same object re-sent) are dropped."""
+        changes = []
+        for ev in events:
+            kind, ns, name = ev.obj.key  # type: ignore[attr-defined]
+            bucket = self._by_kind.setdefault(kind, {})
+            old = bucket.get((ns, name))
+            if ev.type == DELETED:
+                if old is None:
+                    continue
+                del bucket[(ns, name)]
+                changes.append((old, None))
+            else:
+                if old == ev.obj:
+                    continue
+                bucket[(ns, name)] = ev.obj
+                changes.append((old, ev.obj))
+        return changes
+
+    def get(self, kind: str, namespace: str, name: str):
+        return self._by_kind.get(kind, {}).get((namespace, name))
+
+    def list(self, kind: str) -> list:
+        return list(self._by_kind.get(kind, {}).values())
+
+    def items(self, kind: str) -> dict[NsName, object]:
+        return self._by_kind.get(kind, {})
+
+    def count(self) -> int:
+        return sum(len(b) for b in self._by_kind.values())
+
+    def all_objects(self) -> list:
+        return [obj for b in self._by_kind.values() for obj in b.values()]
+
+
+def _svc_selector(svc: o.Service) -> Selector | None:
+    return None if svc.selector is None else selector_from_map(svc.selector)
+
+
+class EndpointIndex:
+    """Service -> selected pods -> endpoint sets, maintained incrementally."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.selectors: dict[NsName, Selector] = {}
+        self.members: dict[NsName, set[str]] = {}          # service -> pod names
+        self.pod_services: dict[NsName, set[str]] = {}     # pod -> names of services selecting it
+        self.sets: dict[NsName, tuple[EndpointSet, ...]] = {}
+        self.probe_results: dict[NsName, bool] | None = None   # None: probing off
+        self.dirty: set[NsName] = set()
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def on_changes(self, changes: Iterable[tuple[object | None, object | None]]) -> None:
+        for old, new in changes:
+            obj = new if new is not None else old
+            if isinstance(obj, o.Pod):
+                self._pod_changed(old, new)  # type: ignore[arg-type]
+            elif isinstance(obj, o.Service):
+                self._service_changed(old, new)  # type: ignore[arg-type]
+            elif isinstance(obj, o.EndpointSlice):
+                for s in (old, new):
+                    if s is not None:
+                        self.dirty.add((s.namespace, s.service))  # type: ignore[attr-defined]
+
+    def pod_readiness_changed(self, namespace: str, name: str) -> None:
+        for svc in self.pod_services.get((namespace, name), ()):
+            self.dirty.add((namespace, svc))
+
+    def _pod_changed(self, old: o.Pod | None, new: o.Pod | None) -> None:
+        pod = new or old
+        assert pod is not None
+        ns, name = pod.namespace, pod.name
+        before = self.pod_services.get((ns, name), set())
+        after: set[str] = set()
+        if new is not None:
+            for (sns, sname), sel in self.selectors.items():
+                # Services of other namespaces never select this pod. The selector map is keyed by
+                # (namespace, name); scanning it costs O(services), independent of the pod count.
+                if sns == ns and sel.matches(new.meta.labels):
+                    after.add(sname)
+        for sname in before - after:
+            self.members.get((ns, sname), set()).discard(name)
+        for sname in after - before:
+            self.members.setdefault((ns, sname), set()).add(name)
+        if after:
+            self.pod_services[(ns, name)] = after
+        else:
+            self.pod_services.pop((ns, name), None)
+        for sname in before | after:
+            self.dirty.add((ns, sname))
+
+    def _service_changed(self, old: o.Service | None, new: o.Service | None) -> None:
+        svc = new or old
+        assert svc is not None
+        key = (svc.namespace, svc.name)
+        self.dirty.add(key)
+        if old is not None and new is not None and old.selector == new.selector:
+            return
+        # Selector changed (or service added/removed): rebuild this service's membership.
+        for pod_name in self.members.pop(key, set()):
+            s = self.pod_services.get((svc.namespace, pod_name))
+            if s is not None:
+                s.discard(svc.name)
+                if not s:
+                    del self.pod_services[(svc.namespace, pod_name)]
+        self.selectors.pop(key, None)
+        if new is None:
+            self.sets.pop(key, None)
+            return
+        sel = _svc_selector(new)
+        if sel is None:
+            return
+        self.selectors[key] = sel
+        members = set()
+        for (pns, pname), pod in self.store.items("Pod").items():
+            if pns == new.namespace and sel.matches(pod.meta.labels):  # type: ignore[attr-defined]
+                members.add(pname)
+                self.pod_services.setdefault((pns, pname), set()).add(new.name)
+        self.members[key] = members
+
+    # -- recomputation --------------------------------------------------------------------------
+
+    def recompute(self) -> set[NsName]:
+        """Recompute dirty services; return the keys whose endpoint sets really changed."""
+        changed = set()
+        pods = self.store.items("Pod")
+        for key in self.dirty:
+            ns, name = key
+            svc = self.store.get("Service", ns, name)
+            if svc is None:
+                if self.sets.pop(key, None) is not None:
+                    changed.add(key)
+                continue
+            members = self.members.get(key, ())
+            slices = [s for s in self._slices_of(ns, name)]
+            new_sets = compute_endpoint_sets(
+                svc, (pods[(ns, p)] for p in sorted(members) if (ns, p) in pods), slices, self.probe_results)
+            if self.sets.get(key) != new_sets:
+                self.sets[key] = new_sets
+                changed.add(key)
+        self.dirty.clear()
+        return changed
+
+    def _slices_of(self, ns: str, service: str) -> list[o.EndpointSlice]:
+        out = []
+        for kind in ("EndpointSlice", "Endpoints"):
+            for (sns, _), sl in self.store.items(kind).items():
+                if sns == ns and sl.service == service:  # type: ignore[attr-defined]
+                    out.append(sl)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class Allocator:
+    """Deterministic ClusterIP and nodePort allocation for services that leave them out."""
+
+    def __init__(self, service_cidr: str = "127.96.0.0/16",
+                 node_port_range: tuple[int, int] = (30000, 32767)) -> None:
+        self.net = ipaddress.ip_network(service_cidr, strict=False)
+        self.node_port_range = node_port_range
+        self.ips: dict[NsName, str] = {}
+        self.node_ports: dict[tuple[str, str, str], int] = {}
+
+    def assign(self, services: Mapping[NsName, o.Service]) -> tuple[dict[NsName, str], dict[tuple[str, str, str], int]]:
+        """Return the allocated ClusterIP per service and nodePort per (ns, svc, port key) for
+        the services that need them. Explicit addresses are reserved first; the rest are
+        processed in namespace/name order so a restart with the same input agrees."""
+        taken_ips = {s.cluster_ip for s in services.values() if s.cluster_ip and s.cluster_ip != "None"}
+        taken_ports = {p.node_port for s in services.values() for p in s.ports if p.node_port}
+        ips: dict[NsName, str] = {}
+        ports: dict[tuple[str, str, str], int] = {}
+        # Keep earlier allocations of services that still need them (stable while running).
+        for key in sorted(services):
+            svc = services[key]
+            if svc.cluster_ip is None and svc.type != "ExternalName":
+                prev = self.ips.get(key)
+                if prev is not None and prev not in taken_ips:
+                    ips[key] = prev
+                    taken_ips.add(prev)
+        for key in sorted(services):
+            svc = services[key]
+            if svc.cluster_ip is None and svc.type != "ExternalName" and key not in ips:
+                ip = self._pick_ip(f"{key[0]}/{key[1]}", taken_ips)
+                if ip is None:
+                    log.error("service range %s is full: Service/%s/%s gets no ClusterIP", self.net, *key)
+                    continue
+                ips[key] = ip
+                taken_ips.add(ip)
+            if svc.type in ("NodePort", "LoadBalancer"):
+                for sp in svc.ports:
+                    if sp.node_port is None and sp.protocol == "TCP":
+                        pk = (key[0], key[1], sp.name or str(sp.port))
+                        prev_port = self.node_ports.get(pk)
+                        if prev_port is not None and prev_port not in taken_ports:
+                            port = prev_port
+                        else:
+                            port = self._pick_port(f"{pk}", taken_ports)
+                        if port is None:
+                            log.error("nodePort range is full: Service/%s/%s gets no nodePort", *key)
+                            continue
+                        ports[pk] = port
+                        taken_ports.add(port)
+        self.ips, self.node_ports = ips, ports
+        return ips, ports
+
+    def _pick_ip(self, ident: str, taken: set[str]) -> str | None:
+        size = self.net.num_addresses
+        usable = size - 2 if size > 2 else size
+        start = _stable_hash(ident) % usable
+        for i in range(usable):
+            cand = str(self.net.network_address + 1 + (start + i) % usable) if size > 2 else str(self.net.network_address + (start + i) % usable)
+            if cand not in taken:
+                return cand
+        return None
+
+    def _pick_port(self, ident: str, taken: set[int | None]) -> int | None:
+        lo, hi = self.node_port_range
+        n = hi - lo + 1
+        start = _stable_hash(ident) % n
+        for i in range(n):
+            cand = lo + (start + i) % n
+            if cand not in taken:
+                return cand
+        return None

@@ -1,0 +1,114 @@
+"""The admin server: ``/healthz``, ``/readyz``, ``/metrics``, ``/debug/snapshot``.
+
+HTTP/1.1 on h11 over asyncio streams: the admin port carries a few requests a second, so
+clarity wins over speed here. It runs in the control-plane process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from typing import Callable
+
+import h11
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import metrics
+
+__all__ = ["AdminServer"]
+
+log = logging.getLogger("meshproxy.admin")
+
+_MAX_REQUEST = 16384
+_READ_TIMEOUT = 10.0
+
+
+class AdminServer:
+    """``state`` callbacks decide what the endpoints answer; the server owns no proxy state."""
+
+    def __init__(self, host: str, port: int, *, is_ready: Callable[[], bool],
+                 snapshot_json: Callable[[], dict | None],
+                 metrics_text: Callable[[], bytes] | None = None) -> None:
+        self.host, self.port = host, port
+        self.is_ready = is_ready
+        self.snapshot_json = snapshot_json
+        self.metrics_text = metrics_text or (lambda: generate_latest(metrics.REGISTRY))
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self._server = await asyncio.start_server(self._handle, sock=sock)
+        self.port = sock.getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _route(self, method: bytes, target: bytes) -> tuple[int, str, bytes]:
+        path = target.split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return 405, "text/plain", b"method not allowed\n"
+        if path == b"/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == b"/readyz":
+            return (200, "text/plain", b"ready\n") if self.is_ready() else (503, "text/plain", b"not ready\n")
+        if path == b"/metrics":
+            return 200, CONTENT_TYPE_LATEST, self.metrics_text()
+        if path == b"/debug/snapshot":
+            data = self.snapshot_json()
+            if data is None:
+                return 503, "application/json", b'{"error": "no snapshot yet"}\n'
+            return 200, "application/json", json.dumps(data, indent=1, default=str).encode() + b"\n"
+        return 404, "text/plain", b"not found: try /healthz /readyz /metrics /debug/snapshot\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(65536), _READ_TIMEOUT)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    status, ctype, body = self._route(event.method, event.target)
+                    headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    if event.method != b"HEAD":
+                        writer.write(conn.send(h11.Data(data=body)))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+                elif isinstance(event, h11.EndOfMessage) or isinstance(event, h11.Data):
+                    continue
+                elif event is h11.PAUSED:
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()
+                        continue
+                    break
+                else:  # ConnectionClosed
+                    break
+        except h11.RemoteProtocolError as exc:
+            try:
+                body = f"bad request: {exc}\n".encode()
+                writer.write(conn.send(h11.Response(status_code=exc.error_status_hint,
+                                                    headers=[("content-length", str(len(body))),
+                                                             ("connection", "close")])))
+                writer.write(conn.send(h11.Data(data=body)))
+                writer.write(conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:
+                pass
+        # Client went away, timed out, or the socket broke: nothing to answer.
+        except (asyncio.TimeoutError, ConnectionError, OSError, h11.LocalProtocolError):
+            pass
+        except Exception:  # the admin port must never take the process down
+            log.exception("admin request failed")
+        finally:
+            writer.close()

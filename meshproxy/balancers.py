@@ -1,0 +1,442 @@
+"""Endpoint choice for L4 connections and L7 requests, and the live state it needs.
+
+``Balancers.pick(backend, client_ip)`` chooses one endpoint among the backend's candidates
+(``backend.usable``, or ``backend.local`` for traffic policy Local) minus an ``exclude`` set
+(endpoints a retry already failed on), by ``backend.policy``:
+
+==================  ==========================================================  ===========
+policy              rule                                                        cost
+==================  ==========================================================  ===========
+random              uniform (kube-proxy's iptables/IPVS default behaviour)      O(1)
+round_robin         per backend-key counter                                     O(1)
+least_connections   fewest active (acquired, not released) connections;         O(1)
+                    ties in the order endpoints last changed count
+p2c                 two distinct random candidates, the less loaded wins        O(1)
+ring_hash           ketama-style ring over ``hash_key`` or the client IP        O(log n)
+maglev              Maglev lookup table (Eisenbud et al., NSDI '16)             O(1)
+==================  ==========================================================  ===========
+
+With ``backend.affinity_timeout`` set (Service ``sessionAffinity: ClientIP``) a client IP is
+pinned to the endpoint it got first; the pin holds while that endpoint stays a candidate and
+the client keeps coming back within the timeout (kube-proxy semantics: the timer counts from
+the *last* use, like iptables ``recent --rcheck --seconds``); otherwise a new endpoint is
+chosen by the policy and pinned.
+
+Invariants kept here (everything outside the immutable snapshot lives in this object):
+
+- ``active[addr]`` is the number of ``acquire(ep)`` calls not yet matched by ``release(ep)``;
+  an address with count 0 has no entry, so the map is bounded by open connections and
+  survives snapshot swaps untouched (a draining connection releases into the same map).
+- Per-candidate-tuple tables (hash ring, Maglev table, least-connections buckets, address
+  index) are keyed by the tuple's *identity*: the snapshot builder reuses unchanged tuples,
+  so a table is built once per endpoint-set change. ``on_snapshot`` keeps only the tables of
+  tuples the new snapshot still holds; a cap bounds tuples that come from elsewhere.
+- The least-connections buckets of every cached tuple that holds an address are moved on each
+  acquire/release of that address, so they always agree with ``active``.
+- Affinity pins, round-robin counters and failure counts of backends or endpoints that left
+  the snapshot are dropped in ``on_snapshot``; expired pins are swept when the pin table has
+  doubled since the last sweep (amortised O(1)), so memory stays bounded by live clients.
+
+All methods are synchronous and meant for the one event-loop thread that owns the object.
+Hashes are stable across processes (blake2b, not ``hash()``), so workers and node proxies
+with the same endpoints agree on consistent-hash choices.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random as _random
+import time
+from typing import Callable, Iterable
+
+from discovery.endpoints import Endpoint
+
+from .settings import Settings
+from .snapshot import Backend, Snapshot
+
+__all__ = ["Balancers", "stable_hash", "MAGLEV_SIZES"]
+
+Addr = tuple[str, int]
+
+# Ring points per endpoint: at least this many in all (Envoy's minimum_ring_size default is 1024)
+# and at least _RING_MIN_PER_ENDPOINT per endpoint so small sets still spread evenly.
+_RING_MIN_POINTS = 1024
+_RING_MIN_PER_ENDPOINT = 100
+_RING_MAX_POINTS = 1 << 17
+
+# Maglev table sizes: primes; the table must be prime and >> n (the paper uses M >= 100 n for
+# < 1 % imbalance). Small tables keep the O(M) build cheap for the common small service.
+MAGLEV_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+
+# Rejection sampling under ``exclude``: a few draws, then one O(n) filtered pass. ``exclude``
+# holds the endpoints a connection already failed on (<= retries), so draws rarely miss.
+_DRAWS = 8
+
+# Bound on cached per-tuple tables: snapshot tuples are pruned in on_snapshot; this only
+# bounds tuples a caller built itself (tests, ad-hoc backends).
+_MAX_TABLES = 4096
+
+
+def stable_hash(data: bytes) -> int:
+    """64-bit hash that is the same in every process (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _ep_name(ep: Endpoint) -> bytes:
+    return f"{ep.ip}:{ep.port}".encode()
+
+
+class _Ring:
+    """Consistent-hash ring: sorted points, each owned by an endpoint index."""
+    __slots__ = ("points", "owners")
+
+    def __init__(self, cands: tuple[Endpoint, ...]) -> None:
+        n = len(cands)
+        per = max(_RING_MIN_PER_ENDPOINT, -(-_RING_MIN_POINTS // n))
+        per = min(per, max(1, _RING_MAX_POINTS // n))
+        pts: list[tuple[int, int]] = []
+        for i, ep in enumerate(cands):
+            name = _ep_name(ep)
+            for r in range(per):
+                pts.append((stable_hash(name + b"_" + str(r).encode()), i))
+        pts.sort()
+        self.points = [p for p, _ in pts]
+        self.owners = [i for _, i in pts]
+
+    def lookup(self, h: int, cands: tuple[Endpoint, ...], exclude: frozenset[Addr]) -> Endpoint | None:
+        points, owners = self.points, self.owners
+        size = len(points)
+        i = bisect.bisect_left(points, h)
+        # Walk clockwise past excluded owners; at most every point once.
+        for step in range(size):
+            ep = cands[owners[(i + step) % size]]
+            if ep.addr not in exclude:
+                return ep
+        return None
+
+
+class _Maglev:
+    """Maglev lookup table: ``table[h % M]`` is an endpoint index; each endpoint owns ~M/n slots
+    and removing one endpoint moves little more than its own slots."""
+    __slots__ = ("table",)
+
+    def __init__(self, cands: tuple[Endpoint, ...]) -> None:
+        n = len(cands)
+        m = next((s for s in MAGLEV_SIZES if s >= 100 * n), MAGLEV_SIZES[-1])
+        offsets, skips = [], []
+        for ep in cands:
+            name = _ep_name(ep)
+            offsets.append(stable_hash(b"o" + name) % m)
+            skips.append(stable_hash(b"s" + name) % (m - 1) + 1)
+        nxt = [0] * n
+        table = [-1] * m
+        filled = 0
+        # The paper's population loop: endpoints take turns claiming their next preferred slot.
+        while True:
+            for i in range(n):
+                off, skip, j = offsets[i], skips[i], nxt[i]
+                c = (off + j * skip) % m
+                while table[c] >= 0:
+                    j += 1
+                    c = (off + j * skip) % m
+                table[c] = i
+                nxt[i] = j + 1
+                filled += 1
+                if filled == m:
+                    self.table = table
+                    return
+
+    def lookup(self, h: int, cands: tuple[Endpoint, ...], exclude: frozenset[Addr]) -> Endpoint | None:
+        table = self.table
+        m = len(table)
+        i = h % m
+        for step in range(m):
+            ep = cands[table[(i + step) % m]]
+            if ep.addr not in exclude:
+                return ep
+        return None
+
+
+class _LeastConn:
+    """Candidates bucketed by active count, for O(1) least-connections choice.
+
+    Counts move by +-1 only, so the minimum moves by at most one per change. Inside a bucket
+    the order is the order endpoints arrived there, which rotates ties fairly."""
+    __slots__ = ("buckets", "min")
+
+    def __init__(self, cands: tuple[Endpoint, ...], active: dict[Addr, int]) -> None:
+        self.buckets: dict[int, dict[Addr, None]] = {}
+        for ep in cands:
+            self.buckets.setdefault(active.get(ep.addr, 0), {})[ep.addr] = None
+        self.min = min(self.buckets) if self.buckets else 0
+
+    def move(self, addr: Addr, old: int, new: int) -> None:
+        b = self.buckets.get(old)
+        if b is None or addr not in b:
+            return
+        del b[addr]
+        if not b:
+            del self.buckets[old]
+        self.buckets.setdefault(new, {})[addr] = None
+        if new < self.min:
+            self.min = new
+        elif old == self.min and old not in self.buckets:
+            self.min = new
+
+    def choose(self, exclude: frozenset[Addr]) -> Addr | None:
+        b = self.buckets.get(self.min)
+        if b is not None:
+            for addr in b:
+                if addr not in exclude:
+                    return addr
+        # Every least-loaded endpoint is excluded (a retry): look at the next counts up.
+        for count in sorted(self.buckets):
+            for addr in self.buckets[count]:
+                if addr not in exclude:
+                    return addr
+        return None
+
+
+class _Tables:
+    """What is cached per candidate tuple: address index and the lazily built policy tables."""
+    __slots__ = ("cands", "by_addr", "ring", "maglev", "lc")
+
+    def __init__(self, cands: tuple[Endpoint, ...]) -> None:
+        self.cands = cands           # held so id(cands) cannot be reused while cached
+        self.by_addr = {ep.addr: ep for ep in cands}
+        self.ring: _Ring | None = None
+        self.maglev: _Maglev | None = None
+        self.lc: _LeastConn | None = None
+
+
+class Balancers:
+    __slots__ = ("settings", "active", "failures", "_clock", "_rng", "_rr", "_affinity",
+                 "_affinity_swept", "_tables", "_lc_by_addr")
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
+                 rng: _random.Random | None = None) -> None:
+        self.settings = settings
+        self.active: dict[Addr, int] = {}
+        # Consecutive failures per endpoint (connect refused / timed out, upstream reset):
+        # the passive-health hook. Outlier ejection will read it; choice ignores it for now.
+        self.failures: dict[Addr, int] = {}
+        self._clock = clock
+        self._rng = rng or _random.Random()
+        self._rr: dict[tuple[str, str, str], int] = {}
+        self._affinity: dict[tuple[tuple[str, str, str], str], tuple[Addr, float]] = {}
+        self._affinity_swept = 0
+        self._tables: dict[int, _Tables] = {}
+        self._lc_by_addr: dict[Addr, list[_LeastConn]] = {}
+
+    # -- choice -------------------------------------------------------------------------------
+
+    def pick(self, backend: Backend, client_ip: str | None, local_only: bool = False,
+             exclude: frozenset[Addr] = frozenset(), hash_key: bytes | None = None,
+             policy: str | None = None) -> Endpoint | None:
+        """``policy`` overrides ``backend.policy`` (L7 passes ``backend.l7_policy``)."""
+        cands = backend.local if local_only else backend.usable
+        n = len(cands)
+        if n == 0:
+            return None
+        timeout = backend.affinity_timeout
+        if timeout and client_ip is not None:
+            return self._pick_affine(backend, cands, client_ip, exclude, hash_key, timeout, policy)
+        return self._choose(backend, cands, client_ip, exclude, hash_key, policy)
+
+    def _pick_affine(self, backend: Backend, cands: tuple[Endpoint, ...], client_ip: str,
+                     exclude: frozenset[Addr], hash_key: bytes | None, timeout: int,
+                     policy: str | None = None) -> Endpoint | None:
+        now = self._clock()
+        key = (backend.key, client_ip)
+        pin = self._affinity.get(key)
+        if pin is not None and pin[1] > now and pin[0] not in exclude:
+            ep = self._tables_for(cands).by_addr.get(pin[0])
+            if ep is not None:
+                self._affinity[key] = (pin[0], now + timeout)
+                return ep
+        ep = self._choose(backend, cands, client_ip, exclude, hash_key, policy)
+        if ep is not None:
+            self._affinity[key] = (ep.addr, now + timeout)
+            if len(self._affinity) > 2 * self._affinity_swept + 1024:
+                self._sweep_affinity(now)
+        return ep
+
+    def _choose(self, backend: Backend, cands: tuple[Endpoint, ...], client_ip: str | None,
+                exclude: frozenset[Addr], hash_key: bytes | None,
+                policy: str | None = None) -> Endpoint | None:
+        policy = policy or backend.policy
+        n = len(cands)
+        if policy == "random" or n == 1:
+            return self._random(cands, exclude)
+        if policy == "round_robin":
+            i = self._rr.get(backend.key, 0)
+            for step in range(n):
+                ep = cands[(i + step) % n]
+                if ep.addr not in exclude:
+                    self._rr[backend.key] = (i + step + 1) % n
+                    return ep
+            return None
+        if policy == "least_connections":
+            t = self._tables_for(cands)
+            if t.lc is None:
+                t.lc = _LeastConn(cands, self.active)
+                for ep in cands:
+                    self._lc_by_addr.setdefault(ep.addr, []).append(t.lc)
+            addr = t.lc.choose(exclude)
+            return None if addr is None else t.by_addr[addr]
+        if policy == "p2c":
+            rnd = self._rng.randrange
+            active = self.active
+            for _ in range(_DRAWS):
+                a = rnd(n)
+                b = rnd(n - 1)
+                if b >= a:
+                    b += 1
+                ea, eb = cands[a], cands[b]
+                xa, xb = ea.addr in exclude, eb.addr in exclude
+                if xa and xb:
+                    continue
+                if xa:
+                    return eb
+                if xb:
+                    return ea
+                return eb if active.get(eb.addr, 0) < active.get(ea.addr, 0) else ea
+            return self._least_of([e for e in cands if e.addr not in exclude])
+        if policy in ("ring_hash", "maglev"):
+            if hash_key is None:
+                if client_ip is None:
+                    return self._random(cands, exclude)
+                hash_key = client_ip.encode()
+            h = stable_hash(hash_key)
+            t = self._tables_for(cands)
+            if policy == "ring_hash":
+                if t.ring is None:
+                    t.ring = _Ring(cands)
+                return t.ring.lookup(h, cands, exclude)
+            if t.maglev is None:
+                t.maglev = _Maglev(cands)
+            return t.maglev.lookup(h, cands, exclude)
+        # Unknown policy names are rejected when the snapshot is built; be safe anyway.
+        return self._random(cands, exclude)
+
+    def _random(self, cands: tuple[Endpoint, ...], exclude: frozenset[Addr]) -> Endpoint | None:
+        rnd = self._rng.randrange
+        n = len(cands)
+        if not exclude:
+            return cands[rnd(n)]
+        for _ in range(_DRAWS):
+            ep = cands[rnd(n)]
+            if ep.addr not in exclude:
+                return ep
+        rest = [e for e in cands if e.addr not in exclude]
+        return rest[rnd(len(rest))] if rest else None
+
+    def _least_of(self, eps: list[Endpoint]) -> Endpoint | None:
+        if not eps:
+            return None
+        active = self.active
+        return min(eps, key=lambda e: active.get(e.addr, 0))
+
+    def _tables_for(self, cands: tuple[Endpoint, ...]) -> _Tables:
+        t = self._tables.get(id(cands))
+        if t is None or t.cands is not cands:
+            if len(self._tables) >= _MAX_TABLES:
+                self._drop_tables(list(self._tables))
+            t = _Tables(cands)
+            self._tables[id(cands)] = t
+        return t
+
+    def _drop_tables(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            t = self._tables.pop(i, None)
+            if t is None or t.lc is None:
+                continue
+            for ep in t.cands:
+                lst = self._lc_by_addr.get(ep.addr)
+                if lst is not None:
+                    try:
+                        lst.remove(t.lc)
+                    except ValueError:
+                        pass
+                    if not lst:
+                        del self._lc_by_addr[ep.addr]
+
+    # -- live counts --------------------------------------------------------------------------
+
+    def acquire(self, ep: Endpoint) -> None:
+        addr = ep.addr
+        old = self.active.get(addr, 0)
+        self.active[addr] = old + 1
+        for lc in self._lc_by_addr.get(addr, ()):
+            lc.move(addr, old, old + 1)
+
+    def release(self, ep: Endpoint) -> None:
+        addr = ep.addr
+        old = self.active.get(addr, 0)
+        if old <= 0:
+            return      # unmatched release: never go negative
+        if old == 1:
+            del self.active[addr]
+        else:
+            self.active[addr] = old - 1
+        for lc in self._lc_by_addr.get(addr, ()):
+            lc.move(addr, old, old - 1)
+
+    def active_count(self, ep: Endpoint) -> int:
+        return self.active.get(ep.addr, 0)
+
+    # -- passive health hook -------------------------------------------------------------------
+
+    def report_failure(self, ep: Endpoint) -> int:
+        """Count one more consecutive failure of ``ep``; returns the new count."""
+        n = self.failures.get(ep.addr, 0) + 1
+        self.failures[ep.addr] = n
+        return n
+
+    def report_success(self, ep: Endpoint) -> None:
+        self.failures.pop(ep.addr, None)
+
+    def consecutive_failures(self, ep: Endpoint) -> int:
+        return self.failures.get(ep.addr, 0)
+
+    # -- snapshot swaps -------------------------------------------------------------------------
+
+    def on_snapshot(self, snap: Snapshot) -> None:
+        """Forget state that belongs to backends or endpoints the new snapshot no longer has."""
+        backends = snap.backends
+        live_tuples: dict[int, tuple[Endpoint, ...]] = {}
+        known: dict[tuple[str, str, str], set[Addr]] = {}
+        all_addrs: set[Addr] = set()
+        for key, b in backends.items():
+            live_tuples[id(b.usable)] = b.usable
+            live_tuples[id(b.local)] = b.local
+            addrs = {e.addr for e in b.endpoints}
+            known[key] = addrs
+            all_addrs |= addrs
+        # A cached tuple is live only if the snapshot holds that very object: ids of dead tuples
+        # can be reused by new objects, hence the identity check and not just the id.
+        stale = [i for i, t in self._tables.items() if live_tuples.get(i) is not t.cands]
+        self._drop_tables(stale)
+        for key in [k for k in self._rr if k not in backends]:
+            del self._rr[key]
+        now = self._clock()
+        for akey, (addr, expiry) in list(self._affinity.items()):
+            addrs = known.get(akey[0])
+            if addrs is None or addr not in addrs or expiry <= now:
+                del self._affinity[akey]
+        self._affinity_swept = len(self._affinity)
+        for addr in [a for a in self.failures if a not in all_addrs]:
+            del self.failures[addr]
+
+    def _sweep_affinity(self, now: float) -> None:
+        for akey in [k for k, (_, exp) in self._affinity.items() if exp <= now]:
+            del self._affinity[akey]
+        self._affinity_swept = len(self._affinity)
+
+    def describe(self) -> dict:
+        """Live state for /debug: counts only, no client addresses."""
+        return {"active": {f"{ip}:{port}": n for (ip, port), n in sorted(self.active.items())},
+                "failures": {f"{ip}:{port}": n for (ip, port), n in sorted(self.failures.items())},
+                "affinity_pins": len(self._affinity), "cached_tables": len(self._tables)}
+

@@ -1,0 +1,263 @@
+"""Command line: ``meshproxy run | validate | get | demo`` (names fixed by DESIGN §2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from .settings import LB_POLICIES, Settings, parse_hostport
+
+__all__ = ["main", "build_parser", "settings_from_args"]
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return v
+
+
+def _add_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--filename", dest="paths", action="append", required=True, metavar="PATH",
+                   help="manifest file or folder (repeatable); folders are read recursively (*.yaml, *.yml, *.json)")
+    p.add_argument("--service-cidr", default="127.96.0.0/16",
+                   help="range for ClusterIPs; given ones must lie inside, missing ones are allocated from it (default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshproxy", description=(
+        "Load-balancing service mesh and ingress proxy: kube-proxy style L4 (ClusterIP / NodePort) "
+        "and Ingress L7 routing, configured with Kubernetes manifests."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve the manifests (watched for changes)")
+    _add_files(run)
+    run.add_argument("--node", help="the Node object this instance is (default: a single implicit node on 127.0.0.1)")
+    run.add_argument("--ingress-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTP here (off when absent)")
+    run.add_argument("--ingress-tls-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTPS here")
+    run.add_argument("--admin-listen", type=_hostport, default=("127.0.0.1", 9901), metavar="HOST:PORT",
+                     help="admin server: /healthz /readyz /metrics /debug/snapshot (default 127.0.0.1:9901)")
+    run.add_argument("--workers", type=int, default=1, help="data-plane processes sharing the listeners (default 1)")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--access-log", metavar="PATH|-", help="one line per HTTP request to PATH or stdout (-)")
+    run.add_argument("--config", metavar="FILE", help="YAML file with the same settings as these flags (flag names without dashes)")
+    run.add_argument("--lb-policy", choices=LB_POLICIES, default=None, help="default L4 balancing policy (default random)")
+    run.add_argument("--l7-lb-policy", choices=LB_POLICIES, default=None, help="default L7 balancing policy (default p2c)")
+    run.add_argument("--ingress-class", default=None, help="IngressClass name served besides classes with controller meshproxy.dev/ingress (default meshproxy)")
+    run.add_argument("--watch-ingress-without-class", default=None, choices=("true", "false"),
+                     help="serve Ingresses that name no class (default true)")
+    run.add_argument("--trusted-proxies", default=None, metavar="CIDR[,CIDR]",
+                     help="peers whose X-Forwarded-* / Forwarded headers are kept")
+    run.add_argument("--drain-timeout", type=_positive_float, default=None, help="seconds open connections may take to finish after their endpoint or listener went away, or on SIGTERM (default 30)")
+    run.add_argument("--shutdown-delay", type=_positive_float, default=None, help="seconds between SIGTERM and closing listeners (default 0)")
+    run.add_argument("--connect-timeout", type=_positive_float, default=None, help="upstream connect timeout, seconds (default 5)")
+    run.add_argument("--idle-timeout", type=_positive_float, default=None, help="L4 idle connection timeout, seconds (default 3600)")
+    run.add_argument("--upstream-timeout", type=_positive_float, default=None, help="L7 response timeout, seconds (default 60)")
+    run.add_argument("--header-timeout", type=_positive_float, default=None, help="time a client has to send a request head, seconds (default 10)")
+    run.add_argument("--keepalive-timeout", type=_positive_float, default=None, help="idle keep-alive client connections, seconds (default 75)")
+    run.add_argument("--max-body-size", type=int, default=None, help="request body limit in bytes -> 413 (default unlimited)")
+    run.add_argument("--max-connections", type=int, default=None, help="per listener; accepting pauses above it (default unlimited)")
+    run.add_argument("--default-tls-secret", metavar="NS/NAME", default=None, help="certificate for unknown SNI names")
+    run.add_argument("--no-health-checks", action="store_true", help="do not run readinessProbes; use the pods' Ready condition")
+    run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
+
+    val = sub.add_parser("validate", help="check manifests: exit 0 when valid, 1 with one line per problem")
+    _add_files(val)
+
+    get = sub.add_parser("get", help="what the proxy would do, as a table")
+    get.add_argument("what", choices=("services", "endpoints", "routes"))
+    _add_files(get)
+    get.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    get.add_argument("--node", help="compute as this Node")
+
+    demo = sub.add_parser("demo", help="start demo pods and services and print the commands that show them")
+    demo.add_argument("--check", action="store_true", help="run the tour itself and exit 0/1")
+    demo.add_argument("--admin-listen", type=_hostport, default=("127.0.0.1", 9901), metavar="HOST:PORT")
+    demo.add_argument("--ingress-listen", type=_hostport, default=("127.0.0.1", 8080), metavar="HOST:PORT")
+    return parser
+
+
+_FLAG_FIELDS = {
+    "node": "node", "ingress_listen": "ingress_listen", "ingress_tls_listen": "ingress_tls_listen",
+    "admin_listen": "admin_listen", "workers": "workers", "log_level": "log_level", "access_log": "access_log",
+    "lb_policy": "lb_policy", "l7_lb_policy": "l7_lb_policy", "ingress_class": "ingress_class",
+    "drain_timeout": "drain_timeout", "shutdown_delay": "shutdown_delay", "connect_timeout": "connect_timeout",
+    "idle_timeout": "idle_timeout", "upstream_timeout": "upstream_timeout", "header_timeout": "header_timeout",
+    "keepalive_timeout": "keepalive_timeout", "max_body_size": "max_body_size",
+    "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
+}
+
+
+def _load_config_file(path: str) -> dict:
+    import yaml
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+        doc = doc.get("data") or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in doc.items()}
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    s = Settings(paths=list(args.paths))
+    file_values = _load_config_file(args.config) if getattr(args, "config", None) else {}
+    for key, value in file_values.items():
+        if key not in _FLAG_FIELDS and key not in ("trusted_proxies", "watch_ingress_without_class"):
+            raise ValueError(f"{args.config}: unknown setting {key!r}")
+        if key in ("ingress_listen", "ingress_tls_listen", "admin_listen") and isinstance(value, str):
+            value = parse_hostport(value)
+        if key == "trusted_proxies" and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        setattr(s, _FLAG_FIELDS.get(key, key), value)
+    for arg_name, field_name in _FLAG_FIELDS.items():
+        value = getattr(args, arg_name, None)
+        if value is not None and not (arg_name == "admin_listen" and "admin_listen" in file_values
+                                      and value == ("127.0.0.1", 9901)):
+            setattr(s, field_name, value)
+    if getattr(args, "trusted_proxies", None):
+        s.trusted_proxies = tuple(v.strip() for v in args.trusted_proxies.split(",") if v.strip())
+    if getattr(args, "watch_ingress_without_class", None) is not None:
+        s.watch_ingress_without_class = args.watch_ingress_without_class == "true"
+    if getattr(args, "no_health_checks", False):
+        s.health_checks = False
+    s.takeover = bool(getattr(args, "takeover", False))
+    import ipaddress
+    for cidr in s.trusted_proxies:
+        ipaddress.ip_network(cidr, strict=False)   # ValueError names the bad one
+    ipaddress.ip_network(s.service_cidr, strict=False)
+    if s.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    return s
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from discovery.manifests import load_paths
+    result = load_paths(args.paths, args.service_cidr)
+    for err in result.errors:
+        print(err, file=sys.stdout)
+    if result.errors:
+        return 1
+    print(f"ok: {len(result.objects)} objects", file=sys.stderr)
+    return 0
+
+
+def _offline_snapshot(args: argparse.Namespace):
+    from discovery.manifests import load_paths
+    from discovery.store import ADDED, Event
+
+    from .controller import Controller
+    result = load_paths(args.paths, args.service_cidr)
+    if result.errors:
+        for err in result.errors:
+            print(err, file=sys.stderr)
+        return None
+    # Problems are printed once, as warnings, by the caller.
+    logging.getLogger("meshproxy").setLevel(logging.ERROR)
+    settings = Settings(paths=list(args.paths), node=getattr(args, "node", None), service_cidr=args.service_cidr)
+    snaps = []
+    ctl = Controller(settings, snaps.append)
+    ctl.apply_events([Event(ADDED, o) for o in result.objects])
+    ctl.rebuild()
+    return ctl.snapshot
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    lines = ["   ".join(str(v).ljust(w) for v, w in zip(header, widths)).rstrip()]
+    for r in rows:
+        lines.append("   ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    snap = _offline_snapshot(args)
+    if snap is None:
+        return 1
+    data = snap.to_json()
+    if args.what == "services":
+        items = data["services"]
+        if args.output == "json":
+            print(json.dumps(items, indent=2))
+            return 0
+        rows = []
+        for s in items:
+            ports = ",".join(f"{p['port']}{'/' + str(p['nodePort']) if p['nodePort'] else ''}"
+                             f"{'(' + p['name'] + ')' if p['name'] else ''}" for p in s["ports"])
+            ready = sum(1 for e in data["endpoints"] if e["namespace"] == s["namespace"] and e["service"] == s["name"]
+                        for x in e["endpoints"] if x["ready"])
+            rows.append([s["namespace"], s["name"], s["type"], s["clusterIP"] or "<none>", ports or "<none>",
+                         s["sessionAffinity"], str(ready)])
+        print(_table(rows, ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)", "AFFINITY", "READY-ENDPOINTS"]))
+    elif args.what == "endpoints":
+        items = data["endpoints"]
+        if args.output == "json":
+            print(json.dumps(items, indent=2))
+            return 0
+        rows = []
+        for e in items:
+            for x in e["endpoints"] or [None]:
+                if x is None:
+                    rows.append([e["namespace"], e["service"], str(e["port"]), "<none>", "", "", ""])
+                    continue
+                state = "ready" if x["ready"] else ("terminating" if x["terminating"] else "not-ready")
+                if x["serving"] and not x["ready"]:
+                    state += "(serving)"
+                rows.append([e["namespace"], e["service"], str(e["port"]), f"{x['ip']}:{x['port']}",
+                             x["pod"] or "", x["node"] or "", state])
+        print(_table(rows, ["NAMESPACE", "SERVICE", "PORT", "ENDPOINT", "POD", "NODE", "STATE"]))
+    else:
+        items = data["routes"]
+        if args.output == "json":
+            print(json.dumps(items, indent=2))
+            return 0
+        rows = [[r.get("host") or "*", r.get("path", ""), r.get("pathType", ""), str(r.get("backend", "")),
+                 r.get("ingress", "")] for r in items]
+        print(_table(rows, ["HOST", "PATH", "PATH-TYPE", "BACKEND", "INGRESS"]))
+    for p in data["problems"]:
+        print(f"warning: {p}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        return _cmd_validate(args)
+    if args.command == "get":
+        return _cmd_get(args)
+    if args.command == "demo":
+        from .demo import run_demo
+        setup_logging("warning")
+        return run_demo(args)
+    try:
+        settings = settings_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    from .process import run
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The control plane: sources -> store -> endpoints -> snapshot -> publish.
+
+Invariants:
+- all store/index mutation happens here, on the event loop, never in the data plane;
+- events are applied to the store at once, but the snapshot is rebuilt at most once per
+  ``coalesce_delay`` (a burst of changes becomes one publish);
+- a snapshot is published by one call to ``publish`` (the runtime swaps its reference);
+  a failed build leaves the last snapshot in force and is logged, never raised into a source;
+- ``ready`` turns true once every source has delivered its initial state and the first
+  snapshot has been published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable
+
+from discovery.store import Allocator, EndpointIndex, Event, Store
+
+from . import metrics
+from .settings import Settings
+from .snapshot import Snapshot, SnapshotBuilder
+
+__all__ = ["Controller"]
+
+log = logging.getLogger("meshproxy.controller")
+
+
+class Controller:
+    def __init__(self, settings: Settings, publish: Callable[[Snapshot], None]) -> None:
+        self.settings = settings
+        self._publish = publish
+        self.store = Store()
+        self.index = EndpointIndex(self.store)
+        self.allocator = Allocator(settings.service_cidr, settings.node_port_range)
+        self.builder = SnapshotBuilder(settings)
+        self.snapshot: Snapshot | None = None
+        self._pending = False
+        self._handle: asyncio.TimerHandle | None = None
+        self._published_problems: tuple[str, ...] = ()
+        self._endpoint_labels: set[tuple[str, str, str]] = set()
+        self.last_change: float = 0.0      # monotonic time of the first unapplied change
+        self.waiters: list[asyncio.Future] = []
+
+    # -- input --------------------------------------------------------------------------------
+
+    def apply_events(self, events: Iterable[Event], source: str = "files") -> None:
+        events = list(events)
+        for ev in events:
+            metrics.source_events.labels(source, ev.obj.key[0], ev.type).inc()  # type: ignore[attr-defined]
+        changes = self.store.apply(events)
+        if not changes:
+            return
+        self.index.on_changes(changes)
+        self._schedule()
+
+    def set_probe_results(self, results: dict[tuple[str, str], bool] | None) -> None:
+        """Turn probe-driven readiness on (a dict the health checker keeps updating) or off."""
+        self.index.probe_results = results
+        for ns, name in list(self.store.items("Pod")):
+            self.index.pod_readiness_changed(ns, name)
+        self._schedule()
+
+    def pod_readiness_changed(self, namespace: str, name: str) -> None:
+        self.index.pod_readiness_changed(namespace, name)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
+        self.last_change = time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._pending = False
+            self.rebuild()
+            return
+        self._handle = loop.call_later(self.settings.coalesce_delay, self.rebuild)
+
+    # -- output -------------------------------------------------------------------------------
+
+    def rebuild(self) -> Snapshot | None:
+        self._pending = False
+        self._handle = None
+        t0 = time.perf_counter()
+        try:
+            self.index.recompute()
+            snap = self.builder.build(self.store, self.index, self.allocator)
+        except Exception:  # a bug in building must not stop the proxy: keep the last snapshot
+            log.exception("building the snapshot failed; the previous one stays in force")
+            return None
+        metrics.snapshot_build_seconds.observe(time.perf_counter() - t0)
+        self.snapshot = snap
+        self._publish(snap)
+        metrics.snapshot_version.set(snap.version)
+        metrics.problems.set(len(snap.problems))
+        self._update_endpoint_gauges(snap)
+        new_problems = set(snap.problems) - set(self._published_problems)
+        for p in sorted(new_problems):
+            log.warning("%s", p)
+        self._published_problems = snap.problems
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_result(snap)
+        self.waiters.clear()
+        log.debug("snapshot %d published (%.1f ms)", snap.version, (time.perf_counter() - t0) * 1000)
+        return snap
+
+    def _update_endpoint_gauges(self, snap: Snapshot) -> None:
+        seen = set()
+        for (ns, name), sets in snap.endpoint_sets.items():
+            totals = {"ready": 0, "serving": 0, "terminating": 0, "not_ready": 0}
+            for es in sets:
+                for k, v in es.counts().items():
+                    totals[k] += v
+            for state, v in totals.items():
+                metrics.endpoints.labels(ns, name, state).set(v)
+                seen.add((ns, name, state))
+        for gone in self._endpoint_labels - seen:
+            try:
+                metrics.endpoints.remove(*gone)
+            except KeyError:
+                pass
+        self._endpoint_labels = seen
+
+    async def wait_for_snapshot(self, newer_than: int = 0) -> Snapshot:
+        if self.snapshot is not None and self.snapshot.version > newer_than:
+            return self.snapshot
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        return await fut

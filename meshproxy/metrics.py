@@ -1,0 +1,74 @@
+"""Every Prometheus metric meshproxy exports, defined once, on one registry.
+
+Names follow ``meshproxy_<area>_<what>_<unit>``, counters end in ``_total``, and labels are
+bounded: namespace / service / port / ingress / code class — never a pod IP, a client address
+or a raw path, which would grow without limit.
+
+With ``--workers N`` every worker process keeps its own values; the control plane's
+``/metrics`` adds them up (``meshproxy.workers``), so this module must stay importable in a
+freshly forked process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["REGISTRY"]  # plus the metric objects below
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_SVC = ("namespace", "service", "port")
+
+# -- control plane --------------------------------------------------------------------------------
+config_reloads = Counter("meshproxy_config_reloads_total", "Configuration loads by result (ok / error).",
+                         ["result"], registry=REGISTRY)
+snapshot_version = Gauge("meshproxy_snapshot_version", "Version of the routing snapshot in force.",
+                         registry=REGISTRY)
+snapshot_build_seconds = Histogram("meshproxy_snapshot_build_seconds", "Time to build one snapshot.",
+                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                   registry=REGISTRY)
+endpoints = Gauge("meshproxy_endpoints", "Endpoints per service by state (ready / serving / terminating / not_ready).",
+                  ["namespace", "service", "state"], registry=REGISTRY)
+problems = Gauge("meshproxy_config_problems", "Problems in the snapshot in force (broken routes, missing secrets, ...).",
+                 registry=REGISTRY)
+source_events = Counter("meshproxy_source_events_total", "Object events received from sources.",
+                        ["source", "kind", "type"], registry=REGISTRY)
+source_relists = Counter("meshproxy_source_relists_total", "Full relists by source.", ["source"], registry=REGISTRY)
+source_up = Gauge("meshproxy_source_up", "1 while a source is connected and synced.", ["source"], registry=REGISTRY)
+
+# -- L4 ------------------------------------------------------------------------------------------
+l4_connections = Counter("meshproxy_l4_connections_total", "Accepted L4 connections.", _SVC, registry=REGISTRY)
+l4_active = Gauge("meshproxy_l4_active_connections", "Open L4 connections.", _SVC, registry=REGISTRY,
+                  multiprocess_mode="livesum")
+l4_bytes = Counter("meshproxy_l4_bytes_total", "Bytes moved by L4 connections.", _SVC + ("direction",), registry=REGISTRY)
+l4_connect_failures = Counter("meshproxy_l4_connect_failures_total", "Failed connects to endpoints.", _SVC, registry=REGISTRY)
+l4_no_endpoints = Counter("meshproxy_l4_no_endpoints_total", "Connections closed because no endpoint could take them.",
+                          _SVC, registry=REGISTRY)
+l4_listener_errors = Counter("meshproxy_l4_listener_errors_total", "Listeners that could not be bound.",
+                             _SVC, registry=REGISTRY)
+l4_listeners = Gauge("meshproxy_l4_listeners", "Bound L4 listeners.", registry=REGISTRY)
+
+# -- L7 ------------------------------------------------------------------------------------------
+_HTTP = ("namespace", "ingress", "service")
+http_requests = Counter("meshproxy_http_requests_total", "HTTP requests answered, by status class.",
+                        _HTTP + ("code",), registry=REGISTRY)
+http_duration = Histogram("meshproxy_http_request_duration_seconds", "Time from request head to response end.",
+                          _HTTP, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                          registry=REGISTRY)
+http_active = Gauge("meshproxy_http_active_requests", "Requests in progress.", registry=REGISTRY,
+                    multiprocess_mode="livesum")
+http_no_route = Counter("meshproxy_http_no_route_total", "Requests that matched no Ingress rule.", registry=REGISTRY)
+http_bad_requests = Counter("meshproxy_http_bad_requests_total", "Requests refused before routing, by status.",
+                            ["code"], registry=REGISTRY)
+http_downstream_connections = Gauge("meshproxy_http_downstream_connections", "Open client connections.",
+                                    registry=REGISTRY, multiprocess_mode="livesum")
+upstream_connections = Gauge("meshproxy_upstream_connections", "Upstream connections by state (active / idle).",
+                             ["namespace", "service", "state"], registry=REGISTRY, multiprocess_mode="livesum")
+upstream_errors = Counter("meshproxy_upstream_errors_total", "Upstream failures by kind (connect / reset / timeout / protocol).",
+                          ["namespace", "service", "kind"], registry=REGISTRY)
+http_retries = Counter("meshproxy_http_retries_total", "Retried upstream attempts.", ["namespace", "service"], registry=REGISTRY)
+
+# -- health ------------------------------------------------------------------------------------
+probes = Counter("meshproxy_health_probes_total", "Readiness probes run, by result.", ["result"], registry=REGISTRY)
+outlier_ejections = Counter("meshproxy_outlier_ejections_total", "Endpoints ejected by passive outlier detection.",
+                            ["namespace", "service"], registry=REGISTRY)

@@ -1,0 +1,199 @@
+"""One meshproxy process: control plane, data plane and admin server wired together.
+
+Lifecycle:
+- start: load the manifests (refuse to start when they are invalid), publish the first
+  snapshot, bind listeners, start the admin server; ``/readyz`` turns 200 once the
+  listeners of the first snapshot are bound;
+- SIGHUP or a file change: reload; a bad reload is counted and logged, the last good
+  snapshot stays in force;
+- SIGTERM: ``/readyz`` answers 503 at once, listeners close after ``--shutdown-delay``,
+  keep-alive responses carry ``Connection: close``, and the process exits when open
+  connections are done or ``--drain-timeout`` has passed;
+- SIGINT: stop at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from discovery.sources.files import FileSource, Outcome
+
+from . import metrics
+from .admin import AdminServer
+from .controller import Controller
+from .runtime import Runtime
+from .settings import Settings
+
+__all__ = ["run", "Process"]
+
+log = logging.getLogger("meshproxy")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # the pure asyncio loop works too, only slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class Process:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime = Runtime(settings)
+        self.controller = Controller(settings, self.runtime.publish)
+        self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
+        self.l4 = None
+        self.ingress = None
+        self.admin: AdminServer | None = None
+        self.health = None
+        self.ready = False
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+
+    # -- reloads ------------------------------------------------------------------------------
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            metrics.config_reloads.labels("error").inc()
+            for err in outcome.errors:
+                log.error("config: %s", err)
+            log.error("configuration refused (%d problems); the last good snapshot stays in force",
+                      len(outcome.errors))
+            return
+        metrics.config_reloads.labels("ok").inc()
+        if outcome.events:
+            log.info("config: %d changed objects", len(outcome.events))
+            self.controller.apply_events(outcome.events, "files")
+            self._sync_health()
+
+    def _sync_health(self) -> None:
+        if self.health is not None:
+            self.health.sync(self.controller.store.items("Pod"))
+
+    def reload(self) -> None:
+        log.info("SIGHUP: reloading configuration")
+        self._on_outcome(self.source.reload_now())
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        outcome = self.source.load()
+        if not outcome.ok:
+            for err in outcome.errors:
+                print(err, file=sys.stderr)
+            print(f"meshproxy: configuration has {len(outcome.errors)} problem(s); not starting", file=sys.stderr)
+            metrics.config_reloads.labels("error").inc()
+            return False
+        metrics.config_reloads.labels("ok").inc()
+        self.controller.apply_events(outcome.events, "files")
+        if self.settings.health_checks:
+            from discovery.health import HealthChecker
+            results: dict[tuple[str, str], bool] = {}
+            self.health = HealthChecker(results, self.controller.pod_readiness_changed)
+            self.controller.set_probe_results(results)
+            self._sync_health()
+            self.health.start()
+        self.controller.rebuild()
+
+        from l4.listeners import L4Manager
+        self.l4 = L4Manager(self.runtime)
+        self.runtime.subscribe(self.l4.apply)
+        if self.settings.ingress_listen or self.settings.ingress_tls_listen:
+            from l7.downstream import IngressServer
+            self.ingress = IngressServer(self.runtime)
+            await self.ingress.start()
+            self.runtime.subscribe(self.ingress.apply)
+        host, port = self.settings.admin_listen
+        self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping,
+                                 snapshot_json=self._snapshot_json)
+        await self.admin.start()
+        self.source.watch(self._on_outcome, self.settings.coalesce_delay)
+        # Listeners bind in apply(); give the loop one turn so they are up before we say ready.
+        await asyncio.sleep(0)
+        self.ready = True
+        snap = self.runtime.snapshot
+        log.info("meshproxy ready: snapshot %d, %d services, %d L4 listeners, admin on %s:%d",
+                 snap.version if snap else 0, len(snap.services) if snap else 0,
+                 len(snap.l4) if snap else 0, host, self.admin.port)
+        return True
+
+    def _snapshot_json(self) -> dict | None:
+        snap = self.runtime.snapshot
+        if snap is None:
+            return None
+        data = snap.to_json()
+        if self.l4 is not None:
+            data["listenerErrors"] = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())}
+        if self.health is not None and hasattr(self.health, "state"):
+            data["health"] = self.health.state()
+        return data
+
+    async def graceful_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.runtime.draining = True
+        log.info("SIGTERM: draining (shutdown delay %.1fs, drain timeout %.1fs)",
+                 self.settings.shutdown_delay, self.settings.drain_timeout)
+        if self.settings.shutdown_delay:
+            await asyncio.sleep(self.settings.shutdown_delay)
+        if self.l4 is not None:
+            await self.l4.stop_accepting()
+        if self.ingress is not None:
+            await self.ingress.stop_accepting()
+        waits = []
+        if self.l4 is not None:
+            waits.append(self.l4.drain(self.settings.drain_timeout))
+        if self.ingress is not None:
+            waits.append(self.ingress.drain(self.settings.drain_timeout))
+        await asyncio.gather(*waits, return_exceptions=True)
+        self._stop.set()
+
+    def stop_now(self) -> None:
+        self.stopping = True
+        self._stop.set()
+
+    async def close(self) -> None:
+        await self.source.stop()
+        if self.health is not None:
+            await self.health.stop()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.l4 is not None:
+            await self.l4.stop_accepting()
+            await self.l4.drain(0)
+        if self.ingress is not None:
+            await self.ingress.stop_accepting()
+            await self.ingress.drain(0)
+
+    async def serve(self) -> int:
+        if not await self.start():
+            return 1
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.graceful_stop()))
+        loop.add_signal_handler(signal.SIGINT, self.stop_now)
+        await self._stop.wait()
+        await self.close()
+        log.info("meshproxy stopped")
+        return self._exit_code
+
+
+def run(settings: Settings) -> int:
+    _install_uvloop()
+    if settings.workers > 1:
+        from .workers import run_workers
+        return run_workers(settings)
+
+    async def main() -> int:
+        return await Process(settings).serve()
+    try:
+        return asyncio.run(main())
+    except OSError as exc:  # e.g. the admin port is taken: say so plainly
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 1

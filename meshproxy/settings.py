@@ -1,0 +1,69 @@
+"""Proxy settings that are not Kubernetes objects: listen addresses, identity, timeouts, limits.
+
+They come from command-line flags (``meshproxy run --help``) and, optionally, a ConfigMap-style
+YAML file (``--config FILE``) holding the same keys in their flag spelling without dashes
+(``drain-timeout: 10``). Flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Settings", "parse_hostport", "LB_POLICIES"]
+
+LB_POLICIES = ("random", "round_robin", "least_connections", "p2c", "ring_hash", "maglev")
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT``, ``[v6]:PORT`` -> (host, port). Raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [HOST]:PORT")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"{text!r}: port must be 0-65535")
+    return (host or default_host, int(port_s))
+
+
+@dataclass(slots=True)
+class Settings:
+    paths: list[str] = field(default_factory=list)
+    node: str | None = None
+    ingress_listen: tuple[str, int] | None = None
+    ingress_tls_listen: tuple[str, int] | None = None
+    admin_listen: tuple[str, int] = ("127.0.0.1", 9901)
+    workers: int = 1
+    log_level: str = "info"
+    access_log: str | None = None
+    service_cidr: str = "127.96.0.0/16"
+    node_port_range: tuple[int, int] = (30000, 32767)
+    lb_policy: str = "random"              # L4 default (kube-proxy picks at random)
+    l7_lb_policy: str = "p2c"              # L7 default: power of two choices, least request
+    ingress_class: str = "meshproxy"
+    watch_ingress_without_class: bool = True
+    trusted_proxies: tuple[str, ...] = ()
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0           # L4 idle connections
+    drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0
+    upstream_timeout: float = 60.0         # L7 response timeout (per Ingress: meshproxy.dev/timeout)
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_head_size: int = 65536
+    max_headers: int = 100
+    max_body_size: int | None = None
+    max_connections: int | None = None
+    upstream_pool_size: int = 128           # idle keep-alive connections kept per endpoint
+    upstream_idle_timeout: float = 60.0
+    health_checks: bool = True              # run pods' readinessProbes
+    default_tls_secret: str | None = None
+    coalesce_delay: float = 0.01           # how long a burst of changes may gather (s)
+    poll_interval: float = 0.5             # file watch fallback when inotify is missing
+    takeover: bool = False
+    http_parser: str = "auto"

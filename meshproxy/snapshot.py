@@ -1,0 +1,393 @@
+"""The routing snapshot: everything the data plane needs for one decision, deeply immutable.
+
+The controller builds a new ``Snapshot`` off the data path whenever objects or endpoint
+states change and publishes it by swapping one reference. L4 reads it once per accepted
+connection, L7 once per request; neither ever mutates it. Live state that must outlive a
+snapshot (connection counts, affinity pins, health marks) is kept beside it, keyed by
+endpoint address (``meshproxy.balancers``).
+
+Structural sharing: ``build_snapshot`` reuses the ``Backend`` objects of services whose inputs
+did not change (same Service object, same endpoint sets), and the route table when no
+Ingress-related object changed, so a one-pod change costs O(that service), not O(cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from discovery import objects as o
+from discovery.endpoints import Endpoint, EndpointSet
+from l7.router import RouteEntry, RouteTable
+
+from .settings import LB_POLICIES, Settings
+
+__all__ = ["Backend", "L4Listener", "RouteTarget", "NodeInfo", "Snapshot", "SnapshotBuilder",
+           "parse_duration"]
+
+log = logging.getLogger("meshproxy.snapshot")
+
+ANN_LB_POLICY = "meshproxy.dev/lb-policy"
+ANN_PROXY_PROTOCOL = "meshproxy.dev/proxy-protocol"
+ANN_TIMEOUT = "meshproxy.dev/timeout"
+ANN_RETRIES = "meshproxy.dev/retries"
+ANN_PER_TRY_TIMEOUT = "meshproxy.dev/per-try-timeout"
+ANN_SSL_REDIRECT = "meshproxy.dev/ssl-redirect"
+
+
+def parse_duration(text: str) -> float:
+    """``30``, ``30s``, ``1.5s``, ``250ms``, ``2m``, ``1h`` -> seconds. Raises ValueError."""
+    t = text.strip().lower()
+    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(suffix):
+            t, factor = t[: -len(suffix)], mult
+            break
+    else:
+        factor = 1.0
+    value = float(t) * factor
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{text!r} is not a duration")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One service port and its endpoints: what a listener or a route sends traffic to."""
+    key: tuple[str, str, str]             # (namespace, service, port name or number)
+    namespace: str
+    service: str
+    port_name: str
+    port: int
+    endpoints: tuple[Endpoint, ...]       # all known endpoints (for display and draining)
+    usable: tuple[Endpoint, ...]          # candidates for new traffic, cluster-wide
+    local: tuple[Endpoint, ...]           # candidates for new traffic on this node (Local policies)
+    policy: str = "random"
+    affinity_timeout: int | None = None   # ClientIP session affinity, seconds; None = off
+    proxy_protocol: int = 0               # 0 off, 1 or 2: PROXY protocol version towards pods
+    l7_policy: str = "p2c"                # policy for L7 requests (annotation, else --l7-lb-policy)
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.service}:{self.key[2]}"
+
+
+@dataclass(frozen=True, slots=True)
+class L4Listener:
+    host: str
+    port: int
+    backend: tuple[str, str, str]
+    scope: str                            # "cluster" (ClusterIP), "node" (NodePort), "external" (LB / externalIPs)
+    local_only: bool                      # traffic policy Local for this scope
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTarget:
+    """What one Ingress path (or default backend) points at, with that Ingress's settings."""
+    ingress: str                          # namespace/name
+    backend: tuple[str, str, str] | None  # None when broken (see error)
+    error: str | None = None
+    timeout: float = 60.0
+    retries: int = 2                      # attempts in all (1 = no retry)
+    per_try_timeout: float | None = None
+    ssl_redirect: bool = False
+
+    def __str__(self) -> str:
+        if self.backend is None:
+            return f"<{self.error}>"
+        return f"{self.backend[0]}/{self.backend[1]}:{self.backend[2]}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    name: str
+    address: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    created: float
+    node: NodeInfo
+    services: Mapping[tuple[str, str], o.Service]
+    endpoint_sets: Mapping[tuple[str, str], tuple[EndpointSet, ...]]
+    backends: Mapping[tuple[str, str, str], Backend]
+    l4: Mapping[tuple[str, int], L4Listener]
+    routes: RouteTable
+    ingresses: tuple[str, ...]            # namespace/name of the Ingresses served
+    tls_hosts: Mapping[str, tuple[str, str]]          # host (or *.wildcard) -> (namespace, secret)
+    secrets: Mapping[tuple[str, str], tuple[bytes, bytes]]   # TLS secrets in use: (cert PEM, key PEM)
+    problems: tuple[str, ...]             # things that do not work, for logs and /debug/snapshot
+    allocated: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_json(self) -> dict:
+        services = []
+        for (ns, name), svc in sorted(self.services.items()):
+            services.append({
+                "namespace": ns, "name": name, "type": svc.type,
+                "clusterIP": self.allocated.get(f"{ns}/{name}", svc.cluster_ip),
+                "ports": [{"name": p.name, "port": p.port, "targetPort": p.target_port,
+                           "nodePort": self.allocated.get(f"{ns}/{name}:{p.name or p.port}", p.node_port),
+                           "protocol": p.protocol} for p in svc.ports],
+                "sessionAffinity": svc.session_affinity,
+                "externalTrafficPolicy": svc.external_traffic_policy,
+                "internalTrafficPolicy": svc.internal_traffic_policy,
+            })
+        endpoints = []
+        for key in sorted(self.endpoint_sets):
+            for es in self.endpoint_sets[key]:
+                endpoints.append({"namespace": es.namespace, "service": es.service,
+                                  "port": es.port_name or es.port,
+                                  "endpoints": [e.to_json() for e in es.endpoints]})
+        return {
+            "version": self.version, "created": self.created,
+            "node": {"name": self.node.name, "address": self.node.address},
+            "services": services, "endpoints": endpoints,
+            "backends": [{"backend": b.label, "policy": b.policy, "usable": [f"{e.ip}:{e.port}" for e in b.usable],
+                          "local": [f"{e.ip}:{e.port}" for e in b.local], "affinityTimeout": b.affinity_timeout}
+                         for _, b in sorted(self.backends.items())],
+            "listeners": [{"address": f"{h}:{p}", "backend": "/".join(lst.backend[:2]) + f":{lst.backend[2]}",
+                           "scope": lst.scope, "localOnly": lst.local_only}
+                          for (h, p), lst in sorted(self.l4.items())],
+            "routes": self.routes.describe(),
+            "ingresses": list(self.ingresses),
+            "tls": {h: f"{ns}/{n}" for h, (ns, n) in sorted(self.tls_hosts.items())},
+            "problems": list(self.problems),
+        }
+
+
+def _frozen(d: dict) -> Mapping:
+    return MappingProxyType(d)
+
+
+class SnapshotBuilder:
+    """Builds snapshots from the store's contents, reusing unchanged parts of the last one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.version = 0
+        self._backend_cache: dict[tuple[str, str], tuple[object, object, str | None, tuple[Backend, ...]]] = {}
+        self._routes_cache: tuple[tuple, RouteTable, tuple, dict, dict, tuple[str, ...]] | None = None
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def node_info(self, nodes: list[o.Node]) -> tuple[NodeInfo, list[str]]:
+        name = self.settings.node
+        if name is None:
+            if not nodes:
+                return NodeInfo("", "127.0.0.1"), []
+            if len(nodes) == 1:
+                return NodeInfo(nodes[0].name, nodes[0].internal_ip), []
+            return NodeInfo("", None), ["several Node objects and no --node: NodePorts are not served"]
+        for n in nodes:
+            if n.name == name:
+                if n.internal_ip is None:
+                    return NodeInfo(name, None), [f"Node/{name} has no InternalIP address: NodePorts are not served"]
+                return NodeInfo(name, n.internal_ip), []
+        if not nodes:
+            return NodeInfo(name, "127.0.0.1"), []
+        return NodeInfo(name, None), [f"--node {name}: no Node object of that name: NodePorts are not served"]
+
+    def _backends_for(self, svc: o.Service, sets: tuple[EndpointSet, ...], node: str | None,
+                      problems: list[str]) -> tuple[Backend, ...]:
+        key = (svc.namespace, svc.name)
+        cached = self._backend_cache.get(key)
+        if cached is not None and cached[0] is svc and cached[1] is sets and cached[2] == node:
+            return cached[3]
+        policy = svc.meta.annotations.get(ANN_LB_POLICY)
+        if policy is not None and policy not in LB_POLICIES:
+            problems.append(f"{svc.ref}: annotation {ANN_LB_POLICY}: unknown policy {policy!r}")
+            policy = None
+        l7_policy = policy or self.settings.l7_lb_policy
+        policy = policy or self.settings.lb_policy
+        pp_text = svc.meta.annotations.get(ANN_PROXY_PROTOCOL, "")
+        proxy_protocol = {"": 0, "v1": 1, "v2": 2}.get(pp_text)
+        if proxy_protocol is None:
+            problems.append(f"{svc.ref}: annotation {ANN_PROXY_PROTOCOL}: {pp_text!r} is not v1 or v2")
+            proxy_protocol = 0
+        affinity = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
+        out = []
+        for es in sets:
+            local_all = tuple(e for e in es.endpoints if node and e.node == node)
+            local_ready = tuple(e for e in local_all if e.ready)
+            local = local_ready or tuple(e for e in local_all if e.serving and e.terminating)
+            out.append(Backend(es.key, svc.namespace, svc.name, es.port_name, es.port, es.endpoints,
+                               es.usable, local, policy, affinity, proxy_protocol, l7_policy))
+        result = tuple(out)
+        self._backend_cache[key] = (svc, sets, node, result)
+        return result
+
+    def _listeners(self, svc: o.Service, cluster_ip: str | None, node_addr: str | None,
+                   node_ports: Mapping[tuple[str, str, str], int], l4: dict, problems: list[str]) -> None:
+        if svc.type == "ExternalName" or svc.headless:
+            return
+        for sp in svc.ports:
+            if sp.protocol != "TCP":
+                continue
+            bkey = (svc.namespace, svc.name, sp.name or str(sp.port))
+            wanted = []
+            if cluster_ip:
+                wanted.append((cluster_ip, sp.port, "cluster", svc.internal_traffic_policy == "Local"))
+            if svc.type in ("NodePort", "LoadBalancer"):
+                np_ = sp.node_port or node_ports.get(bkey)
+                if np_ and node_addr:
+                    wanted.append((node_addr, np_, "node", svc.external_traffic_policy == "Local"))
+            if svc.type == "LoadBalancer" or svc.external_ips:
+                for ip in dict.fromkeys(svc.external_ips + (svc.lb_ingress_ips if svc.type == "LoadBalancer" else ())):
+                    wanted.append((ip, sp.port, "external", svc.external_traffic_policy == "Local"))
+            for host, port, scope, local in wanted:
+                other = l4.get((host, port))
+                if other is not None:
+                    problems.append(f"{svc.ref}: {host}:{port} is already used by {other.backend[0]}/{other.backend[1]}; not served twice")
+                    continue
+                l4[(host, port)] = L4Listener(host, port, bkey, scope, local)
+
+    def _ingress_served(self, ing: o.Ingress, classes: dict[str, o.IngressClass]) -> bool:
+        name = ing.class_name
+        if name is None:
+            defaults = [c for c in classes.values() if c.is_default]
+            if defaults:
+                return any(c.controller == o.INGRESS_CONTROLLER for c in defaults)
+            return self.settings.watch_ingress_without_class
+        if name == self.settings.ingress_class:
+            return True
+        cls = classes.get(name)
+        return cls is not None and cls.controller == o.INGRESS_CONTROLLER
+
+    def _target(self, ing: o.Ingress, be: o.IngressBackend, services: Mapping[tuple[str, str], o.Service],
+                settings_for: dict, problems: list[str], where: str) -> RouteTarget:
+        ref = f"{ing.namespace}/{ing.name}"
+        base = settings_for
+        if be.service is None:
+            err = f"resource backend {be.resource} is not supported"
+            problems.append(f"{ing.ref}: {where}: {err}")
+            return RouteTarget(ref, None, err, **base)
+        svc = services.get((ing.namespace, be.service))
+        if svc is None:
+            err = f"service {ing.namespace}/{be.service} not found"
+            problems.append(f"{ing.ref}: {where}: {err}")
+            return RouteTarget(ref, None, err, **base)
+        for sp in svc.ports:
+            if sp.protocol == "TCP" and ((be.port_number is not None and sp.port == be.port_number)
+                                         or (be.port_name is not None and sp.name == be.port_name)):
+                return RouteTarget(ref, (svc.namespace, svc.name, sp.name or str(sp.port)), None, **base)
+        want = be.port_number if be.port_number is not None else repr(be.port_name)
+        err = f"service {ing.namespace}/{be.service} has no TCP port {want}"
+        problems.append(f"{ing.ref}: {where}: {err}")
+        return RouteTarget(ref, None, err, **base)
+
+    def _ingress_settings(self, ing: o.Ingress, problems: list[str]) -> dict:
+        ann = ing.meta.annotations
+        out: dict[str, Any] = {"timeout": self.settings.upstream_timeout, "retries": 2,
+                               "per_try_timeout": None, "ssl_redirect": False}
+        try:
+            if ANN_TIMEOUT in ann:
+                out["timeout"] = parse_duration(ann[ANN_TIMEOUT])
+            if ANN_PER_TRY_TIMEOUT in ann:
+                out["per_try_timeout"] = parse_duration(ann[ANN_PER_TRY_TIMEOUT])
+        except ValueError as exc:
+            problems.append(f"{ing.ref}: annotation: {exc}")
+        if ANN_RETRIES in ann:
+            try:
+                n = int(ann[ANN_RETRIES])
+                if not 0 <= n <= 10:
+                    raise ValueError
+                out["retries"] = n + 1
+            except ValueError:
+                problems.append(f"{ing.ref}: annotation {ANN_RETRIES}: {ann[ANN_RETRIES]!r} is not 0-10")
+        if ann.get(ANN_SSL_REDIRECT, "").lower() == "true":
+            out["ssl_redirect"] = True
+        return out
+
+    def _routes(self, ingresses: list[o.Ingress], classes: dict[str, o.IngressClass],
+                services: Mapping[tuple[str, str], o.Service], secrets: Mapping[tuple[str, str], o.Secret]):
+        sig = (tuple(ingresses), tuple(sorted(classes.items())), tuple(id(s) for s in services.values()),
+               tuple(id(s) for s in secrets.values()))
+        if self._routes_cache is not None and self._routes_cache[0] == sig:
+            return self._routes_cache[1:]
+        problems: list[str] = []
+        entries: list[RouteEntry] = []
+        served = [i for i in ingresses if self._ingress_served(i, classes)]
+        # Oldest first, then namespace/name: the order in which conflicts are resolved.
+        served.sort(key=lambda i: (i.meta.creation_timestamp or "\uffff", i.namespace, i.name))
+        default = None
+        default_ing = ""
+        tls_hosts: dict[str, tuple[str, str]] = {}
+        used_secrets: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        for ing in served:
+            st = self._ingress_settings(ing, problems)
+            if ing.default_backend is not None:
+                t = self._target(ing, ing.default_backend, services, st, problems, "spec.defaultBackend")
+                if default is None:
+                    default, default_ing = t, f"{ing.namespace}/{ing.name}"
+                else:
+                    problems.append(f"{ing.ref}: spec.defaultBackend: ignored, {default_ing} (older) defines one")
+            for ri, rule in enumerate(ing.rules):
+                for pi, p in enumerate(rule.paths):
+                    t = self._target(ing, p.backend, services, st, problems, f"spec.rules[{ri}].http.paths[{pi}]")
+                    entries.append(RouteEntry(rule.host, p.path, p.path_type, t,
+                                              f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp))
+            for t in ing.tls:
+                if not t.secret_name:
+                    continue
+                sec = secrets.get((ing.namespace, t.secret_name))
+                if sec is None or sec.type != "kubernetes.io/tls" or "tls.crt" not in sec.data or "tls.key" not in sec.data:
+                    problems.append(f"{ing.ref}: spec.tls: secret {ing.namespace}/{t.secret_name} not found or not kubernetes.io/tls")
+                    continue
+                used_secrets[(ing.namespace, t.secret_name)] = (sec.data["tls.crt"], sec.data["tls.key"])
+                for h in t.hosts or ("",):
+                    tls_hosts.setdefault(h.lower(), (ing.namespace, t.secret_name))
+        if self.settings.default_tls_secret:
+            ns, _, name = self.settings.default_tls_secret.partition("/")
+            sec = secrets.get((ns, name))
+            if sec is not None and "tls.crt" in sec.data and "tls.key" in sec.data:
+                used_secrets[(ns, name)] = (sec.data["tls.crt"], sec.data["tls.key"])
+                tls_hosts[""] = (ns, name)
+            else:
+                problems.append(f"--default-tls-secret {self.settings.default_tls_secret}: secret not found or not kubernetes.io/tls")
+        table = RouteTable.build(entries, default, default_ing)
+        problems.extend(table.conflicts)
+        names = tuple(f"{i.namespace}/{i.name}" for i in served)
+        self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names)
+        return self._routes_cache[1:]
+
+    # -- whole snapshot -------------------------------------------------------------------------
+
+    def build(self, store, index, allocator) -> Snapshot:
+        problems: list[str] = []
+        node, node_problems = self.node_info(store.list("Node"))
+        problems.extend(node_problems)
+        services: dict[tuple[str, str], o.Service] = dict(store.items("Service"))
+        ips, node_ports = allocator.assign(services)
+        backends: dict[tuple[str, str, str], Backend] = {}
+        l4: dict[tuple[str, int], L4Listener] = {}
+        allocated: dict[str, Any] = {}
+        for (ns, name), ip in ips.items():
+            allocated[f"{ns}/{name}"] = ip
+        for (ns, name, pk), port in node_ports.items():
+            allocated[f"{ns}/{name}:{pk}"] = port
+        endpoint_sets = {}
+        for key in sorted(services):
+            svc = services[key]
+            sets = index.sets.get(key, ())
+            endpoint_sets[key] = sets
+            for b in self._backends_for(svc, sets, node.name or None, problems):
+                backends[b.key] = b
+            cip = svc.cluster_ip if svc.cluster_ip and svc.cluster_ip != "None" else ips.get(key)
+            self._listeners(svc, cip, node.address, node_ports, l4, problems)
+        for key in list(self._backend_cache):
+            if key not in services:
+                del self._backend_cache[key]
+        classes = {c.name: c for c in store.list("IngressClass")}
+        table, route_problems, tls_hosts, used_secrets, served = self._routes(
+            sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,
+            {k: v for k, v in store.items("Secret").items()})
+        problems.extend(route_problems)
+        self.version += 1
+        return Snapshot(
+            version=self.version, created=time.time(), node=node,
+            services=_frozen(services), endpoint_sets=_frozen(endpoint_sets), backends=_frozen(backends),
+            l4=_frozen(l4), routes=table, ingresses=served, tls_hosts=_frozen(dict(tls_hosts)),
+            secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=_frozen(allocated))
