@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from discovery import objects as o
 from discovery.endpoints import Endpoint, EndpointSet
-from l7.router import RouteEntry, RouteTable
+from l7.router import RouteEntry, RouteTable, check_entry
 
 from .settings import LB_POLICIES, Settings
 
@@ -326,9 +326,15 @@ class SnapshotBuilder:
                     problems.append(f"{ing.ref}: spec.defaultBackend: ignored, {default_ing} (older) defines one")
             for ri, rule in enumerate(ing.rules):
                 for pi, p in enumerate(rule.paths):
-                    t = self._target(ing, p.backend, services, st, problems, f"spec.rules[{ri}].http.paths[{pi}]")
-                    entries.append(RouteEntry(rule.host, p.path, p.path_type, t,
-                                              f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp))
+                    where = f"spec.rules[{ri}].http.paths[{pi}]"
+                    t = self._target(ing, p.backend, services, st, problems, where)
+                    entry = RouteEntry(rule.host, p.path, p.path_type, t,
+                                       f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp)
+                    bad = check_entry(entry)
+                    if bad:   # e.g. an Ingress from the API server that files would have refused
+                        problems.append(f"{ing.ref}: {where}: {bad}; path not served")
+                        continue
+                    entries.append(entry)
             for t in ing.tls:
                 if not t.secret_name:
                     continue
@@ -349,6 +355,7 @@ class SnapshotBuilder:
                 problems.append(f"--default-tls-secret {self.settings.default_tls_secret}: secret not found or not kubernetes.io/tls")
         table = RouteTable.build(entries, default, default_ing)
         problems.extend(table.conflicts)
+        problems.extend(table.skipped)
         names = tuple(f"{i.namespace}/{i.name}" for i in served)
         self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names)
         return self._routes_cache[1:]

@@ -1,0 +1,112 @@
+"""Running the real ``meshproxy`` process in tests: free ports, start, wait for /readyz, stop by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Meshproxy:
+    def __init__(self, paths: list[str], *args: str, admin_port: int | None = None, env: dict | None = None):
+        self.admin_port = admin_port or free_port()
+        self.cmd = [sys.executable, "-m", "meshproxy", "run", *sum((["-f", p] for p in paths), []),
+                    "--admin-listen", f"127.0.0.1:{self.admin_port}", *args]
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.log_path = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, wait: bool = True, timeout: float = 15.0) -> "Meshproxy":
+        import tempfile
+        self.log = tempfile.NamedTemporaryFile(prefix="meshproxy-test-", suffix=".log", delete=False)
+        self.log_path = self.log.name
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def output(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"meshproxy exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if http_get(self.admin + "/readyz", 1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"meshproxy not ready after {timeout}s:\n{self.output()}")
+
+    def snapshot(self) -> dict:
+        st, body = http_get(self.admin + "/debug/snapshot")
+        assert st == 200, body
+        return json.loads(body)
+
+    def metrics(self) -> str:
+        return http_get(self.admin + "/metrics")[1].decode()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self) -> "Meshproxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_path)
+
+
+def wait_for(pred, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
