@@ -255,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshproxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    if settings.workers > 1:
+        # Before prometheus_client is imported: worker metrics are summed by the parent.
+        from .workers import prepare_multiprocess_metrics
+        prepare_multiprocess_metrics()
     from .process import run
     return run(settings)
 

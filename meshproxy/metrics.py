@@ -23,18 +23,19 @@ _SVC = ("namespace", "service", "port")
 config_reloads = Counter("meshproxy_config_reloads_total", "Configuration loads by result (ok / error).",
                          ["result"], registry=REGISTRY)
 snapshot_version = Gauge("meshproxy_snapshot_version", "Version of the routing snapshot in force.",
-                         registry=REGISTRY)
+                         registry=REGISTRY, multiprocess_mode="max")
 snapshot_build_seconds = Histogram("meshproxy_snapshot_build_seconds", "Time to build one snapshot.",
                                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                                    registry=REGISTRY)
 endpoints = Gauge("meshproxy_endpoints", "Endpoints per service by state (ready / serving / terminating / not_ready).",
-                  ["namespace", "service", "state"], registry=REGISTRY)
+                  ["namespace", "service", "state"], registry=REGISTRY, multiprocess_mode="mostrecent")
 problems = Gauge("meshproxy_config_problems", "Problems in the snapshot in force (broken routes, missing secrets, ...).",
-                 registry=REGISTRY)
+                 registry=REGISTRY, multiprocess_mode="mostrecent")
 source_events = Counter("meshproxy_source_events_total", "Object events received from sources.",
                         ["source", "kind", "type"], registry=REGISTRY)
 source_relists = Counter("meshproxy_source_relists_total", "Full relists by source.", ["source"], registry=REGISTRY)
-source_up = Gauge("meshproxy_source_up", "1 while a source is connected and synced.", ["source"], registry=REGISTRY)
+source_up = Gauge("meshproxy_source_up", "1 while a source is connected and synced.", ["source"], registry=REGISTRY,
+                  multiprocess_mode="mostrecent")
 
 # -- L4 ------------------------------------------------------------------------------------------
 l4_connections = Counter("meshproxy_l4_connections_total", "Accepted L4 connections.", _SVC, registry=REGISTRY)
@@ -46,7 +47,7 @@ l4_no_endpoints = Counter("meshproxy_l4_no_endpoints_total", "Connections closed
                           _SVC, registry=REGISTRY)
 l4_listener_errors = Counter("meshproxy_l4_listener_errors_total", "Listeners that could not be bound.",
                              _SVC, registry=REGISTRY)
-l4_listeners = Gauge("meshproxy_l4_listeners", "Bound L4 listeners.", registry=REGISTRY)
+l4_listeners = Gauge("meshproxy_l4_listeners", "Bound L4 listeners.", registry=REGISTRY, multiprocess_mode="livesum")
 
 # -- L7 ------------------------------------------------------------------------------------------
 _HTTP = ("namespace", "ingress", "service")

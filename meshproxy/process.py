@@ -41,10 +41,17 @@ def _install_uvloop() -> None:
 
 
 class Process:
-    def __init__(self, settings: Settings) -> None:
+    """``data_plane=False`` is the control plane of ``--workers N``: no listeners here,
+    snapshots go to ``publish_hook`` (the worker pool) instead."""
+
+    def __init__(self, settings: Settings, *, data_plane: bool = True, publish_hook=None) -> None:
         self.settings = settings
+        self.data_plane = data_plane
         self.runtime = Runtime(settings)
-        self.controller = Controller(settings, self.runtime.publish)
+        self._publish_hook = publish_hook
+        self.controller = Controller(settings, self._publish)
+        self.extra_ready = lambda: True
+        self.on_stop = None
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
         self.l4 = None
         self.ingress = None
@@ -54,6 +61,11 @@ class Process:
         self.stopping = False
         self._stop = asyncio.Event()
         self._exit_code = 0
+
+    def _publish(self, snap) -> None:
+        self.runtime.publish(snap)
+        if self._publish_hook is not None:
+            self._publish_hook(snap)
 
     # -- reloads ------------------------------------------------------------------------------
 
@@ -100,17 +112,18 @@ class Process:
             self.health.start()
         self.controller.rebuild()
 
-        from l4.listeners import L4Manager
-        self.l4 = L4Manager(self.runtime)
-        self.runtime.subscribe(self.l4.apply)
-        if self.settings.ingress_listen or self.settings.ingress_tls_listen:
+        if self.data_plane:
+            from l4.listeners import L4Manager
+            self.l4 = L4Manager(self.runtime)
+            self.runtime.subscribe(self.l4.apply)
+        if self.data_plane and (self.settings.ingress_listen or self.settings.ingress_tls_listen):
             from l7.downstream import IngressServer
             self.ingress = IngressServer(self.runtime)
             await self.ingress.start()
             self.runtime.subscribe(self.ingress.apply)
         host, port = self.settings.admin_listen
-        self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping,
-                                 snapshot_json=self._snapshot_json)
+        self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready(),
+                                 snapshot_json=self._snapshot_json, metrics_text=_metrics_text())
         await self.admin.start()
         self.source.watch(self._on_outcome, self.settings.coalesce_delay)
         # Listeners bind in apply(); give the loop one turn so they are up before we say ready.
@@ -147,6 +160,8 @@ class Process:
         if self.ingress is not None:
             await self.ingress.stop_accepting()
         waits = []
+        if self.on_stop is not None:
+            waits.append(self.on_stop(self.settings.drain_timeout))
         if self.l4 is not None:
             waits.append(self.l4.drain(self.settings.drain_timeout))
         if self.ingress is not None:
@@ -182,6 +197,20 @@ class Process:
         await self.close()
         log.info("meshproxy stopped")
         return self._exit_code
+
+
+def _metrics_text():
+    """With workers, /metrics adds up every process's values (prometheus-client multiprocess)."""
+    import os
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    def text() -> bytes:
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        return generate_latest(reg)
+    return text
 
 
 def run(settings: Settings) -> int:

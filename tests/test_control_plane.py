@@ -1,0 +1,138 @@
+"""The real process: file watch, reloads, admin endpoints, CLI exit codes."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from proc import ROOT, Meshproxy, free_port, http_get, wait_for
+
+POD = textwrap.dedent("""\
+    apiVersion: v1
+    kind: Pod
+    metadata: {{name: {name}, labels: {{app: web}}}}
+    spec: {{containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}
+    status: {{podIP: {ip}, conditions: [{{type: Ready, status: "{ready}"}}]}}
+    """)
+SVC = textwrap.dedent("""\
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: web}}
+    spec: {{clusterIP: 127.96.0.{n}, selector: {{app: web}}, ports: [{{name: http, port: {port}, targetPort: http}}]}}
+    """)
+
+
+def endpoints_of(snap, svc="web"):
+    return sorted((e["ip"], e["ready"]) for es in snap["endpoints"] if es["service"] == svc for e in es["endpoints"])
+
+
+def reloads(metrics: str, result: str) -> float:
+    m = re.search(r'^meshproxy_config_reloads_total\{result="%s"\} (\S+)$' % result, metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_edit_is_applied_and_a_bad_edit_keeps_the_last_snapshot(tmp_path):
+    port = free_port("127.96.0.77")
+    (tmp_path / "svc.yaml").write_text(SVC.format(n=77, port=port))
+    (tmp_path / "pods.yaml").write_text(POD.format(name="a", ip="127.0.10.1", ready="True"))
+    with Meshproxy([str(tmp_path)], "--no-health-checks") as mp:
+        snap = mp.snapshot()
+        v1 = snap["version"]
+        assert endpoints_of(snap) == [("127.0.10.1", True)]
+        assert any(lst["address"] == f"127.96.0.77:{port}" for lst in snap["listeners"])
+        metrics = mp.metrics()
+        assert 'meshproxy_endpoints{namespace="default",service="web",state="ready"} 1.0' in metrics
+        assert reloads(metrics, "ok") == 1
+
+        # A change to a watched file shows in /debug/snapshot and /metrics within 2 s.
+        t0 = time.monotonic()
+        (tmp_path / "pods.yaml").write_text(POD.format(name="a", ip="127.0.10.1", ready="True") + "---\n"
+                                            + POD.format(name="b", ip="127.0.10.2", ready="False"))
+        snap = wait_for(lambda: (s := mp.snapshot())["version"] > v1 and s, 2.0, what="new snapshot")
+        assert time.monotonic() - t0 < 2.0
+        assert endpoints_of(snap) == [("127.0.10.1", True), ("127.0.10.2", False)]
+        metrics = mp.metrics()
+        assert 'meshproxy_endpoints{namespace="default",service="web",state="not_ready"} 1.0' in metrics
+        assert f"meshproxy_snapshot_version {float(snap['version'])}" in metrics
+
+        # A broken file: the reload is refused and counted, the old snapshot stays.
+        v2 = snap["version"]
+        (tmp_path / "pods.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: [\n")
+        wait_for(lambda: reloads(mp.metrics(), "error") >= 1, 2.0, what="reload error counted")
+        snap = mp.snapshot()
+        assert snap["version"] == v2
+        assert endpoints_of(snap) == [("127.0.10.1", True), ("127.0.10.2", False)]
+        assert "pods.yaml:3" in mp.output() or "pods.yaml:4" in mp.output()
+
+        # New file in the folder; then a deletion.
+        (tmp_path / "pods.yaml").write_text(POD.format(name="a", ip="127.0.10.1", ready="True"))
+        (tmp_path / "more.yaml").write_text(POD.format(name="c", ip="127.0.10.3", ready="True"))
+        wait_for(lambda: endpoints_of(mp.snapshot()) == [("127.0.10.1", True), ("127.0.10.3", True)], 2.0,
+                 what="new file applied")
+        (tmp_path / "more.yaml").unlink()
+        wait_for(lambda: endpoints_of(mp.snapshot()) == [("127.0.10.1", True)], 2.0, what="deleted file applied")
+        assert reloads(mp.metrics(), "ok") >= 3
+
+
+def test_sighup_rereads_and_admin_endpoints(tmp_path):
+    f = tmp_path / "c.yaml"
+    port = free_port("127.96.0.78")
+    f.write_text(SVC.format(n=78, port=port) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="True"))
+    with Meshproxy([str(f)], "--no-health-checks", env={"MESHPROXY_NO_INOTIFY": "1"}) as mp:
+        assert http_get(mp.admin + "/healthz") == (200, b"ok\n")
+        assert http_get(mp.admin + "/nope")[0] == 404
+        v = mp.snapshot()["version"]
+        f.write_text(SVC.format(n=78, port=port) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="False"))
+        mp.send(signal.SIGHUP)
+        snap = wait_for(lambda: (s := mp.snapshot())["version"] > v and s, 3.0, what="SIGHUP reload")
+        assert endpoints_of(snap) == [("127.0.10.1", False)]
+
+
+def test_sigterm_turns_readyz_off_and_exits(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(SVC.format(n=79, port=free_port("127.96.0.79")))
+    mp = Meshproxy([str(f)], "--no-health-checks", "--shutdown-delay", "1").start()
+    try:
+        mp.send(signal.SIGTERM)
+        wait_for(lambda: http_get(mp.admin + "/readyz", 1)[0] == 503, 1.0, what="readyz 503")
+        assert mp.proc.wait(10) == 0
+    finally:
+        mp.stop()
+
+
+def test_run_refuses_invalid_config_with_located_messages(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: NodePort\n"
+                 "  ports: [{port: 80, nodePort: 1}]\n")
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "run", "-f", str(f), "--admin-listen", f"127.0.0.1:{free_port()}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1
+    assert f"{f}:6: Service/default/s: spec.ports[0].nodePort: 1 is outside 30000-32767" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_validate_and_get_commands(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(SVC.format(n=10, port=80) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="True"))
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "validate", "-f", str(good)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: Bad}\nspec: {ports: [{port: 0}]}\n")
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "validate", "-f", str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines == [f"{bad}:3: Service/default/Bad: metadata.name: 'Bad' is not a valid DNS-1035 label (lowercase letters, digits, '-', starting with a letter)",
+                     f"{bad}:4: Service/default/Bad: spec.ports[0].port: 0 is outside 1-65535"]
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "get", "endpoints", "-f", str(good), "-o", "json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0
+    assert json.loads(r.stdout) == [{"namespace": "default", "service": "web", "port": "http", "endpoints": [
+        {"ip": "127.0.10.1", "port": 8080, "pod": "a", "node": None, "ready": True, "serving": True, "terminating": False}]}]
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "get", "services", "-f", str(good)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0 and "127.96.0.10" in r.stdout and "web" in r.stdout
