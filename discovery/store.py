@@ -91,7 +91,15 @@ def _svc_selector(svc: o.Service) -> Selector | None:
 
 
 class EndpointIndex:
-    """Service -> selected pods -> endpoint sets, maintained incrementally."""
+    """Service -> selected pods -> endpoint sets, maintained incrementally.
+
+    Service selectors are equality maps, so a pod can only be selected by services one of
+    whose (key, value) pairs it carries. Two inverted indexes make every change cost
+    O(labels of the pod + services sharing a label pair) rather than O(cluster):
+    ``_svc_by_pair[ns][(k, v)]`` = services whose selector contains that pair (an empty
+    selector sits in ``_svc_match_all[ns]``), and ``_pods_by_pair[ns][(k, v)]`` = pods
+    carrying it.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -101,6 +109,10 @@ class EndpointIndex:
         self.sets: dict[NsName, tuple[EndpointSet, ...]] = {}
         self.probe_results: dict[NsName, bool] | None = None   # None: probing off
         self.dirty: set[NsName] = set()
+        self._svc_by_pair: dict[str, dict[tuple[str, str], set[str]]] = {}
+        self._svc_match_all: dict[str, set[str]] = {}
+        self._pods_by_pair: dict[str, dict[tuple[str, str], set[str]]] = {}
+        self._pods_by_ns: dict[str, set[str]] = {}
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -120,17 +132,45 @@ class EndpointIndex:
         for svc in self.pod_services.get((namespace, name), ()):
             self.dirty.add((namespace, svc))
 
+    def _candidate_services(self, ns: str, labels) -> set[str]:
+        by_pair = self._svc_by_pair.get(ns)
+        out = set(self._svc_match_all.get(ns, ()))
+        if by_pair:
+            for pair in labels.items():
+                svcs = by_pair.get(pair)
+                if svcs:
+                    out |= svcs
+        return out
+
+    def _index_pod_labels(self, ns: str, name: str, labels, add: bool) -> None:
+        by_pair = self._pods_by_pair.setdefault(ns, {})
+        for pair in labels.items():
+            if add:
+                by_pair.setdefault(pair, set()).add(name)
+            else:
+                names = by_pair.get(pair)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del by_pair[pair]
+        if add:
+            self._pods_by_ns.setdefault(ns, set()).add(name)
+        else:
+            self._pods_by_ns.get(ns, set()).discard(name)
+
     def _pod_changed(self, old: o.Pod | None, new: o.Pod | None) -> None:
         pod = new or old
         assert pod is not None
         ns, name = pod.namespace, pod.name
+        if old is not None:
+            self._index_pod_labels(ns, name, old.meta.labels, False)
+        if new is not None:
+            self._index_pod_labels(ns, name, new.meta.labels, True)
         before = self.pod_services.get((ns, name), set())
         after: set[str] = set()
         if new is not None:
-            for (sns, sname), sel in self.selectors.items():
-                # Services of other namespaces never select this pod. The selector map is keyed by
-                # (namespace, name); scanning it costs O(services), independent of the pod count.
-                if sns == ns and sel.matches(new.meta.labels):
+            for sname in self._candidate_services(ns, new.meta.labels):
+                if self.selectors[(ns, sname)].matches(new.meta.labels):
                     after.add(sname)
         for sname in before - after:
             self.members.get((ns, sname), set()).discard(name)
@@ -142,6 +182,23 @@ class EndpointIndex:
             self.pod_services.pop((ns, name), None)
         for sname in before | after:
             self.dirty.add((ns, sname))
+
+    def _index_selector(self, ns: str, name: str, selector: Mapping[str, str], add: bool) -> None:
+        if not selector:
+            target = self._svc_match_all.setdefault(ns, set())
+            (target.add if add else target.discard)(name)
+            return
+        by_pair = self._svc_by_pair.setdefault(ns, {})
+        # One pair is enough to find candidates; the full selector is checked afterwards.
+        pair = min(selector.items())
+        if add:
+            by_pair.setdefault(pair, set()).add(name)
+        else:
+            names = by_pair.get(pair)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del by_pair[pair]
 
     def _service_changed(self, old: o.Service | None, new: o.Service | None) -> None:
         svc = new or old
@@ -157,19 +214,27 @@ class EndpointIndex:
                 s.discard(svc.name)
                 if not s:
                     del self.pod_services[(svc.namespace, pod_name)]
-        self.selectors.pop(key, None)
+        if self.selectors.pop(key, None) is not None and old is not None and old.selector is not None:
+            self._index_selector(svc.namespace, svc.name, old.selector, False)
         if new is None:
             self.sets.pop(key, None)
             return
-        sel = _svc_selector(new)
-        if sel is None:
+        if new.selector is None:
             return
+        sel = _svc_selector(new)
+        assert sel is not None
         self.selectors[key] = sel
-        members = set()
-        for (pns, pname), pod in self.store.items("Pod").items():
-            if pns == new.namespace and sel.matches(pod.meta.labels):  # type: ignore[attr-defined]
-                members.add(pname)
-                self.pod_services.setdefault((pns, pname), set()).add(new.name)
+        self._index_selector(new.namespace, new.name, new.selector, True)
+        # Candidates: pods carrying every pair of the selector (smallest set first).
+        ns = new.namespace
+        if new.selector:
+            by_pair = self._pods_by_pair.get(ns, {})
+            sets = sorted((by_pair.get(p, set()) for p in new.selector.items()), key=len)
+            members = set(sets[0]).intersection(*sets[1:]) if sets else set()
+        else:
+            members = set(self._pods_by_ns.get(ns, ()))
+        for pname in members:
+            self.pod_services.setdefault((ns, pname), set()).add(new.name)
         self.members[key] = members
 
     # -- recomputation --------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Controller:
         self._handle = None
         t0 = time.perf_counter()
         try:
-            self.index.recompute()
+            changed = self.index.recompute()
             snap = self.builder.build(self.store, self.index, self.allocator)
         except Exception:  # a bug in building must not stop the proxy: keep the last snapshot
             log.exception("building the snapshot failed; the previous one stays in force")
@@ -97,7 +97,7 @@ class Controller:
         self._publish(snap)
         metrics.snapshot_version.set(snap.version)
         metrics.problems.set(len(snap.problems))
-        self._update_endpoint_gauges(snap)
+        self._update_endpoint_gauges(snap, changed)
         new_problems = set(snap.problems) - set(self._published_problems)
         for p in sorted(new_problems):
             log.warning("%s", p)
@@ -109,22 +109,27 @@ class Controller:
         log.debug("snapshot %d published (%.1f ms)", snap.version, (time.perf_counter() - t0) * 1000)
         return snap
 
-    def _update_endpoint_gauges(self, snap: Snapshot) -> None:
-        seen = set()
-        for (ns, name), sets in snap.endpoint_sets.items():
+    def _update_endpoint_gauges(self, snap: Snapshot, changed: set[tuple[str, str]]) -> None:
+        """Only services whose endpoint sets changed are touched: O(changes), not O(cluster)."""
+        for key in changed:
+            ns, name = key
+            sets = snap.endpoint_sets.get(key)
+            if sets is None:
+                for state in ("ready", "serving", "terminating", "not_ready"):
+                    if (ns, name, state) in self._endpoint_labels:
+                        self._endpoint_labels.discard((ns, name, state))
+                        try:
+                            metrics.endpoints.remove(ns, name, state)
+                        except KeyError:
+                            pass
+                continue
             totals = {"ready": 0, "serving": 0, "terminating": 0, "not_ready": 0}
             for es in sets:
                 for k, v in es.counts().items():
                     totals[k] += v
             for state, v in totals.items():
                 metrics.endpoints.labels(ns, name, state).set(v)
-                seen.add((ns, name, state))
-        for gone in self._endpoint_labels - seen:
-            try:
-                metrics.endpoints.remove(*gone)
-            except KeyError:
-                pass
-        self._endpoint_labels = seen
+                self._endpoint_labels.add((ns, name, state))
 
     async def wait_for_snapshot(self, newer_than: int = 0) -> Snapshot:
         if self.snapshot is not None and self.snapshot.version > newer_than:

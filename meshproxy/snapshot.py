@@ -170,6 +170,8 @@ class SnapshotBuilder:
         self.version = 0
         self._backend_cache: dict[tuple[str, str], tuple[object, object, str | None, tuple[Backend, ...]]] = {}
         self._routes_cache: tuple[tuple, RouteTable, tuple, dict, dict, tuple[str, ...]] | None = None
+        self._alloc_cache: tuple | None = None
+        self._service_cache: dict[tuple[str, str], tuple] = {}
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -363,30 +365,54 @@ class SnapshotBuilder:
     # -- whole snapshot -------------------------------------------------------------------------
 
     def build(self, store, index, allocator) -> Snapshot:
+        """One snapshot. Per-service parts are cached by the identity of their inputs (the
+        Service object, its endpoint-set tuple, this node, its allocations), so the cost of a
+        build after a one-pod change is a merge over services plus one service's work."""
         problems: list[str] = []
         node, node_problems = self.node_info(store.list("Node"))
         problems.extend(node_problems)
         services: dict[tuple[str, str], o.Service] = dict(store.items("Service"))
-        ips, node_ports = allocator.assign(services)
+        sig = tuple(map(id, services.values()))
+        if self._alloc_cache is None or self._alloc_cache[0] != sig:
+            ips, node_ports = allocator.assign(services)
+            allocated: dict[str, Any] = {f"{ns}/{name}": ip for (ns, name), ip in ips.items()}
+            allocated.update({f"{ns}/{name}:{pk}": port for (ns, name, pk), port in node_ports.items()})
+            self._alloc_cache = (sig, ips, node_ports, _frozen(allocated))
+        _, ips, node_ports, allocated_view = self._alloc_cache
         backends: dict[tuple[str, str, str], Backend] = {}
         l4: dict[tuple[str, int], L4Listener] = {}
-        allocated: dict[str, Any] = {}
-        for (ns, name), ip in ips.items():
-            allocated[f"{ns}/{name}"] = ip
-        for (ns, name, pk), port in node_ports.items():
-            allocated[f"{ns}/{name}:{pk}"] = port
         endpoint_sets = {}
-        for key in sorted(services):
-            svc = services[key]
-            sets = index.sets.get(key, ())
+        sets_of = index.sets
+        cache = self._service_cache
+        for key, svc in services.items():
+            sets = sets_of.get(key, ())
             endpoint_sets[key] = sets
-            for b in self._backends_for(svc, sets, node.name or None, problems):
-                backends[b.key] = b
             cip = svc.cluster_ip if svc.cluster_ip and svc.cluster_ip != "None" else ips.get(key)
-            self._listeners(svc, cip, node.address, node_ports, l4, problems)
-        for key in list(self._backend_cache):
-            if key not in services:
-                del self._backend_cache[key]
+            nps = tuple(node_ports.get((key[0], key[1], sp.name or str(sp.port))) for sp in svc.ports) \
+                if svc.type in ("NodePort", "LoadBalancer") else ()
+            inputs = (svc, sets, node, cip, nps)
+            entry = cache.get(key)
+            if entry is None or entry[0] != inputs:
+                svc_problems: list[str] = []
+                bks = self._backends_for(svc, sets, node.name or None, svc_problems)
+                wanted: dict[tuple[str, int], L4Listener] = {}
+                self._listeners(svc, cip, node.address, node_ports, wanted, svc_problems)
+                entry = (inputs, bks, tuple(wanted.values()), tuple(svc_problems))
+                cache[key] = entry
+            for b in entry[1]:
+                backends[b.key] = b
+            for lst in entry[2]:
+                other = l4.get((lst.host, lst.port))
+                if other is not None:
+                    problems.append(f"{svc.ref}: {lst.host}:{lst.port} is already used by "
+                                    f"{other.backend[0]}/{other.backend[1]}; not served twice")
+                    continue
+                l4[(lst.host, lst.port)] = lst
+            problems.extend(entry[3])
+        if len(cache) > len(services):
+            for key in [k for k in cache if k not in services]:
+                del cache[key]
+                self._backend_cache.pop(key, None)
         classes = {c.name: c for c in store.list("IngressClass")}
         table, route_problems, tls_hosts, used_secrets, served = self._routes(
             sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,
@@ -397,4 +423,4 @@ class SnapshotBuilder:
             version=self.version, created=time.time(), node=node,
             services=_frozen(services), endpoint_sets=_frozen(endpoint_sets), backends=_frozen(backends),
             l4=_frozen(l4), routes=table, ingresses=served, tls_hosts=_frozen(dict(tls_hosts)),
-            secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=_frozen(allocated))
+            secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view)

@@ -315,3 +315,25 @@ def test_node_and_ingress_class():
 def test_duplicate_keys_are_refused():
     r = load_text("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nmetadata: {name: b}\n", "d.yaml")
     assert [str(e) for e in r.errors] == ["d.yaml:4: invalid YAML: found duplicate key 'metadata'"]
+
+
+def test_document_cache_reparses_only_changed_documents_with_exact_lines():
+    import discovery.manifests as m
+    docs = ["apiVersion: v1\nkind: Pod\nmetadata: {name: p%d}\nspec: {containers: [{name: c, ports: [{containerPort: %d}]}]}\n"
+            % (i, 8000 + i) for i in range(5)]
+    text = "---\n".join(docs)
+    cache: dict = {}
+    first = m.load_text(text, "c.yaml", cache)
+    assert [(o.name, o.origin.line) for o in first.objects] == [(f"p{i}", 1 + 5 * i) for i in range(5)]
+    calls = []
+    real = m._parse_stream
+    m._parse_stream = lambda *a: (calls.append(a[2]), real(*a))[1]
+    try:
+        docs[3] = docs[3].replace("8003", "99999")
+        again = m.load_text("---\n".join(docs), "c.yaml", cache)
+    finally:
+        m._parse_stream = real
+    assert calls == [15]                       # only the edited document was parsed again
+    assert [str(e) for e in again.errors] == [
+        "c.yaml:19: Pod/default/p3: spec.containers[0].ports[0].containerPort: 99999 is outside 1-65535"]
+    assert m.load_text("---\n".join(docs), "c.yaml").errors == again.errors   # same as uncached

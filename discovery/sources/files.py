@@ -48,6 +48,9 @@ class FileSource:
         self.poll_interval = poll_interval
         self._cache: dict[str, tuple[tuple[int, int, int], LoadResult]] = {}
         self._current: dict[tuple, object] = {}     # object key -> object, last good set
+        self._owner: dict[tuple, str] = {}          # object key -> file it is defined in
+        self._owner_pending: dict[tuple, str] = {}
+        self._doc_cache: dict[str, dict] = {}          # file -> per-document parse cache
         self._task: asyncio.Task | None = None
         self._inotify: _Inotify | None = None
         self._reported_skips: set[str] = set()
@@ -62,32 +65,60 @@ class FileSource:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def load(self, changed: set[str] | None = None) -> Outcome:
-        """Re-read what changed (all files when ``changed`` is None) and diff against the last
-        good set. On success the new set becomes the last good one."""
+        """Re-read what changed (every file whose stat changed when ``changed`` is None) and
+        diff against the last good set. On success the new set becomes the last good one.
+
+        Cost is O(files listed + documents re-read + services): only the changed files'
+        objects are diffed, duplicates are found through the key -> file owner map, and the
+        cross-object checks (nodePorts, ClusterIPs) look at Services only.
+        """
         errors: list[ConfigError] = []
         for p in self.paths:
             if not os.path.exists(p):
                 errors.append(ConfigError(p, 0, "", "", "no such file or directory"))
         files = list(iter_manifest_files(p for p in self.paths if os.path.exists(p)))
-        cache: dict[str, tuple[tuple[int, int, int], LoadResult]] = {}
+        file_set = set(files)
+        reread: dict[str, tuple[tuple[int, int, int], LoadResult]] = {}
         for f in files:
             prev = self._cache.get(f)
-            if changed is not None and f not in changed and prev is not None:
-                cache[f] = prev
+            if prev is not None and changed is not None and f not in changed:
                 continue
             sk = self._stat_key(f)
-            if prev is not None and sk is not None and prev[0] == sk and changed is None:
-                cache[f] = prev
+            if prev is not None and changed is None and sk is not None and prev[0] == sk:
                 continue
-            cache[f] = (sk or (0, 0, 0), load_file(f))
-        objects = []
-        skipped = []
+            reread[f] = (sk or (0, 0, 0), load_file(f, self._doc_cache.setdefault(f, {})))
+        gone = [f for f in self._cache if f not in file_set]
+        touched = set(reread) | set(gone)
+
+        def result_of(f: str) -> LoadResult:
+            return reread[f][1] if f in reread else self._cache[f][1]
+
+        skipped: list[str] = []
         for f in files:
-            r = cache[f][1]
-            objects.extend(r.objects)
+            r = result_of(f)
             errors.extend(r.errors)
-            skipped.extend(r.skipped)
-        errors.extend(validate_set(objects, self.service_cidr))
+            if f in reread:
+                skipped.extend(r.skipped)
+        # Identity clashes: new objects of re-read files against owners in other files.
+        owner = {k: f for k, f in self._owner.items() if f not in touched}
+        new_objs: dict[tuple, object] = {}
+        for f in files:
+            if f not in reread:
+                continue
+            for obj in result_of(f).objects:
+                k = obj.key
+                if k in owner or k in new_objs:
+                    first_file = owner.get(k) or self._owner_pending.get(k, f)
+                    errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "metadata.name",
+                                              f"defined twice (first in {first_file})"))
+                    continue
+                new_objs[k] = obj
+                self._owner_pending[k] = f
+        self._owner_pending.clear()
+        # Services are few next to pods: check nodePorts / ClusterIPs across all of them.
+        services = [o for k, o in self._current.items() if k[0] == "Service" and self._owner.get(k) not in touched]
+        services += [o for k, o in new_objs.items() if k[0] == "Service"]
+        errors.extend(validate_set(services, self.service_cidr))
         for s in skipped:
             if s not in self._reported_skips:
                 self._reported_skips.add(s)
@@ -95,25 +126,25 @@ class FileSource:
         if errors:
             # Keep the cache of files that parsed cleanly so the next attempt re-reads less,
             # but never adopt the new objects.
-            for f, entry in cache.items():
-                if not entry[1].errors:
-                    self._cache[f] = entry
-                else:
-                    self._cache.pop(f, None)
             return Outcome(False, [], errors, skipped, len(files))
-        self._cache = cache
-        new = {obj.key: obj for obj in objects}
         events = []
-        for key, obj in new.items():
-            old = self._current.get(key)
+        old_keys = {k for k, f in self._owner.items() if f in touched}
+        for k, obj in new_objs.items():
+            old = self._current.get(k)
             if old is None:
                 events.append(Event(ADDED, obj))
             elif old != obj:
                 events.append(Event(MODIFIED, obj))
-        for key, obj in self._current.items():
-            if key not in new:
-                events.append(Event(DELETED, obj))
-        self._current = new
+        for k in old_keys - new_objs.keys():
+            events.append(Event(DELETED, self._current.pop(k)))
+            del self._owner[k]
+        for k, obj in new_objs.items():
+            self._current[k] = obj
+            self._owner[k] = obj.origin.file
+        for f in gone:
+            del self._cache[f]
+            self._doc_cache.pop(f, None)
+        self._cache.update(reread)
         return Outcome(True, events, [], skipped, len(files))
 
     # -- watching -----------------------------------------------------------------------------
@@ -129,6 +160,7 @@ class FileSource:
     def reload_now(self) -> Outcome:
         """Full re-read (SIGHUP): stats are not trusted, every file is parsed again."""
         self._cache.clear()
+        self._doc_cache.clear()
         return self.load()
 
     async def stop(self) -> None:
