@@ -149,11 +149,14 @@ def compute_endpoint_sets(svc: Service, pods: Iterable[Pod] | Callable[[], Itera
     selects them, because it keeps the index that makes that cheap; ``slices`` are the
     EndpointSlices and converted Endpoints of the service, used when it has no selector.
     """
-    if svc.type == "ExternalName":
-        return ()
-    pod_list = list(pods() if callable(pods) else pods) if svc.selector is not None else []
+    # An ExternalName service never selects pods; its endpoints, if any, are the slices the
+    # DNS source made from spec.externalName (discovery/sources/dns.py).
+    use_pods = svc.selector is not None and svc.type != "ExternalName"
+    pod_list = list(pods() if callable(pods) else pods) if use_pods else []
     slice_list = list(slices)
-    if svc.selector is None:
+    if svc.type == "ExternalName" and not slice_list:
+        return ()
+    if not use_pods:
         # EndpointSlices are authoritative when present; v1 Endpoints otherwise.
         modern = [s for s in slice_list if not s.legacy]
         slice_list = modern or [s for s in slice_list if s.legacy]
@@ -161,7 +164,7 @@ def compute_endpoint_sets(svc: Service, pods: Iterable[Pod] | Callable[[], Itera
     for sp in svc.ports:
         if sp.protocol != "TCP":
             continue
-        if svc.selector is not None:
+        if use_pods:
             eps = _pod_endpoints(svc, sp, pod_list, probe_results)
         else:
             eps = _slice_endpoints(sp, slice_list, svc.publish_not_ready)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from typing import Callable
 
 import h11
@@ -38,12 +37,8 @@ class AdminServer:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
-        sock.setblocking(False)
+        from .sockets import listen
+        sock = listen(self.host, self.port, 128)
         self._server = await asyncio.start_server(self._handle, sock=sock)
         self.port = sock.getsockname()[1]
 

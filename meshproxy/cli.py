@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-connections", type=int, default=None, help="per listener; accepting pauses above it (default unlimited)")
     run.add_argument("--default-tls-secret", metavar="NS/NAME", default=None, help="certificate for unknown SNI names")
     run.add_argument("--no-health-checks", action="store_true", help="do not run readinessProbes; use the pods' Ready condition")
+    run.add_argument("--dns-server", action="append", metavar="HOST[:PORT]", help="resolver for DNS-backed services (repeatable; default: /etc/resolv.conf)")
+    run.add_argument("--dns-min-ttl", type=_positive_float, default=None, help="shortest DNS refresh, seconds (default 5)")
+    run.add_argument("--dns-max-ttl", type=_positive_float, default=None, help="longest DNS refresh, seconds (default 300)")
+    run.add_argument("--dns-listen", type=_hostport, metavar="HOST:PORT", help="answer cluster DNS (<svc>.<ns>.svc.<domain>) here, UDP and TCP")
+    run.add_argument("--cluster-domain", default=None, help="cluster DNS domain (default cluster.local)")
     run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
 
     val = sub.add_parser("validate", help="check manifests: exit 0 when valid, 1 with one line per problem")
@@ -99,6 +104,8 @@ _FLAG_FIELDS = {
     "idle_timeout": "idle_timeout", "upstream_timeout": "upstream_timeout", "header_timeout": "header_timeout",
     "keepalive_timeout": "keepalive_timeout", "max_body_size": "max_body_size",
     "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
+    "dns_min_ttl": "dns_min_ttl", "dns_max_ttl": "dns_max_ttl", "dns_listen": "dns_listen",
+    "cluster_domain": "cluster_domain",
 }
 
 
@@ -133,6 +140,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.trusted_proxies = tuple(v.strip() for v in args.trusted_proxies.split(",") if v.strip())
     if getattr(args, "watch_ingress_without_class", None) is not None:
         s.watch_ingress_without_class = args.watch_ingress_without_class == "true"
+    if getattr(args, "dns_server", None):
+        from discovery.sources.dns import parse_servers
+        s.dns_servers = tuple(parse_servers(args.dns_server))
+    if s.dns_min_ttl > s.dns_max_ttl:
+        raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
     if getattr(args, "no_health_checks", False):
         s.health_checks = False
     s.takeover = bool(getattr(args, "takeover", False))

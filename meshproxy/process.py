@@ -57,6 +57,9 @@ class Process:
         self.ingress = None
         self.admin: AdminServer | None = None
         self.health = None
+        self.control = None
+        self.dns_source = None
+        self.dns_server = None
         self.ready = False
         self.stopping = False
         self._stop = asyncio.Event()
@@ -82,6 +85,28 @@ class Process:
             log.info("config: %d changed objects", len(outcome.events))
             self.controller.apply_events(outcome.events, "files")
             self._sync_health()
+            if any(ev.obj.key[0] == "Service" for ev in outcome.events):
+                self._sync_dns()
+
+    def _sync_dns(self) -> None:
+        """Start the DNS source the first time a Service needs it (ExternalName or the
+        meshproxy.dev/dns / dns-srv annotations), then keep it in step with the Services."""
+        services = self.controller.store.items("Service")
+        if self.dns_source is None:
+            from discovery.sources.dns import DnsSource, query_for
+            if not any(query_for(svc) is not None for svc in services.values()):
+                return
+            try:
+                self.dns_source = DnsSource(lambda ev: self.controller.apply_events(ev, "dns"),
+                                            list(self.settings.dns_servers) or None,
+                                            self.settings.dns_min_ttl, self.settings.dns_max_ttl)
+            except ValueError as exc:
+                log.error("DNS source: %s; DNS-backed services get no endpoints", exc)
+                return
+            self.dns_source.sync(services)
+            self.dns_source.start()
+            return
+        self.dns_source.sync(services)
 
     def _sync_health(self) -> None:
         if self.health is not None:
@@ -94,6 +119,15 @@ class Process:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> bool:
+        from . import sockets
+        takeover = None
+        if self.settings.takeover:
+            path = sockets.control_path(self.settings.admin_listen)
+            try:
+                takeover = sockets.request_takeover(path)
+            except OSError as exc:
+                print(f"meshproxy: --takeover: no running instance answered on {path} ({exc})", file=sys.stderr)
+                return False
         outcome = self.source.load()
         if not outcome.ok:
             for err in outcome.errors:
@@ -110,6 +144,12 @@ class Process:
             self.controller.set_probe_results(results)
             self._sync_health()
             self.health.start()
+        self._sync_dns()
+        if self.settings.dns_listen is not None:
+            from .dnsserver import ClusterDNS
+            self.dns_server = ClusterDNS(lambda: self.controller.snapshot, self.settings.cluster_domain,
+                                         get_pods=lambda: self.controller.store.items("Pod"))
+            await self.dns_server.start(*self.settings.dns_listen)
         self.controller.rebuild()
 
         if self.data_plane:
@@ -128,6 +168,17 @@ class Process:
         self.source.watch(self._on_outcome, self.settings.coalesce_delay)
         # Listeners bind in apply(); give the loop one turn so they are up before we say ready.
         await asyncio.sleep(0)
+        if takeover is not None:
+            closed = sockets.unused_inherited()
+            if closed:
+                log.info("takeover: closed %d inherited listeners the configuration no longer wants", len(closed))
+            takeover.finish()
+        self.control = sockets.ControlServer(sockets.control_path(self.settings.admin_listen),
+                                             lambda: asyncio.get_running_loop().create_task(self.graceful_stop()))
+        try:
+            await self.control.start()
+        except OSError as exc:   # upgrades will not work, serving does
+            log.warning("control socket %s: %s (run --takeover will not find this process)", self.control.path, exc)
         self.ready = True
         snap = self.runtime.snapshot
         log.info("meshproxy ready: snapshot %d, %d services, %d L4 listeners, admin on %s:%d",
@@ -144,6 +195,10 @@ class Process:
             data["listenerErrors"] = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())}
         if self.health is not None and hasattr(self.health, "state"):
             data["health"] = self.health.state()
+        if self.dns_source is not None:
+            data["dnsSource"] = self.dns_source.state()
+        if self.dns_server is not None:
+            data["clusterDNS"] = dict(self.dns_server.stats)
         return data
 
     async def graceful_stop(self) -> None:
@@ -174,7 +229,14 @@ class Process:
         self._stop.set()
 
     async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
         await self.source.stop()
+        if self.dns_source is not None:
+            await self.dns_source.stop()
+        if self.dns_server is not None:
+            self.dns_server.close()
+            await self.dns_server.wait_closed()
         if self.health is not None:
             await self.health.stop()
         if self.admin is not None:

@@ -67,3 +67,8 @@ class Settings:
     poll_interval: float = 0.5             # file watch fallback when inotify is missing
     takeover: bool = False
     http_parser: str = "auto"
+    dns_servers: tuple[tuple[str, int], ...] = ()   # resolvers for the DNS source (default: system)
+    dns_min_ttl: float = 5.0
+    dns_max_ttl: float = 300.0
+    dns_listen: tuple[str, int] | None = None        # cluster DNS server (off when absent)
+    cluster_domain: str = "cluster.local"

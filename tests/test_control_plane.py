@@ -136,3 +136,15 @@ def test_validate_and_get_commands(tmp_path):
     r = subprocess.run([sys.executable, "-m", "meshproxy", "get", "services", "-f", str(good)],
                        cwd=ROOT, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0 and "127.96.0.10" in r.stdout and "web" in r.stdout
+
+
+def test_cluster_dns_served_by_the_process(tmp_path):
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+    (tmp_path / "c.yaml").write_text(SVC.format(n=81, port=free_port("127.96.0.81")))
+    dns_port = free_port()
+    with Meshproxy([str(tmp_path)], "--no-health-checks", "--dns-listen", f"127.0.0.1:{dns_port}"):
+        q = dns.message.make_query("web.default.svc.cluster.local", dns.rdatatype.A)
+        r = dns.query.udp(q, "127.0.0.1", timeout=3, port=dns_port)
+        assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["127.96.0.81"]

@@ -1,0 +1,169 @@
+"""Listening sockets, and handing them to a new process on upgrade (``run --takeover``).
+
+Every listener of the process (L4, Ingress, admin) is created by ``listen()``, which
+registers it. An upgrade must not lose connections that the kernel has already accepted into
+a listener's queue: with plain SO_REUSEPORT, closing the old process's socket resets what sat
+in its queue. So the old process passes its listening sockets themselves (SCM_RIGHTS over a
+unix control socket) to the new one; the kernel socket — and its queue — stays open while
+either process holds it. Procedure:
+
+1. the new process starts with ``--takeover``: it connects to the control socket of the
+   running one, receives its listening sockets, and uses them instead of binding again
+   (sockets it does not need any more are closed after its first snapshot);
+2. once the new process is ready it sends ``drain``: the old one stops accepting (closes its
+   copies, which does not close the kernel sockets), finishes its open connections within
+   ``--drain-timeout``, and exits;
+3. the new process then owns the control socket path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from typing import Callable
+
+__all__ = ["listen", "release", "registered", "adopt_inherited", "unused_inherited",
+           "ControlServer", "request_takeover", "control_path"]
+
+log = logging.getLogger("meshproxy.sockets")
+
+_registry: dict[tuple[str, int], socket.socket] = {}
+_inherited: dict[tuple[str, int], socket.socket] = {}
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A non-blocking listening TCP socket on exactly (host, port), shared with other
+    processes through SO_REUSEPORT; an inherited one (takeover) when there is one."""
+    sock = _inherited.pop((host, port), None)
+    if sock is None:
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        log.info("using inherited listener %s:%d", host, port)
+    sock.setblocking(False)
+    bound = sock.getsockname()[:2]
+    _registry[(host, bound[1])] = sock
+    return sock
+
+
+def release(sock: socket.socket) -> None:
+    for k, v in list(_registry.items()):
+        if v is sock:
+            del _registry[k]
+
+
+def registered() -> dict[tuple[str, int], socket.socket]:
+    return dict(_registry)
+
+
+def adopt_inherited(socks: dict[tuple[str, int], socket.socket]) -> None:
+    _inherited.update(socks)
+
+
+def unused_inherited() -> list[tuple[str, int]]:
+    """Close inherited sockets nobody asked for (listeners the new configuration dropped)."""
+    gone = list(_inherited)
+    for sock in _inherited.values():
+        sock.close()
+    _inherited.clear()
+    return gone
+
+
+def control_path(admin: tuple[str, int]) -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, f"meshproxy-{admin[0]}-{admin[1]}.sock")
+
+
+class ControlServer:
+    """Unix socket on which a newer process asks for our listeners and then tells us to go."""
+
+    def __init__(self, path: str, on_drain: Callable[[], None]) -> None:
+        self.path = path
+        self.on_drain = on_drain
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if line.strip() != b"takeover":
+                return
+            socks = registered()
+            names = json.dumps([[h, p] for (h, p) in socks]).encode() + b"\n"
+            raw = writer.get_extra_info("socket")
+            # The fds travel with the first message; asyncio's transport cannot send ancillary
+            # data, so this one small write goes through the socket directly (blocking is fine:
+            # a few hundred bytes to a local peer).
+            dup = socket.socket(fileno=os.dup(raw.fileno()))
+            try:
+                dup.setblocking(True)
+                socket.send_fds(dup, [names], [s.fileno() for s in socks.values()])
+            finally:
+                dup.close()
+            line = await asyncio.wait_for(reader.readline(), 120)
+            if line.strip() == b"drain":
+                log.info("takeover: a new process took our listeners; draining")
+                self.on_drain()
+        except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            log.warning("takeover request failed: %s", exc)
+        finally:
+            writer.close()
+
+
+class Takeover:
+    """The new process's side: holds the connection until it says ``drain``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def finish(self) -> None:
+        try:
+            self.sock.sendall(b"drain\n")
+        finally:
+            self.sock.close()
+
+
+def request_takeover(path: str, timeout: float = 10.0) -> Takeover:
+    """Connect to the running process and adopt its listening sockets."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(b"takeover\n")
+    msg, fds, _flags, _addr = socket.recv_fds(s, 65536, 1024)
+    names = json.loads(msg.split(b"\n", 1)[0])
+    socks = {}
+    for (host, port), fd in zip(names, fds):
+        sock = socket.socket(fileno=fd)
+        socks[(host, int(port))] = sock
+    adopt_inherited(socks)
+    log.info("takeover: received %d listening sockets", len(socks))
+    return Takeover(s)
+
