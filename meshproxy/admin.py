@@ -29,7 +29,9 @@ class AdminServer:
 
     def __init__(self, host: str, port: int, *, is_ready: Callable[[], bool],
                  snapshot_json: Callable[[], dict | None],
-                 metrics_text: Callable[[], bytes] | None = None) -> None:
+                 metrics_text: Callable[[], bytes] | None = None,
+                 snapshot_version: Callable[[], int | None] = lambda: None) -> None:
+        self.snapshot_version = snapshot_version
         self.host, self.port = host, port
         self.is_ready = is_ready
         self.snapshot_json = snapshot_json
@@ -76,11 +78,17 @@ class AdminServer:
                 if isinstance(event, h11.Request):
                     status, ctype, body = self._route(event.method, event.target)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    version = self.snapshot_version()
+                    if version is not None:
+                        # A cheap change signal for pollers (bench/scale.py) that need no JSON.
+                        headers.append(("x-snapshot-version", str(version)))
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
                     if event.method != b"HEAD":
                         writer.write(conn.send(h11.Data(data=body)))
                     writer.write(conn.send(h11.EndOfMessage()))
                     await writer.drain()
+                    if conn.our_state is h11.MUST_CLOSE:   # client asked for close, or HTTP/1.0
+                        break
                 elif isinstance(event, h11.EndOfMessage) or isinstance(event, h11.Data):
                     continue
                 elif event is h11.PAUSED:

@@ -163,7 +163,8 @@ class Process:
             self.runtime.subscribe(self.ingress.apply)
         host, port = self.settings.admin_listen
         self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready(),
-                                 snapshot_json=self._snapshot_json, metrics_text=_metrics_text())
+                                 snapshot_json=self._snapshot_json, metrics_text=_metrics_text(),
+                                 snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None)
         await self.admin.start()
         self.source.watch(self._on_outcome, self.settings.coalesce_delay)
         # Listeners bind in apply(); give the loop one turn so they are up before we say ready.

@@ -148,3 +148,15 @@ def test_cluster_dns_served_by_the_process(tmp_path):
         q = dns.message.make_query("web.default.svc.cluster.local", dns.rdatatype.A)
         r = dns.query.udp(q, "127.0.0.1", timeout=3, port=dns_port)
         assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["127.96.0.81"]
+
+
+def test_admin_closes_after_connection_close_and_reports_version(tmp_path):
+    import socket as s
+    (tmp_path / "c.yaml").write_text(SVC.format(n=82, port=free_port("127.96.0.82")))
+    with Meshproxy([str(tmp_path)], "--no-health-checks") as mp:
+        with s.create_connection(("127.0.0.1", mp.admin_port), timeout=3) as c:
+            c.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := c.recv(4096):      # ends only if the server closes
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"x-snapshot-version: 1" in data.lower()
