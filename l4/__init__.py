@@ -1,0 +1,13 @@
+"""L4: TCP listeners reconciled from the snapshot (``listeners``), the per-connection byte pump
+(``pump``: raw non-blocking sockets, ``os.splice``) and PROXY protocol headers towards pods
+(``proxy_protocol``).
+
+The control plane creates one ``L4Manager(runtime)`` in the running loop and subscribes its
+``apply`` to snapshot publishes; see docs/l4.md for the semantics.
+"""
+
+from .listeners import L4Manager, bind_listener
+from .proxy_protocol import header as proxy_protocol_header
+from .pump import CHUNK, MAX_ATTEMPTS, L4Connection
+
+__all__ = ["L4Manager", "L4Connection", "bind_listener", "proxy_protocol_header", "CHUNK", "MAX_ATTEMPTS"]

@@ -59,11 +59,11 @@ __all__ = ["Balancers", "stable_hash", "MAGLEV_SIZES"]
 
 Addr = tuple[str, int]
 
-# Ring points per endpoint: at least this many in all (Envoy's minimum_ring_size default is 1024)
-# and at least _RING_MIN_PER_ENDPOINT per endpoint so small sets still spread evenly.
-_RING_MIN_POINTS = 1024
-_RING_MIN_PER_ENDPOINT = 100
-_RING_MAX_POINTS = 1 << 17
+# Ring points per endpoint: a constant, so adding or removing one endpoint leaves every other
+# endpoint's points where they were (only ~1/n of the keys move). 200 points keep the load
+# spread within a few per cent (ketama uses 160); the cap bounds huge services.
+_RING_POINTS_PER_ENDPOINT = 200
+_RING_MAX_POINTS = 1 << 18
 
 # Maglev table sizes: primes; the table must be prime and >> n (the paper uses M >= 100 n for
 # < 1 % imbalance). Small tables keep the O(M) build cheap for the common small service.
@@ -92,9 +92,7 @@ class _Ring:
     __slots__ = ("points", "owners")
 
     def __init__(self, cands: tuple[Endpoint, ...]) -> None:
-        n = len(cands)
-        per = max(_RING_MIN_PER_ENDPOINT, -(-_RING_MIN_POINTS // n))
-        per = min(per, max(1, _RING_MAX_POINTS // n))
+        per = min(_RING_POINTS_PER_ENDPOINT, max(1, _RING_MAX_POINTS // len(cands)))
         pts: list[tuple[int, int]] = []
         for i, ep in enumerate(cands):
             name = _ep_name(ep)

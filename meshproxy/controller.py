@@ -84,6 +84,8 @@ class Controller:
 
     def rebuild(self) -> Snapshot | None:
         self._pending = False
+        if self._handle is not None:   # called directly while a coalesced build was due
+            self._handle.cancel()
         self._handle = None
         t0 = time.perf_counter()
         try:

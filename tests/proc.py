@@ -77,7 +77,7 @@ class Meshproxy:
     def metrics(self) -> str:
         return http_get(self.admin + "/metrics")[1].decode()
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
