@@ -1,0 +1,159 @@
+"""TLS termination for the ingress: one ``ssl.SSLContext`` per Secret, chosen by SNI.
+
+``TLSContexts.listener_context`` is the context the TLS listener is created with; its
+``sni_callback`` switches each handshake to the context of the certificate for the requested
+name:
+
+1. an exact ``spec.tls[].hosts`` entry (case-insensitive, one trailing dot ignored);
+2. a ``*.`` wildcard entry covering exactly one more label (``*.example.com`` for
+   ``a.example.com``, not for ``a.b.example.com`` nor ``example.com``);
+3. the default: the ``""`` entry of ``snapshot.tls_hosts`` (``--default-tls-secret``, or a
+   ``spec.tls`` item without hosts), else the first certificate in (namespace, name) order.
+
+A client without SNI gets the default too. Contexts are rebuilt in ``update`` only for Secrets
+whose bytes changed; a handshake in progress or an established connection keeps the context it
+started with (an ``SSLObject`` holds a reference to it), so a rotation drops nothing.
+
+Settings (Mozilla "intermediate"): TLS 1.2 and 1.3 only, ECDHE key exchange with AEAD ciphers
+for 1.2, no compression, no renegotiation, ALPN ``http/1.1`` (we speak no HTTP/2 on this
+port, so we do not offer it).
+
+``ssl`` loads a certificate and key only from files: each PEM pair is written to a private
+temporary file (``mkstemp``: mode 0600, in a fresh 0700 directory) and removed right after
+loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+from typing import Mapping
+
+__all__ = ["TLSContexts", "make_context"]
+
+log = logging.getLogger("meshproxy.l7.tls")
+
+_CIPHERS_TLS12 = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+def _base_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_CIPHERS_TLS12)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def make_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A server context holding one certificate chain and its key. Raises ssl.SSLError or
+    ValueError when they do not load (bad PEM, key not matching the certificate)."""
+    ctx = _base_context()
+    tmpdir = tempfile.mkdtemp(prefix="meshproxy-tls-")   # 0700
+    try:
+        fd, path = tempfile.mkstemp(dir=tmpdir, suffix=".pem")   # 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(cert_pem.rstrip(b"\n") + b"\n" + key_pem)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ctx
+
+
+def _norm(name: str) -> str:
+    name = name.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+class TLSContexts:
+    """Per-Secret contexts and the SNI choice. ``update(snapshot)`` on every publish."""
+
+    def __init__(self) -> None:
+        self._by_secret: dict[tuple[str, str], tuple[bytes, bytes, ssl.SSLContext]] = {}
+        self._exact: dict[str, ssl.SSLContext] = {}
+        self._wildcard: dict[str, ssl.SSLContext] = {}
+        self._default: ssl.SSLContext | None = None
+        self.problems: tuple[str, ...] = ()
+        self.listener_context = _base_context()
+        self.listener_context.sni_callback = self._sni
+        self.builds = 0   # contexts built so far (tests: a rotation rebuilds one)
+
+    def update(self, tls_hosts: Mapping[str, tuple[str, str]],
+               secrets: Mapping[tuple[str, str], tuple[bytes, bytes]]) -> None:
+        problems = []
+        new: dict[tuple[str, str], tuple[bytes, bytes, ssl.SSLContext]] = {}
+        for key in sorted(secrets):
+            cert, keypem = secrets[key]
+            old = self._by_secret.get(key)
+            if old is not None and old[0] == cert and old[1] == keypem:
+                new[key] = old
+                continue
+            try:
+                ctx = make_context(cert, keypem)
+            except (ssl.SSLError, ValueError, OSError) as exc:
+                # A broken Secret affects only the hosts that use it (they get the default).
+                msg = f"Secret/{key[0]}/{key[1]}: tls.crt/tls.key do not load: {exc}"
+                problems.append(msg)
+                log.error("%s", msg)
+                continue
+            self.builds += 1
+            new[key] = (cert, keypem, ctx)
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        default = None
+        for host, key in tls_hosts.items():
+            entry = new.get(key)
+            if entry is None:
+                continue
+            if host == "":
+                default = entry[2]
+            elif host.startswith("*."):
+                wildcard[_norm(host[2:])] = entry[2]
+            else:
+                exact[_norm(host)] = entry[2]
+        if default is None and new:
+            default = new[min(new)][2]
+        # Swap whole dicts: the SNI callback of a concurrent handshake sees old or new, never half.
+        self._by_secret = new
+        self._exact = exact
+        self._wildcard = wildcard
+        self._default = default
+        self.problems = tuple(problems)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
+        if server_name:
+            name = _norm(server_name)
+            ctx = self._exact.get(name)
+            if ctx is not None:
+                return ctx
+            dot = name.find(".")
+            if dot > 0:
+                ctx = self._wildcard.get(name[dot + 1:])
+                if ctx is not None:
+                    return ctx
+        return self._default
+
+    def _sni(self, sslobj, server_name, _ctx) -> int | None:
+        # Runs inside the handshake: dict lookups only; never raise (OpenSSL would abort with
+        # an internal error alert).
+        try:
+            ctx = self.context_for(server_name)
+            if ctx is None:
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            sslobj.context = ctx
+        except Exception:   # noqa: BLE001 - see above; logged, handshake refused
+            log.exception("TLS: SNI callback failed")
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        return None

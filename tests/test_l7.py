@@ -1,0 +1,355 @@
+"""L7 ingress through the real process: ``python -m meshproxy run -f DIR --ingress-listen ...``
+with pure-Python backends on 127.0.0.0/8 and blocking clients. The in-process suite
+(test_l7_unit.py) covers every edge; this one proves the main paths in the shipped binary,
+including what only a process has: reload from files, SIGTERM draining, memory (RSS) bounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from backends import (
+    Backend,
+    SockReader,
+    ingress_yaml,
+    pattern,
+    read_response,
+    request,
+    service_yaml,
+    ws_handshake,
+    ws_recv,
+    ws_send,
+)
+from proc import Meshproxy, free_port, wait_for
+
+MiB = 1024 * 1024
+CURL = shutil.which("curl")
+
+
+@pytest.fixture(scope="module")
+def pods():
+    bs = {"a1": Backend("127.0.12.1", name="a1"), "a2": Backend("127.0.12.2", name="a2"),
+          "b": Backend("127.0.12.3", name="b")}
+    yield bs
+    for b in bs.values():
+        b.stop()
+
+
+def config(pods, root_service: str = "svc-a") -> str:
+    return "---\n".join([
+        service_yaml("svc-a", [pods["a1"], pods["a2"]]),
+        service_yaml("svc-b", [pods["b"]]),
+        service_yaml("svc-down", [pods["b"]], ready=False).replace("name: svc-down-0", "name: down-pod"),
+        ingress_yaml("site", [("site.test", "/", "Prefix", root_service), ("site.test", "/b", "Prefix", "svc-b"),
+                              ("down.test", "/", "Prefix", "svc-down")]),
+        ingress_yaml("slow", [("slow.test", "/", "Prefix", "svc-a")], annotations={"meshproxy.dev/timeout": "500ms"}),
+    ])
+
+
+@pytest.fixture(scope="module")
+def mp(pods, tmp_path_factory):
+    d = tmp_path_factory.mktemp("l7manifests")
+    (d / "all.yaml").write_text(config(pods))
+    port = free_port()
+    log = d / "access.log"
+    m = Meshproxy([str(d)], "--ingress-listen", f"127.0.0.1:{port}", "--access-log", str(log),
+                  "--no-health-checks")
+    m.port = port
+    m.dir = d
+    m.access_log = log
+    with m:
+        yield m
+
+
+def get(port, path, host="site.test", **kw):
+    r, data, c = request(port, "GET", path, host, **kw)
+    c.close()
+    return r, data
+
+
+def echo(port, path="/echo", host="site.test", **kw):
+    r, data = get(port, path, host, **kw)
+    assert r.status == 200, (r.status, data)
+    return json.loads(data)
+
+
+def _rss_kb(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_routing_keepalive_and_pool_reuse(mp, pods):
+    a_before = pods["a1"].accepts + pods["a2"].accepts
+    c = None
+    for i in range(20):
+        r, body, c = request(mp.port, "GET", f"/echo?i={i}", "site.test", conn=c)
+        assert r.status == 200 and json.loads(body)["backend"] in ("a1", "a2")
+    c.close()
+    assert echo(mp.port, "/b/x")["backend"] == "b"
+    # 20 requests over at most one new upstream connection per pod.
+    assert pods["a1"].accepts + pods["a2"].accepts - a_before <= 2
+
+
+def test_error_statuses(mp):
+    assert get(mp.port, "/", host="nothing.test")[0].status == 404
+    assert get(mp.port, "/", host="down.test")[0].status == 503
+    assert get(mp.port, "/malformed?kind=cl-te")[0].status == 502
+    t0 = time.monotonic()
+    assert get(mp.port, "/delay?ms=3000", host="slow.test")[0].status == 504
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_head_204_304_and_pipelining(mp):
+    s = socket.create_connection(("127.0.0.1", mp.port), timeout=5)
+    s.sendall(b"HEAD /bytes?n=77 HTTP/1.1\r\nHost: site.test\r\n\r\n"
+              b"GET /status/204 HTTP/1.1\r\nHost: site.test\r\n\r\n"
+              b"GET /status/304 HTTP/1.1\r\nHost: site.test\r\n\r\n"
+              b"GET /echo?last=1 HTTP/1.1\r\nHost: site.test\r\n\r\n")
+    st, h, body, rest = read_response(s, head=True)
+    assert st == 200 and h["content-length"] == "77" and body == b""
+    st, _, body, rest = read_response(s, rest)
+    assert st == 204 and body == b""
+    st, _, body, rest = read_response(s, rest)
+    assert st == 304 and body == b""
+    st, _, body, rest = read_response(s, rest)
+    assert st == 200 and json.loads(body)["target"] == "/echo?last=1"
+    s.close()
+
+
+def test_expect_100_continue(mp):
+    s = socket.create_connection(("127.0.0.1", mp.port), timeout=5)
+    s.sendall(b"PUT /upload HTTP/1.1\r\nHost: site.test\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    s.sendall(b"data")
+    st, _, body, _ = read_response(s)
+    assert st == 200 and json.loads(body)["length"] == 4
+    s.close()
+
+
+def test_headers_hop_by_hop_and_forwarded(mp):
+    e = echo(mp.port, headers={"Connection": "X-Drop", "X-Drop": "1", "Keep-Alive": "timeout=1",
+                               "X-Forwarded-For": "6.6.6.6", "X-Keep": "k"})
+    names = {n.lower(): v for n, v in e["headers"]}
+    assert "x-drop" not in names and "keep-alive" not in names and "connection" not in names
+    assert names["x-forwarded-for"] == "127.0.0.1"
+    assert names["x-forwarded-proto"] == "http"
+    assert names["x-forwarded-host"] == "site.test"
+    assert names["forwarded"] == "for=127.0.0.1;host=site.test;proto=http"
+    assert names["x-keep"] == "k"
+
+
+def test_websocket_echo(mp):
+    s = socket.create_connection(("127.0.0.1", mp.port), timeout=5)
+    head = ws_handshake(s, "site.test", "/ws")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    reader = SockReader(s)
+    reader.buf = head.partition(b"\r\n\r\n")[2]
+    ws_send(s, b"through the real process")
+    assert ws_recv(reader) == (1, b"through the real process")
+    s.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_backend_killed_mid_stream_clean_error(mp, chunked):
+    c = http.client.HTTPConnection("127.0.0.1", mp.port, timeout=10)
+    c.request("GET", f"/die?after=10000{'&chunked=1' if chunked else ''}", headers={"Host": "site.test"})
+    r = c.getresponse()
+    with pytest.raises((http.client.IncompleteRead, ConnectionError, http.client.HTTPException)):
+        r.read()
+    c.close()
+
+
+def _slow_download(port: int, path: str) -> tuple[int, bytes]:
+    """GET with a small receive buffer and pauses between reads; returns (status, de-chunked body)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n".encode())
+    parts = []
+    while True:
+        d = s.recv(128 * 1024)
+        if not d:
+            break
+        parts.append(d)
+        if len(parts) % 8 == 0:
+            time.sleep(0.005)
+    s.close()
+    data = b"".join(parts)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    if b"Transfer-Encoding: chunked" in head:
+        out = []
+        pos = 0
+        while True:
+            eol = body.index(b"\r\n", pos)
+            size = int(body[pos:eol], 16)
+            if size == 0:
+                break
+            out.append(body[eol + 2:eol + 2 + size])
+            pos = eol + 4 + size
+        body = b"".join(out)
+    return status, body
+
+
+def test_10mib_both_ways_bounded_memory(mp):
+    n = 10 * MiB
+    pid = mp.proc.pid
+    for _ in range(2):  # warm up allocator pools and the upstream pool
+        get(mp.port, "/bytes?n=100000")
+    base = _rss_kb(pid)
+    payload = pattern(n)
+    digest = hashlib.sha256(payload).hexdigest()
+    peak = base
+    stop = threading.Event()
+
+    def watch():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_kb(pid))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        # Downloads, Content-Length and chunked, read slowly.
+        for q in ("", "&chunked=1"):
+            status, body = _slow_download(mp.port, f"/bytes?n={n}{q}")
+            assert status == 200 and len(body) == n and hashlib.sha256(body).hexdigest() == digest
+        # Uploads, Content-Length and chunked, to a backend that reads slowly.
+        for chunked in (False, True):
+            c = http.client.HTTPConnection("127.0.0.1", mp.port, timeout=30)
+            if chunked:
+                c.request("POST", "/upload?slow=1", body=(payload[i:i + 262144] for i in range(0, n, 262144)),
+                          headers={"Host": "site.test"}, encode_chunked=True)
+            else:
+                c.request("POST", "/upload?slow=1", body=payload, headers={"Host": "site.test"})
+            r = c.getresponse()
+            res = json.loads(r.read())
+            c.close()
+            assert res == {"backend": res["backend"], "length": n, "sha256": digest}
+    finally:
+        stop.set()
+        t.join()
+    # 40 MiB went through; the proxy's resident memory grew by far less than one body.
+    assert (peak - base) * 1024 < 6 * MiB, (base, peak)
+
+
+def test_route_change_under_traffic(mp, pods):
+    result = {}
+
+    def slow():
+        r, body = get(mp.port, "/delay?ms=1000")
+        result["status"], result["backend"] = r.status, json.loads(body)["backend"]
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.2)
+    (mp.dir / "all.yaml").write_text(config(pods, root_service="svc-b"))
+    wait_for(lambda: echo(mp.port, "/x")["backend"] == "b", timeout=10, what="new route in force")
+    t.join(5)
+    assert result["status"] == 200 and result["backend"] in ("a1", "a2")
+    (mp.dir / "all.yaml").write_text(config(pods))
+    wait_for(lambda: echo(mp.port, "/x")["backend"] in ("a1", "a2"), timeout=10, what="route restored")
+
+
+def test_access_log_and_metrics(mp):
+    assert get(mp.port, "/echo?logged=1")[0].status == 200
+    wait_for(lambda: mp.access_log.exists() and "/echo?logged=1" in mp.access_log.read_text(),
+             timeout=5, what="access log line")
+    line = next(x for x in mp.access_log.read_text().splitlines() if "/echo?logged=1" in x)
+    assert '"GET /echo?logged=1 HTTP/1.1" 200 ' in line and "ingress=default/site" in line
+    text = wait_for(lambda: (lambda t: t if 'meshproxy_http_requests_total{' in t else None)(mp.metrics()),
+                    timeout=5, what="metrics")
+    assert 'ingress="default/site"' in text
+    assert "meshproxy_http_no_route_total" in text
+
+
+@pytest.mark.skipif(CURL is None, reason="curl not installed")
+def test_curl_upload_and_keepalive(mp, tmp_path):
+    f = tmp_path / "b"
+    f.write_bytes(b"z" * 1500000)
+    out = subprocess.run([CURL, "-sS", "--http1.1", "-H", "Host: site.test", "--data-binary", f"@{f}",
+                          f"http://127.0.0.1:{mp.port}/upload", "-o", "-", f"http://127.0.0.1:{mp.port}/upload",
+                          "-w", " %{num_connects}"], capture_output=True, timeout=15)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.split(b"}", 1)[0] + b"}"
+    assert json.loads(first)["length"] == 1500000
+    assert out.stdout.endswith(b" 0")
+
+
+def test_sigterm_drains_in_flight_request(pods, tmp_path):
+    (tmp_path / "m.yaml").write_text(config(pods))
+    port = free_port()
+    with Meshproxy([str(tmp_path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks",
+                   "--drain-timeout", "5") as m:
+        result = {}
+
+        def slow():
+            r, body = get(port, "/delay?ms=800")
+            result["status"], result["connection"] = r.status, r.getheader("Connection")
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.3)
+        m.send(signal.SIGTERM)
+        t.join(5)
+        assert result == {"status": 200, "connection": "close"}
+        assert m.proc.wait(10) == 0
+        # The listener is gone.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_slowloris_1000_connections_do_not_stop_others(pods, tmp_path):
+    """1,000 connections dribbling a head byte by byte: a normal client is still answered within
+    a second, and every slow one gets 408 once the header deadline (from its first byte) passes."""
+    (tmp_path / "m.yaml").write_text(config(pods))
+    port = free_port()
+    with Meshproxy([str(tmp_path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks",
+                   "--header-timeout", "2") as m:
+        slow = []
+        for _ in range(1000):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.setblocking(False)
+            slow.append(s)
+        head = b"GET / HTTP/1.1\r\nHost: site.test\r\nX-Slow: " + b"a" * 100
+        latencies = []
+        t0 = time.monotonic()
+        i = 0
+        while time.monotonic() - t0 < 3.0:
+            for s in slow:
+                try:
+                    s.send(head[i:i + 1])
+                except OSError:
+                    pass
+            i += 1
+            t1 = time.monotonic()
+            assert get(port, "/echo")[0].status == 200
+            latencies.append(time.monotonic() - t1)
+            time.sleep(0.2)
+        assert max(latencies) < 1.0, latencies
+        # Every slow connection was answered 408 (deadline 2 s from its first byte) and closed.
+        answered = 0
+        for s in slow:
+            s.setblocking(True)
+            s.settimeout(3)
+            try:
+                data = s.recv(100)
+            except OSError:
+                data = b""
+            answered += data.startswith(b"HTTP/1.1 408 ")
+            s.close()
+        assert answered == 1000
+        assert m.proc.poll() is None
