@@ -8,6 +8,13 @@ The control plane creates one ``L4Manager(runtime)`` in the running loop and sub
 
 from .listeners import L4Manager, bind_listener
 from .proxy_protocol import header as proxy_protocol_header
-from .pump import CHUNK, MAX_ATTEMPTS, L4Connection
+from .pump import MAX_ATTEMPTS, MAX_IN_FLIGHT, L4Connection
 
-__all__ = ["L4Manager", "L4Connection", "bind_listener", "proxy_protocol_header", "CHUNK", "MAX_ATTEMPTS"]
+__all__ = [
+           "MAX_ATTEMPTS",
+           "MAX_IN_FLIGHT",
+           "L4Connection",
+           "L4Manager",
+           "bind_listener",
+           "proxy_protocol_header",
+]

@@ -17,7 +17,8 @@ maglev              Maglev lookup table (Eisenbud et al., NSDI '16)             
 ==================  ==========================================================  ===========
 
 With ``backend.affinity_timeout`` set (Service ``sessionAffinity: ClientIP``) a client IP is
-pinned to the endpoint it got first; the pin holds while that endpoint stays a candidate and
+pinned to the endpoint it got first (under the default ``random`` policy that first choice is
+a consistent hash of the client IP, so separate processes pin a client alike); the pin holds while that endpoint stays a candidate and
 the client keeps coming back within the timeout (kube-proxy semantics: the timer counts from
 the *last* use, like iptables ``recent --rcheck --seconds``); otherwise a new endpoint is
 chosen by the policy and pinned.
@@ -48,14 +49,14 @@ import bisect
 import hashlib
 import random as _random
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from discovery.endpoints import Endpoint
 
 from .settings import Settings
 from .snapshot import Backend, Snapshot
 
-__all__ = ["Balancers", "stable_hash", "MAGLEV_SIZES"]
+__all__ = ["MAGLEV_SIZES", "Balancers", "stable_hash"]
 
 Addr = tuple[str, int]
 
@@ -89,7 +90,7 @@ def _ep_name(ep: Endpoint) -> bytes:
 
 class _Ring:
     """Consistent-hash ring: sorted points, each owned by an endpoint index."""
-    __slots__ = ("points", "owners")
+    __slots__ = ("owners", "points")
 
     def __init__(self, cands: tuple[Endpoint, ...]) -> None:
         per = min(_RING_POINTS_PER_ENDPOINT, max(1, _RING_MAX_POINTS // len(cands)))
@@ -177,9 +178,7 @@ class _LeastConn:
         if not b:
             del self.buckets[old]
         self.buckets.setdefault(new, {})[addr] = None
-        if new < self.min:
-            self.min = new
-        elif old == self.min and old not in self.buckets:
+        if new < self.min or old == self.min and old not in self.buckets:
             self.min = new
 
     def choose(self, exclude: frozenset[Addr]) -> Addr | None:
@@ -198,7 +197,7 @@ class _LeastConn:
 
 class _Tables:
     """What is cached per candidate tuple: address index and the lazily built policy tables."""
-    __slots__ = ("cands", "by_addr", "ring", "maglev", "lc")
+    __slots__ = ("by_addr", "cands", "lc", "maglev", "ring")
 
     def __init__(self, cands: tuple[Endpoint, ...]) -> None:
         self.cands = cands           # held so id(cands) cannot be reused while cached
@@ -209,8 +208,18 @@ class _Tables:
 
 
 class Balancers:
-    __slots__ = ("settings", "active", "failures", "_clock", "_rng", "_rr", "_affinity",
-                 "_affinity_swept", "_tables", "_lc_by_addr")
+    __slots__ = (
+        "_affinity",
+        "_affinity_swept",
+        "_clock",
+        "_lc_by_addr",
+        "_rng",
+        "_rr",
+        "_tables",
+        "active",
+        "failures",
+        "settings",
+    )
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
                  rng: _random.Random | None = None) -> None:
@@ -253,7 +262,14 @@ class Balancers:
             if ep is not None:
                 self._affinity[key] = (pin[0], now + timeout)
                 return ep
-        ep = self._choose(backend, cands, client_ip, exclude, hash_key, policy)
+        eff = policy or backend.policy
+        if eff == "random":
+            # A new pin under the default policy comes from a consistent hash of the client IP
+            # instead of a die roll: just as uniform over clients, and every process (workers
+            # behind SO_REUSEPORT, the node proxies of a cluster) pins a client to the same
+            # endpoint without sharing the table.
+            eff = "maglev"
+        ep = self._choose(backend, cands, client_ip, exclude, hash_key, eff)
         if ep is not None:
             self._affinity[key] = (ep.addr, now + timeout)
             if len(self._affinity) > 2 * self._affinity_swept + 1024:

@@ -1,0 +1,408 @@
+"""L4 listeners reconciled against each snapshot, and the registry of open connections.
+
+``L4Manager.apply(snapshot)`` (synchronous, called on every publish) makes the set of bound
+listening sockets equal to ``snapshot.l4``:
+
+- a new (host, port) is bound at once (SO_REUSEADDR + SO_REUSEPORT, exactly that address,
+  never a wildcard) and accepted from with the loop's ``add_reader`` (raw sockets: see
+  ``l4.pump`` for why there are no transports);
+- an existing (host, port) is left untouched (same socket, same server) even when its
+  ``L4Listener`` changed: each connection reads the snapshot in force when it is accepted;
+- a removed (host, port) has its listening socket closed at once; its open connections get
+  a drain deadline of now + ``settings.drain_timeout`` and are reset when it passes;
+- a bind failure is logged once, counted in ``l4_listener_errors`` and kept in ``failures``
+  (shown by /debug/snapshot); it never stops the other listeners and is retried on the next
+  apply. An "external" address (LoadBalancer ingress IP, externalIP) that is not local to
+  this host (EADDRNOTAVAIL) is skipped quietly: it belongs to another machine.
+
+Endpoint drain: connections are registered by (backend, endpoint address). On each apply,
+connections whose endpoint is gone from their backend in the new snapshot (or the backend is
+gone), or is now terminating, get the same drain deadline (new connections no longer go
+there: the balancer only picks from ``usable``). A deadline, once set, is kept. Connections
+that went to a serving-terminating endpoint because it was the service's only choice
+(KEP-1669) are not cut while their backend stays as it was.
+
+One periodic timer (``_sweep``) enforces deadlines and idle timeouts; nothing is scheduled
+per connection or per read. With ``settings.max_connections`` a listener stops accepting
+while it has that many open connections (they wait in the backlog) and resumes when one ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Iterable, Mapping
+
+from meshproxy import metrics, sockets
+from meshproxy.runtime import Runtime
+from meshproxy.snapshot import L4Listener, Snapshot
+
+from . import pump as _pump
+from .pump import BufferPool, L4Connection, make_poller, reset_socket
+
+__all__ = ["BACKLOG", "L4Manager", "bind_listener"]
+
+log = logging.getLogger("meshproxy.l4")
+
+# listen() backlog: the kernel clamps it to net.core.somaxconn (4096 on current kernels).
+# A short backlog drops SYNs under connection bursts, which the bench's conn/s test shows.
+BACKLOG = 4096
+
+Key = tuple[str, int]
+
+_ACCEPTS_PER_WAKEUP = 64
+_ACCEPT_BACKOFF = 0.1
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket bound to exactly ``host:port``.
+
+    Made by ``meshproxy.sockets.listen`` (SO_REUSEADDR, SO_REUSEPORT, registered so that
+    ``run --takeover`` can hand it to the next process, or taken over from the previous one).
+    SO_REUSEADDR lets a restarted process bind while old connections sit in TIME_WAIT;
+    SO_REUSEPORT lets several workers and an upgrading process hold the same address."""
+    ip = ipaddress.ip_address(host)          # ValueError for a name: listeners take addresses
+    if ip.is_unspecified:
+        raise OSError(errno.EINVAL, f"refusing to listen on the wildcard address {host}")
+    return sockets.listen(host, port, BACKLOG)
+
+
+class _Labels:
+    """Prometheus children of one backend, resolved once instead of per event."""
+    __slots__ = ("active", "connect_failures", "connections", "no_endpoints", "rx", "tx")
+
+    def __init__(self, key: tuple[str, str, str]) -> None:
+        self.connections = metrics.l4_connections.labels(*key)
+        self.active = metrics.l4_active.labels(*key)
+        self.rx = metrics.l4_bytes.labels(*key, "rx")
+        self.tx = metrics.l4_bytes.labels(*key, "tx")
+        self.connect_failures = metrics.l4_connect_failures.labels(*key)
+        self.no_endpoints = metrics.l4_no_endpoints.labels(*key)
+
+
+class _Listener:
+    """One bound (host, port) and the connections it accepted."""
+    __slots__ = ("accepting", "closed", "conns", "fd", "key", "mgr", "retry", "sock", "spec")
+
+    def __init__(self, mgr: L4Manager, key: Key, spec: L4Listener, sock: socket.socket) -> None:
+        self.mgr = mgr
+        self.key = key
+        self.spec = spec
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conns: set[L4Connection] = set()
+        self.closed = False
+        self.accepting = False
+        self.retry: asyncio.TimerHandle | None = None
+
+    def resume(self) -> None:
+        self.retry = None
+        if not self.closed and not self.accepting:
+            self.mgr.loop.add_reader(self.fd, self.on_acceptable)
+            self.accepting = True
+
+    def pause(self) -> None:
+        if self.accepting:
+            self.mgr.loop.remove_reader(self.fd)
+            self.accepting = False
+
+    def on_acceptable(self) -> None:
+        mgr = self.mgr
+        limit = mgr.settings.max_connections
+        # A few accepts per wakeup: drain a burst without starving established connections.
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            if limit is not None and len(self.conns) >= limit:
+                self.pause()                  # resumed by L4Manager._forget
+                return
+            try:
+                client, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    # Out of fds / memory: the pending connection stays in the backlog and the
+                    # socket stays readable, so back off instead of spinning at 100 % CPU.
+                    log.error("l4: accept on %s:%d: %s; pausing accepts for %.1fs",
+                              self.key[0], self.key[1], exc.strerror, _ACCEPT_BACKOFF)
+                    self.pause()
+                    self.retry = mgr.loop.call_later(_ACCEPT_BACKOFF, self.resume)
+                return                        # ECONNABORTED etc.: that one is gone; next wakeup
+            try:
+                client.setblocking(False)
+                conn = L4Connection(mgr, self, client, peer[:2])
+                mgr._accepted(conn)
+                conn.start()
+            except Exception:                 # callback boundary
+                log.exception("l4: error accepting a connection on %s:%d", *self.key)
+                reset_socket(client)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.pause()
+        self.closed = True
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        sockets.release(self.sock)
+        self.sock.close()
+
+
+class L4Manager:
+    __slots__ = (
+        "_empty_waiter",
+        "_idle_tick",
+        "_labels",
+        "_last_backends",
+        "_last_idle_scan",
+        "_reported",
+        "_stopped",
+        "_tick",
+        "_timer",
+        "balancers",
+        "by_endpoint",
+        "conns",
+        "draining",
+        "failures",
+        "listeners",
+        "loop",
+        "poller",
+        "pool",
+        "runtime",
+        "settings",
+    )
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.balancers = runtime.balancers
+        self.loop = asyncio.get_running_loop()
+        self.pool = BufferPool(_pump.USE_SPLICE)
+        self.poller = make_poller(self.loop)
+        self.listeners: dict[Key, _Listener] = {}
+        self.failures: dict[Key, str] = {}
+        self.conns: set[L4Connection] = set()
+        # Open connections by (backend key, endpoint address): what endpoint drain looks up.
+        self.by_endpoint: dict[tuple[tuple[str, str, str], tuple[str, int]], set[L4Connection]] = {}
+        self._last_backends: Mapping = {}
+        self.draining: set[L4Connection] = set()
+        self._labels: dict[tuple[str, str, str], _Labels] = {}
+        self._reported: dict[Key, str] = {}
+        self._stopped = False
+        s = self.settings
+        # Deadlines are enforced to within a quarter of the drain timeout (<= 1 s); idle
+        # connections are looked at every idle_timeout/8 (<= 10 s): an O(connections) pass
+        # that costs little at that rate.
+        self._tick = max(0.02, min(1.0, s.drain_timeout / 4, s.idle_timeout / 4))
+        self._idle_tick = max(self._tick, min(10.0, s.idle_timeout / 8))
+        self._last_idle_scan = self.loop.time()
+        self._timer: asyncio.TimerHandle | None = self.loop.call_later(self._tick, self._sweep)
+        self._empty_waiter: asyncio.Future | None = None
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    def apply(self, snap: Snapshot) -> None:
+        try:
+            self._apply(snap)
+        except Exception:            # a subscriber must not break publishing
+            log.exception("l4: applying snapshot %d failed", snap.version)
+
+    def _apply(self, snap: Snapshot) -> None:
+        wanted = snap.l4
+        for key in [k for k in self.listeners if k not in wanted]:
+            self._remove(key)
+        if not self._stopped:
+            for key, spec in wanted.items():
+                lst = self.listeners.get(key)
+                if lst is None:
+                    self._open(key, spec)
+                else:
+                    lst.spec = spec
+        for key in [k for k in self.failures if k not in wanted]:
+            del self.failures[key]
+        for key in [k for k in self._reported if k not in wanted]:
+            del self._reported[key]
+        for key in [k for k in self._labels if k not in snap.backends]:
+            del self._labels[key]
+        self._drain_gone_endpoints(snap)
+        metrics.l4_listeners.set(len(self.listeners))
+
+    def _open(self, key: Key, spec: L4Listener) -> None:
+        host, port = key
+        try:
+            sock = bind_listener(host, port)
+        except (OSError, ValueError) as exc:
+            self._bind_failed(key, spec, exc)
+            return
+        lst = _Listener(self, key, spec, sock)
+        self.listeners[key] = lst
+        self.failures.pop(key, None)
+        if self._reported.pop(key, None) is not None:
+            log.info("l4: listening on %s:%d (%s/%s:%s) after earlier failure", host, port, *spec.backend)
+        else:
+            log.debug("l4: listening on %s:%d (%s/%s:%s)", host, port, *spec.backend)
+        lst.resume()
+
+    def _bind_failed(self, key: Key, spec: L4Listener, exc: BaseException) -> None:
+        host, port = key
+        if spec.scope == "external" and isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+            # A LoadBalancer / external IP of another machine: nothing to serve here.
+            if self._reported.get(key) != "not local":
+                self._reported[key] = "not local"
+                log.debug("l4: %s:%d (%s/%s:%s) is not a local address; not listening", host, port, *spec.backend)
+            return
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        msg = f"cannot listen on {host}:{port}: {msg}"
+        self.failures[key] = msg
+        if self._reported.get(key) != msg:
+            self._reported[key] = msg
+            metrics.l4_listener_errors.labels(*spec.backend).inc()
+            log.error("l4: %s/%s:%s: %s", *spec.backend, msg)
+
+    def _remove(self, key: Key) -> None:
+        lst = self.listeners.pop(key)
+        lst.close()
+        log.debug("l4: closed listener %s:%d (%d connections drain)", key[0], key[1], len(lst.conns))
+        if lst.conns:
+            deadline = self.loop.time() + self.settings.drain_timeout
+            for conn in lst.conns:
+                self._set_deadline(conn, deadline)
+
+    def _drain_gone_endpoints(self, snap: Snapshot) -> None:
+        """Connections to an endpoint that left their backend, or is terminating, drain.
+
+        Only backends whose object changed since the last apply are looked at (the builder
+        reuses unchanged ones), so the cost is the endpoints of the services that changed."""
+        last, self._last_backends = self._last_backends, snap.backends
+        if not self.by_endpoint:
+            return
+        alive: dict[tuple[str, str, str], set[tuple[str, int]] | None] = {}
+        deadline = None
+        for (bkey, addr), conns in self.by_endpoint.items():
+            if bkey not in alive:
+                b = snap.backends.get(bkey)
+                if b is not None and b is last.get(bkey):
+                    alive[bkey] = None            # unchanged: nothing new to drain
+                else:
+                    alive[bkey] = {e.addr for e in b.endpoints if not e.terminating} if b else set()
+            live = alive[bkey]
+            if live is None or addr in live:
+                continue
+            if deadline is None:
+                deadline = self.loop.time() + self.settings.drain_timeout
+            for conn in conns:
+                self._set_deadline(conn, deadline)
+
+    def _set_deadline(self, conn: L4Connection, deadline: float) -> None:
+        if conn.deadline is None or deadline < conn.deadline:
+            conn.deadline = deadline
+            self.draining.add(conn)
+
+    # -- connection registry (called by L4Connection) ------------------------------------------
+
+    def _accepted(self, conn: L4Connection) -> None:
+        self.conns.add(conn)
+        conn.listener.conns.add(conn)
+        conn.idle_since = self.loop.time()
+
+    def _track(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None:
+        s = self.by_endpoint.get(key)
+        if s is None:
+            s = self.by_endpoint[key] = set()
+        s.add(conn)
+
+    def _untrack(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None:
+        s = self.by_endpoint.get(key)
+        if s is not None:
+            s.discard(conn)
+            if not s:
+                del self.by_endpoint[key]
+
+    def _forget(self, conn: L4Connection) -> None:
+        self.conns.discard(conn)
+        lst = conn.listener
+        lst.conns.discard(conn)
+        if not lst.accepting and not lst.closed and lst.retry is None:
+            lst.resume()                      # it was paused at max_connections
+        self.draining.discard(conn)
+        if not self.conns and self._empty_waiter is not None and not self._empty_waiter.done():
+            self._empty_waiter.set_result(None)
+
+    def _labels_for(self, key: tuple[str, str, str]) -> _Labels:
+        lab = self._labels.get(key)
+        if lab is None:
+            lab = self._labels[key] = _Labels(key)
+        return lab
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        loop = self.loop
+        now = loop.time()
+        try:
+            if self.draining:
+                for conn in [c for c in self.draining if c.deadline is not None and c.deadline <= now]:
+                    self.draining.discard(conn)
+                    log.info("l4: %s: drain deadline passed, closing", conn.describe())
+                    conn.kill(reset=True)
+            if now - self._last_idle_scan >= self._idle_tick:
+                self._last_idle_scan = now
+                limit = self.settings.idle_timeout
+                for conn in [c for c in self.conns if not c.busy and now - c.idle_since >= limit]:
+                    log.debug("l4: %s: idle for %.0fs, closing", conn.describe(), now - conn.idle_since)
+                    # A FIN when nothing is pending; an RST when bytes are stuck behind a peer
+                    # that stopped reading, since a graceful close would wait for it forever.
+                    conn.kill(reset=conn.buffered() > 0)
+                for conn in self.conns:
+                    if conn.busy:
+                        conn.busy = False
+                        conn.idle_since = now
+        except Exception:            # the sweep must keep running
+            log.exception("l4: sweep failed")
+        if self._timer is not None:
+            self._timer = loop.call_later(self._tick, self._sweep)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def stop_accepting(self) -> None:
+        """Close every listening socket (SIGTERM); open connections continue."""
+        self._stopped = True
+        for lst in self.listeners.values():
+            lst.close()
+        self.listeners.clear()
+        metrics.l4_listeners.set(0)
+        await asyncio.sleep(0)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for open connections to finish, then reset the rest."""
+        if self.conns and timeout > 0:
+            self._empty_waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._empty_waiter, timeout)
+            except TimeoutError:
+                pass
+        if self.conns:
+            log.info("l4: closing %d connections still open", len(self.conns))
+            for conn in list(self.conns):
+                conn.kill(reset=True)
+            # Let the transports deliver connection_lost (bounded: a few loop turns).
+            end = time.monotonic() + 1.0
+            while self.conns and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.pool.close()
+        self.poller.close()
+
+    def active_connections(self) -> int:
+        return len(self.conns)
+
+    def addresses(self) -> Iterable[Key]:
+        """The (host, port) pairs bound right now."""
+        return list(self.listeners)
