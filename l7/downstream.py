@@ -43,7 +43,7 @@ import struct
 import time
 from typing import Any
 
-from meshproxy import metrics
+from meshproxy import metrics, sockets
 
 from .accesslog import AccessLog
 from .headers import IDEMPOTENT_METHODS, ClientInfo, TrustedProxies, request_headers, response_headers
@@ -189,7 +189,7 @@ class ClientConnection(asyncio.Protocol):
         "attempts", "connect_failures", "tried", "token", "connecting", "req_done", "req_chunked",
         "sent", "sent_bytes", "pending", "pending_bytes", "resp_started", "resp_done",
         "resp_status", "resp_bytes", "resp_mode", "resp_keep", "up_keep", "timeout",
-        "got_head", "up_eof",
+        "got_head", "up_eof", "idle_at",
     )
 
     def __init__(self, server: IngressServer, listener: _Listener) -> None:
@@ -200,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: Any = None
         self.parser: RequestParser | None = None
         self.state = _IDLE
+        self.idle_at = self.loop.time()
         self.tls = listener.tls
         self.proto = b"https" if listener.tls else b"http"
         self.read_paused = 0
@@ -930,6 +931,7 @@ class ClientConnection(asyncio.Protocol):
         self._account(self.resp_status)
         self.match = None
         self.state = _IDLE
+        self.idle_at = self.loop.time()
         if (not self.resp_keep or self.close_after or self.client_eof or self.server.draining
                 or self.server.runtime.draining):
             self._close()
@@ -1058,9 +1060,13 @@ class ClientConnection(asyncio.Protocol):
         else:
             transport.close()
 
-    def close_if_idle(self) -> None:
-        """Draining: an idle keep-alive connection is closed now."""
-        if self.state == _IDLE:
+    def close_if_idle(self, grace: float = 0.0) -> None:
+        """Draining: a keep-alive connection idle for ``grace`` seconds is closed.
+
+        A client that is still sending gets ``Connection: close`` on its next response
+        instead; closing it the moment it goes idle would race with a request already on the
+        wire (RFC 9112 §9.3.1: the client would have to retry it)."""
+        if self.state == _IDLE and self.loop.time() - self.idle_at >= grace:
             self._close()
 
 
@@ -1082,18 +1088,8 @@ class _Listener:
         self.paused = False
         self.stopped = False
         self._starting = False
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if hasattr(socket, "SO_REUSEPORT"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        # SO_REUSEADDR|SO_REUSEPORT, and the inherited socket on `run --takeover`.
+        sock = sockets.listen(host, port, 1024)
         self.sock = sock
         self.host = host
         self.port = port = sock.getsockname()[1]
@@ -1147,6 +1143,7 @@ class _Listener:
         self.stopped = True
         self._stop_server()
         try:
+            sockets.release(self.sock)
             self.sock.close()
         except OSError:
             pass
@@ -1232,13 +1229,14 @@ class IngressServer:
         """Finish requests in flight (their responses carry ``Connection: close``), close idle
         connections, and after ``timeout`` close whatever is left."""
         self.draining = True
-        for conn in list(self.connections):
-            conn.close_if_idle()
+        grace = min(1.0, timeout / 4)
         deadline = self.loop.time() + max(0.0, timeout)
+        for conn in list(self.connections):
+            conn.close_if_idle(grace)
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
             for conn in list(self.connections):
-                conn.close_if_idle()
+                conn.close_if_idle(grace)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn._close(abort=True)

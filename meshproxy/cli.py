@@ -31,8 +31,8 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _add_files(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--filename", dest="paths", action="append", required=True, metavar="PATH",
+def _add_files(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-f", "--filename", dest="paths", action="append", required=required, metavar="PATH",
                    help="manifest file or folder (repeatable); folders are read recursively (*.yaml, *.yml, *.json)")
     p.add_argument("--service-cidr", default="127.96.0.0/16",
                    help="range for ClusterIPs; given ones must lie inside, missing ones are allocated from it (default %(default)s)")
@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve the manifests (watched for changes)")
-    _add_files(run)
+    _add_files(run, required=False)
+    kube = run.add_argument_group("Kubernetes API (without -f: in-cluster config, $KUBECONFIG or ~/.kube/config)")
+    kube.add_argument("--kubeconfig", metavar="PATH", help="list + watch objects from the API server of this kubeconfig")
+    kube.add_argument("--context", metavar="NAME", help="kubeconfig context (default: its current-context)")
+    kube.add_argument("--namespace", metavar="NS", help="namespaced kinds of NS only (default: all namespaces)")
     run.add_argument("--node", help="the Node object this instance is (default: a single implicit node on 127.0.0.1)")
     run.add_argument("--ingress-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTP here (off when absent)")
     run.add_argument("--ingress-tls-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTPS here")
@@ -106,6 +110,7 @@ _FLAG_FIELDS = {
     "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
     "dns_min_ttl": "dns_min_ttl", "dns_max_ttl": "dns_max_ttl", "dns_listen": "dns_listen",
     "cluster_domain": "cluster_domain",
+    "kubeconfig": "kubeconfig", "context": "kube_context", "namespace": "kube_namespace",
 }
 
 
@@ -121,7 +126,7 @@ def _load_config_file(path: str) -> dict:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    s = Settings(paths=list(args.paths))
+    s = Settings(paths=list(args.paths or []))
     file_values = _load_config_file(args.config) if getattr(args, "config", None) else {}
     for key, value in file_values.items():
         if key not in _FLAG_FIELDS and key not in ("trusted_proxies", "watch_ingress_without_class"):
@@ -148,6 +153,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "no_health_checks", False):
         s.health_checks = False
     s.takeover = bool(getattr(args, "takeover", False))
+    # The API is the source when asked for, or when there are no files to read.
+    s.kube_api = bool(s.kubeconfig) or not s.paths
     import ipaddress
     for cidr in s.trusted_proxies:
         ipaddress.ip_network(cidr, strict=False)   # ValueError names the bad one

@@ -53,6 +53,7 @@ class Process:
         self.extra_ready = lambda: True
         self.on_stop = None
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
+        self.kube = None
         self.l4 = None
         self.ingress = None
         self.admin: AdminServer | None = None
@@ -108,6 +109,10 @@ class Process:
             return
         self.dns_source.sync(services)
 
+    def _on_kube_events(self, events) -> None:
+        self.controller.apply_events(events, "kubernetes")
+        self._sync_health()
+
     def _sync_health(self) -> None:
         if self.health is not None:
             self.health.sync(self.controller.store.items("Pod"))
@@ -137,6 +142,16 @@ class Process:
             return False
         metrics.config_reloads.labels("ok").inc()
         self.controller.apply_events(outcome.events, "files")
+        if self.settings.kube_api:
+            from discovery.sources.kubeconfig import KubeConfigError, load_config
+            from discovery.sources.kubernetes import KubernetesSource
+            try:
+                cfg = load_config(self.settings.kubeconfig, self.settings.kube_context)
+                self.kube = KubernetesSource(cfg, self._on_kube_events, self.settings.kube_namespace)
+                self.kube.start()
+            except KubeConfigError as exc:
+                print(f"meshproxy: {exc}", file=sys.stderr)
+                return False
         if self.settings.health_checks:
             from discovery.health import HealthChecker
             results: dict[tuple[str, str], bool] = {}
@@ -162,7 +177,8 @@ class Process:
             await self.ingress.start()
             self.runtime.subscribe(self.ingress.apply)
         host, port = self.settings.admin_listen
-        self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready(),
+        self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready()
+                                 and (self.kube is None or self.kube.synced.is_set()),
                                  snapshot_json=self._snapshot_json, metrics_text=_metrics_text(),
                                  snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None)
         await self.admin.start()
@@ -194,6 +210,8 @@ class Process:
         data = snap.to_json()
         if self.l4 is not None:
             data["listenerErrors"] = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())}
+        if self.kube is not None:
+            data["kubernetes"] = self.kube.state()
         if self.health is not None and hasattr(self.health, "state"):
             data["health"] = self.health.state()
         if self.dns_source is not None:

@@ -67,6 +67,10 @@ class Settings:
     poll_interval: float = 0.5             # file watch fallback when inotify is missing
     takeover: bool = False
     http_parser: str = "auto"
+    kube_api: bool = False                 # read objects from the Kubernetes API (list + watch)
+    kubeconfig: str | None = None          # None: in-cluster, else $KUBECONFIG / ~/.kube/config
+    kube_context: str | None = None
+    kube_namespace: str | None = None      # None: all namespaces
     dns_servers: tuple[tuple[str, int], ...] = ()   # resolvers for the DNS source (default: system)
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0

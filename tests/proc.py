@@ -81,15 +81,19 @@ class Meshproxy:
         self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            if self.proc is None or self.proc.poll() is not None:
+                return self.proc.returncode if self.proc else 0
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        finally:
+            if getattr(self, "log", None) is not None:
+                self.log.close()
 
     def __enter__(self) -> "Meshproxy":
         return self.start()

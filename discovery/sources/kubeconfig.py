@@ -34,8 +34,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
-__all__ = ["KubeConfig", "KubeConfigError", "load_kubeconfig", "in_cluster_config", "load_config",
-           "in_cluster_available", "SERVICEACCOUNT_DIR"]
+__all__ = [
+    "SERVICEACCOUNT_DIR",
+    "KubeConfig",
+    "KubeConfigError",
+    "in_cluster_available",
+    "in_cluster_config",
+    "load_config",
+    "load_kubeconfig",
+]
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_REFRESH = 60.0

@@ -39,19 +39,28 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import h11
 
-from .. import objects as o
 from ..manifests import parse_document
 from ..store import ADDED, DELETED, MODIFIED, Event
 from .kubeconfig import KubeConfig, KubeConfigError
 
-__all__ = ["KubernetesSource", "KindState", "Resource", "RESOURCES", "collection_path",
-           "WatchExpired", "WatchFailed", "ApiError", "Backoff"]
+__all__ = [
+    "RESOURCES",
+    "ApiError",
+    "Backoff",
+    "KindState",
+    "KubernetesSource",
+    "Resource",
+    "WatchExpired",
+    "WatchFailed",
+    "collection_path",
+]
 
 log = logging.getLogger("meshproxy.sources.kubernetes")
 
@@ -154,7 +163,7 @@ class KindState:
     """One kind's objects as this source last saw them, and the events that move the store
     from one view to the next. No I/O."""
 
-    __slots__ = ("kind", "cluster_scoped", "items", "resource_version", "_logged")
+    __slots__ = ("_logged", "cluster_scoped", "items", "kind", "resource_version")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -273,7 +282,7 @@ class Backoff:
     """Exponential backoff with jitter: base * 2^n, capped, each delay drawn from
     [delay/2, delay] so that many clients restarting together spread out."""
 
-    __slots__ = ("base", "cap", "attempts", "_rand")
+    __slots__ = ("_rand", "attempts", "base", "cap")
 
     def __init__(self, base: float = 0.5, cap: float = 30.0, rand: random.Random | None = None) -> None:
         self.base, self.cap = base, cap
@@ -324,7 +333,7 @@ class _Response:
             elif isinstance(ev, h11.EndOfMessage):
                 return
             elif isinstance(ev, h11.ConnectionClosed):
-                raise EOFError("connection closed in the response body")
+                raise EOFError("connection closed in the response body")  # noqa: TRY004 - not a type error: the peer hung up
 
     async def read(self) -> bytes:
         body = bytearray()
@@ -417,9 +426,24 @@ class _Client:
 class _Kind:
     """The running state of one kind (besides its KindState)."""
 
-    __slots__ = ("res", "state", "gv_index", "phase", "synced", "listed", "lists", "relists",
-                 "watches", "events", "last_error", "last_sync", "need_list", "backoff", "unavailable",
-                 "expired_streak")
+    __slots__ = (
+        "backoff",
+        "events",
+        "expired_streak",
+        "gv_index",
+        "last_error",
+        "last_sync",
+        "listed",
+        "lists",
+        "need_list",
+        "phase",
+        "relists",
+        "res",
+        "state",
+        "synced",
+        "unavailable",
+        "watches",
+    )
 
     def __init__(self, res: Resource, backoff: Backoff) -> None:
         self.res = res
@@ -473,7 +497,9 @@ class KubernetesSource:
     def start(self) -> None:
         """Start the list/watch tasks in the running loop. Raises KubeConfigError when the TLS
         settings cannot be loaded (a bad CA file, a key that does not match its certificate)."""
-        from meshproxy import metrics   # the process's registry; imported late, discovery stays standalone
+        from meshproxy import (
+            metrics,  # the process's registry; imported late, discovery stays standalone
+        )
         self._metrics = metrics
         self._client = _Client(self.config)
         metrics.source_up.labels(SOURCE).set(0)
