@@ -618,7 +618,7 @@ class L4Connection:
         mgr.poller.detach(self.pod.fileno())
         self.pod.close()
         self.pod = None
-        mgr.balancers.report_failure(ep)
+        mgr.balancers.report_failure(ep, self.backend)
         mgr.balancers.release(ep)
         mgr._untrack(self, (self.backend.key, ep.addr))
         self.endpoint = None
@@ -635,7 +635,7 @@ class L4Connection:
 
     def _connected(self) -> None:
         self.state = _OPEN
-        self.mgr.balancers.report_success(self.endpoint)  # type: ignore[arg-type]
+        self.mgr.balancers.report_success(self.endpoint, self.backend)  # type: ignore[arg-type]
         client, pod = self.client, self.pod
         # A byte pump must not add Nagle delay to small writes the peers make.
         for s in (client, pod):

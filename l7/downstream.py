@@ -622,7 +622,7 @@ class ClientConnection(asyncio.Protocol):
         ep = self.ep
         log.debug("L7: connect to %s:%d failed: %s", ep.ip, ep.port, exc)
         self._detach(reuse=False)
-        server.balancers.report_failure(ep)
+        server.balancers.report_failure(ep, self.backend)
         self.stats.error("connect")
         self.connect_failures += 1
         self._add_tried(ep)
@@ -665,7 +665,7 @@ class ClientConnection(asyncio.Protocol):
         ep = self.ep
         self._detach(reuse=False)
         if not stale:  # a pod closing an idle keep-alive connection is not a failing pod
-            server.balancers.report_failure(ep)
+            server.balancers.report_failure(ep, self.backend)
         self.stats.error(kind)
         if self.resp_started:
             # Part of the response is out: the client must see an error, never a short body
@@ -831,8 +831,11 @@ class ClientConnection(asyncio.Protocol):
         ep = self.ep
         self._detach(reuse=self.up_keep and self.req_done)
         balancers = server.balancers
-        if balancers.failures:  # only an endpoint with failures has anything to reset
-            balancers.report_success(ep)
+        if self.resp_status >= 500:
+            # Outlier detection counts 5xx answers as failures (Envoy's consecutive_5xx).
+            balancers.report_failure(ep, self.backend)
+        elif balancers.failures:  # only an endpoint with failures has anything to reset
+            balancers.report_success(ep, self.backend)
         if not self.req_done:
             # The response is complete before the request: the rest of the body is not read.
             self.resp_keep = False

@@ -219,6 +219,8 @@ class Balancers:
         "active",
         "failures",
         "settings",
+        "outlier",
+        "_filtered",
     )
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
@@ -235,14 +237,23 @@ class Balancers:
         self._affinity_swept = 0
         self._tables: dict[int, _Tables] = {}
         self._lc_by_addr: dict[Addr, list[_LeastConn]] = {}
+        # Passive outlier detection (Envoy's consecutive-failure ejection, panic mode).
+        from .outlier import OutlierDetector
+        self.outlier = OutlierDetector()
+        # (backend key, local_only) -> (source tuple, outlier version, filtered tuple): keeps the
+        # filtered tuple identical while the ejected set is unchanged, so hash tables stay cached.
+        self._filtered: dict[tuple, tuple] = {}
 
     # -- choice -------------------------------------------------------------------------------
 
     def pick(self, backend: Backend, client_ip: str | None, local_only: bool = False,
              exclude: frozenset[Addr] = frozenset(), hash_key: bytes | None = None,
              policy: str | None = None) -> Endpoint | None:
-        """``policy`` overrides ``backend.policy`` (L7 passes ``backend.l7_policy``)."""
+        """``policy`` overrides ``backend.policy`` (L7 passes ``backend.l7_policy``).
+        Endpoints ejected by outlier detection are left out (all of them in panic mode)."""
         cands = backend.local if local_only else backend.usable
+        if self.outlier.version:
+            cands = self._without_ejected(backend, cands, local_only)
         n = len(cands)
         if n == 0:
             return None
@@ -250,6 +261,16 @@ class Balancers:
         if timeout and client_ip is not None:
             return self._pick_affine(backend, cands, client_ip, exclude, hash_key, timeout, policy)
         return self._choose(backend, cands, client_ip, exclude, hash_key, policy)
+
+    def _without_ejected(self, backend: Backend, cands: tuple[Endpoint, ...], local_only: bool) -> tuple[Endpoint, ...]:
+        key = (backend.key, local_only)
+        self.outlier.expire_due()
+        hit = self._filtered.get(key)
+        if hit is not None and hit[0] is cands and hit[1] == self.outlier.version:
+            return hit[2]
+        out = self.outlier.filter(backend, local_only)
+        self._filtered[key] = (cands, self.outlier.version, out)
+        return out
 
     def _pick_affine(self, backend: Backend, cands: tuple[Endpoint, ...], client_ip: str,
                      exclude: frozenset[Addr], hash_key: bytes | None, timeout: int,
@@ -402,14 +423,18 @@ class Balancers:
 
     # -- passive health hook -------------------------------------------------------------------
 
-    def report_failure(self, ep: Endpoint) -> int:
-        """Count one more consecutive failure of ``ep``; returns the new count."""
+    def report_failure(self, ep: Endpoint, backend: Backend | None = None) -> int:
+        """Count one more consecutive failure of ``ep`` (and tell outlier detection, which
+        needs the backend for its ejection cap); returns the new count."""
         n = self.failures.get(ep.addr, 0) + 1
         self.failures[ep.addr] = n
+        if backend is not None:
+            self.outlier.report(backend.key, ep.addr, False)
         return n
 
-    def report_success(self, ep: Endpoint) -> None:
-        self.failures.pop(ep.addr, None)
+    def report_success(self, ep: Endpoint, backend: Backend | None = None) -> None:
+        if self.failures.pop(ep.addr, None) is not None and backend is not None:
+            self.outlier.report(backend.key, ep.addr, True)
 
     def consecutive_failures(self, ep: Endpoint) -> int:
         return self.failures.get(ep.addr, 0)
@@ -442,6 +467,8 @@ class Balancers:
         self._affinity_swept = len(self._affinity)
         for addr in [a for a in self.failures if a not in all_addrs]:
             del self.failures[addr]
+        self.outlier.sync(backends.values())
+        self._filtered.clear()
 
     def _sweep_affinity(self, now: float) -> None:
         for akey in [k for k, (_, exp) in self._affinity.items() if exp <= now]:

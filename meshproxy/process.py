@@ -214,6 +214,7 @@ class Process:
             data["kubernetes"] = self.kube.state()
         if self.health is not None and hasattr(self.health, "state"):
             data["health"] = self.health.state()
+        data["outlier"] = self.runtime.balancers.outlier.state()
         if self.dns_source is not None:
             data["dnsSource"] = self.dns_source.state()
         if self.dns_server is not None:
