@@ -1,7 +1,7 @@
 """A demo/test "pod": a small keep-alive HTTP/1.1 server in its own process.
 
-``python tests/podserver.py NAME HOST PORT`` answers every request with ``NAME PATH`` (and
-``/healthz`` with ``ok``). On SIGTERM it behaves like a well-written pod: it stops accepting,
+``python tests/podserver.py NAME HOST PORT [STATUS]`` answers every request with ``NAME PATH``
+and STATUS (default 200; ``/healthz`` always 200 ``ok``). On SIGTERM it behaves like a well-written pod: it stops accepting,
 finishes what is in flight, closes idle keep-alive connections and exits. SIGKILL is the crash.
 Prints ``ready`` on stdout once it listens.
 """
@@ -12,8 +12,9 @@ import sys
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, name: bytes, conns: set) -> None:
+    def __init__(self, name: bytes, conns: set, status: int = 200) -> None:
         self.name = name
+        self.status = status
         self.conns = conns
         self.buf = b""
         self.transport = None
@@ -43,18 +44,19 @@ class _Conn(asyncio.Protocol):
                 self.buf = head + b"\r\n\r\n" + self.buf
                 return
             self.buf = self.buf[length:]
+            status = 200 if path == b"/healthz" else self.status
             body = b"ok\n" if path == b"/healthz" else self.name + b" " + path + b"\n"
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
 
     def close_if_idle(self):
         if not self.buf:
             self.transport.close()
 
 
-async def main(name: str, host: str, port: int) -> None:
+async def main(name: str, host: str, port: int, status: int = 200) -> None:
     loop = asyncio.get_running_loop()
     conns: set = set()
-    server = await loop.create_server(lambda: _Conn(name.encode(), conns), host, port, reuse_address=True)
+    server = await loop.create_server(lambda: _Conn(name.encode(), conns, status), host, port, reuse_address=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
@@ -67,4 +69,4 @@ async def main(name: str, host: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 200))

@@ -27,9 +27,10 @@ POD_PORT = 18300
 
 
 class Pod:
-    def __init__(self, name: str, ip: str, port: int = POD_PORT) -> None:
+    def __init__(self, name: str, ip: str, port: int = POD_PORT, status: int = 200) -> None:
         self.name, self.ip, self.port = name, ip, port
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "podserver.py"), name, ip, str(port)],
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "podserver.py"), name, ip, str(port),
+                                      str(status)],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
