@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -48,7 +49,7 @@ MANIFESTS = "---\n".join([_pod_yaml(*p) for p in PODS] + [textwrap.dedent("""\
     spec:
       clusterIP: 127.96.0.10
       selector: {app: web}
-      ports: [{name: http, port: 80, targetPort: http}]
+      ports: [{name: http, port: 8000, targetPort: http}]
     """), textwrap.dedent("""\
     apiVersion: v1
     kind: Service
@@ -57,7 +58,7 @@ MANIFESTS = "---\n".join([_pod_yaml(*p) for p in PODS] + [textwrap.dedent("""\
       type: NodePort
       clusterIP: 127.96.0.11
       selector: {app: web}
-      ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
+      ports: [{name: http, port: 8000, targetPort: http, nodePort: 30080}]
     """), textwrap.dedent("""\
     apiVersion: v1
     kind: Service
@@ -65,7 +66,7 @@ MANIFESTS = "---\n".join([_pod_yaml(*p) for p in PODS] + [textwrap.dedent("""\
     spec:
       clusterIP: 127.96.0.12
       selector: {app: api}
-      ports: [{name: http, port: 80, targetPort: http}]
+      ports: [{name: http, port: 8000, targetPort: http}]
     """), textwrap.dedent("""\
     apiVersion: networking.k8s.io/v1
     kind: Ingress
@@ -79,8 +80,8 @@ MANIFESTS = "---\n".join([_pod_yaml(*p) for p in PODS] + [textwrap.dedent("""\
       - host: shop.demo.local
         http:
           paths:
-          - {path: /api, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}
-          - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+          - {path: /api, pathType: Prefix, backend: {service: {name: api, port: {number: 8000}}}}
+          - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 8000}}}}
     """)])
 
 
@@ -138,8 +139,8 @@ def _tour(ingress: tuple[str, int]) -> list[tuple[bool, str]]:
         results.append((ok, what))
         print(f"  [{'ok' if ok else 'FAIL'}] {what}", flush=True)
 
-    seen = {_get("127.96.0.10", 80)[1].split()[0] for _ in range(12)}
-    check(len(seen) >= 2 and seen <= {"web-1", "web-2", "web-3"}, f"ClusterIP 127.96.0.10:80 balances over web pods: {sorted(seen)}")
+    seen = {_get("127.96.0.10", 8000)[1].split()[0] for _ in range(12)}
+    check(len(seen) >= 2 and seen <= {"web-1", "web-2", "web-3"}, f"ClusterIP 127.96.0.10:8000 balances over web pods: {sorted(seen)}")
     st, body = _get("127.0.0.1", 30080, "/np")
     check(st == 200 and body.startswith("web-"), f"NodePort 127.0.0.1:30080 answers: {body!r}")
     h, p = ingress
@@ -174,7 +175,7 @@ async def _demo(check: bool, admin: tuple[str, int], ingress: tuple[str, int]) -
     print(f"meshproxy demo: manifests in {tmp}; admin http://{admin[0]}:{proc.admin.port}/debug/snapshot")
     print(textwrap.dedent(f"""\
         Try:
-          curl http://127.96.0.10/                                  # ClusterIP, balanced over web-1..3
+          curl http://127.96.0.10:8000/                               # ClusterIP, balanced over web-1..3
           curl http://127.0.0.1:30080/                              # NodePort
           curl -H 'Host: web.demo.local' http://{h}:{p}/            # Ingress, host rule
           curl -H 'Host: shop.demo.local' http://{h}:{p}/api/x      # Ingress, prefix fan-out -> api
@@ -193,7 +194,7 @@ async def _demo(check: bool, admin: tuple[str, int], ingress: tuple[str, int]) -
             seen = set()
             failures = 0
             for _ in range(12):
-                st, body = await loop.run_in_executor(None, _get, "127.96.0.10", 80)
+                st, body = await loop.run_in_executor(None, _get, "127.96.0.10", 8000)
                 if st != 200:
                     failures += 1
                 else:
@@ -206,12 +207,13 @@ async def _demo(check: bool, admin: tuple[str, int], ingress: tuple[str, int]) -
         else:
             await asyncio.sleep(10)
             pods["web-2"].close()
-            print("web-2 stopped: watch `curl http://127.96.0.10/` skip it", flush=True)
+            print("web-2 stopped: watch `curl http://127.96.0.10:8000/` skip it", flush=True)
             await asyncio.Event().wait()
     finally:
         await proc.close()
         for s in pods.values():
             s.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
 
 
