@@ -108,7 +108,7 @@ async def _worker_main(fd: int) -> int:
                 log.warning("control plane went away; stopping")
                 break
             if msg[0] == "snapshot":
-                runtime.publish(msg[1])
+                runtime.publish(_keep_identity(runtime.snapshot, msg[1]))
                 if not told_ready:
                     await asyncio.sleep(0)
                     writer.write(_frame(("ready", os.getpid())))
@@ -130,6 +130,20 @@ async def _worker_main(fd: int) -> int:
             await ingress.stop_accepting()
             await ingress.drain(0)
     return 0
+
+
+def _keep_identity(prev, snap):
+    """Unpickling makes every object new; give unchanged backends their previous objects back
+    so the balancers' tables (cached by endpoint-tuple identity) survive the publish."""
+    if prev is None:
+        return snap
+    import dataclasses
+    old = prev.backends
+    backends = {}
+    for key, b in snap.backends.items():
+        o = old.get(key)
+        backends[key] = o if o is not None and o == b else b
+    return dataclasses.replace(snap, backends=types.MappingProxyType(backends))
 
 
 def worker_entry() -> int:
