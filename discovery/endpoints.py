@@ -11,7 +11,7 @@ Rules (DESIGN §3 "Endpoints", mirroring the EndpointSlice controller and kube-p
 - the endpoints that get *new* traffic are the ready ones; when none is ready, the serving
   terminating ones (KEP-1669, ProxyTerminatingEndpoints); else none;
 - a pod's readiness is its readinessProbe result when it has a probe and probing is on
-  (``probe_results``), else its Ready condition. Pods in phase Succeeded/Failed or without
+  (``probe_results``) and a result exists yet, else its Ready condition. Pods in phase Succeeded/Failed or without
   an IP never appear.
 
 Everything here is a pure function of its arguments; callers cache by service.
@@ -86,9 +86,16 @@ class EndpointSet:
 
 
 def pod_ready(pod: Pod, probe_results: Mapping[tuple[str, str], bool] | None) -> bool:
-    """Readiness of one pod, before terminating/publishNotReady are considered."""
+    """Readiness of one pod, before terminating/publishNotReady are considered.
+
+    With a probe, meshproxy's own result decides once it has one. Until the first result the
+    pod's Ready condition stands in (the kubelet's verdict): otherwise a restart or a
+    ``--takeover`` upgrade would take every probed pod out of service for up to one probe
+    period, which is exactly the kind of gap meshproxy must not create."""
     if pod.readiness_probe is not None and probe_results is not None:
-        return probe_results.get((pod.namespace, pod.name), False)
+        result = probe_results.get((pod.namespace, pod.name))
+        if result is not None:
+            return result
     return pod.ready_condition is True
 
 

@@ -29,8 +29,9 @@ Invariants (what keeps the cost flat as pods grow):
   stale), so ``sync`` never searches the heap;
 - ``results`` holds an entry only for pods whose readiness was decided at least once; an absent
   key reads as not ready. It is written only here, and only on a flip (or on removal);
-- due times stay on each pod's own grid (``first + k * period``); a probe that overruns its
-  period skips the missed ticks. The first probe of pods seen in the first period after
+- due times stay on each pod's own grid (``first + k * period``); one wake-up launches all
+  probes due within min(25 ms, 1 % of their period), so wake-ups do not grow with probes/s; a
+  probe that overruns its period skips the missed ticks. The first probe of pods seen in the first period after
   ``start()`` — or of a batch larger than ``max_concurrency`` — is spread uniformly over one
   period (the kubelet's start-up jitter), so 10,000 pods do not fire at once.
 """
@@ -67,9 +68,12 @@ MAX_BODY = 10 * 1024
 MAX_HEAD = 64 * 1024
 # The kubelet sends "kube-probe/<major>.<minor>"; apps match the "kube-probe/" prefix.
 USER_AGENT = "kube-probe/meshproxy"
-# The scheduler launches everything due within this slack in one wake-up: with 1,000 probes/s it
-# wakes about every millisecond anyway, and a probe 2 ms early is indistinguishable from on time.
-_SLACK = 0.002
+# One scheduler wake-up launches every probe due within min(_SLACK, 1 % of its period) from
+# now: at 1,000 probes/s that is ~25 probes per wake-up instead of ~1, which cuts the checker's
+# CPU per probe by a third (bench.probe_cost: 245 -> 171 us). Starting a 10 s probe 25 ms early
+# is indistinguishable from on time; the 1 % keeps sub-second test periods exact.
+_SLACK = 0.025
+_SLACK_SHARE = 0.01
 
 SUCCESS, FAILURE, TIMEOUT = "success", "failure", "timeout"
 
@@ -490,7 +494,7 @@ class _RawProbe:
         """The checker is stopping: drop the attempt, free the slot, report nothing."""
         if not self.ended:
             self._close()
-            self.checker._release(self.st)
+            self.checker._release(self.st, self.gen)
 
 
 def _address_family(host: str) -> int:
@@ -730,14 +734,16 @@ class HealthChecker:
 
     async def _scheduler(self) -> None:
         loop = asyncio.get_running_loop()
-        heap = self._heap
         assert self._sem is not None
         sem = self._sem
         while True:
             heap = self._heap            # _maybe_compact may have replaced the list
             now = self._clock()
-            while heap and heap[0][0] <= now + _SLACK:
-                due, _, st, gen = heapq.heappop(heap)
+            while heap:
+                due, _, st, gen = heap[0]
+                if due > now + min(_SLACK, st.probe.period * _SLACK_SHARE):
+                    break
+                heapq.heappop(heap)
                 if st.gen != gen:
                     self._stale = max(0, self._stale - 1)
                     continue
@@ -784,22 +790,23 @@ class HealthChecker:
         try:
             result, error = await self._attempt(st.plan, st.probe.timeout)
         except asyncio.CancelledError:
-            self._release(st)
+            self._release(st, gen)
             raise
         except Exception as e:   # a bug here must fail one probe, not the checker
             log.exception("health: probe of %s/%s crashed", *st.key)
             result, error = FAILURE, f"internal error: {e!r}"
         self._finish(st, gen, due, result, error)
 
-    def _release(self, st: _PodProbe) -> None:
-        st.inflight = False
+    def _release(self, st: _PodProbe, gen: int) -> None:
+        if st.gen == gen:        # after a restart, the flag belongs to the new generation
+            st.inflight = False
         self.inflight -= 1
         assert self._sem is not None
         self._sem.release()
 
     def _finish(self, st: _PodProbe, gen: int, due: float, result: str, error: str | None) -> None:
         """One attempt is over: free its slot, count it, apply thresholds, schedule the next."""
-        self._release(st)
+        self._release(st, gen)
         self.probes_run += 1
         self._count[result].inc()
         if st.gen != gen or self._task is None:
@@ -810,13 +817,20 @@ class HealthChecker:
         if st.plan.error is not None and not st.logged_error:
             st.logged_error = True
             log.warning("Pod/%s/%s: readinessProbe cannot run: %s", st.key[0], st.key[1], st.plan.error)
-        if st.thresholds.record(result == SUCCESS):
-            ready = st.thresholds.ready
+        th = st.thresholds
+        if th.record(result == SUCCESS):
+            ready = th.ready
             self._publish(st.key, ready)
             # Turning ready is the normal course (10,000 lines at start-up); losing it is news.
             log.log(logging.DEBUG if ready else logging.INFO, "Pod/%s/%s: readiness probe %s%s -> %s",
                     st.key[0], st.key[1], result, f" ({error})" if error else "",
                     "ready" if ready else "not ready")
+        elif st.key not in self.results and th.last is False and th.run >= th.failure:
+            # The first verdict is "not ready" (no flip from the initial state): publish it
+            # anyway, since until a result exists the pod's Ready condition stands in.
+            self._publish(st.key, False)
+            log.info("Pod/%s/%s: readiness probe %s%s -> not ready", st.key[0], st.key[1], result,
+                     f" ({error})" if error else "")
         period = st.probe.period
         nxt = due + period
         now = self._clock()

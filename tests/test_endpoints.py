@@ -137,12 +137,16 @@ def test_probe_results_override_ready_condition():
     probe = ", readinessProbe: {tcpSocket: {port: http}}"
     c = Cluster()
     c.index.probe_results = {}
-    c.add(pod("a", "127.0.10.1", probe=probe) + pod("b", "127.0.10.2", ready="False") + SVC)
-    assert c.usable() == []            # probe not passed yet; b's condition says not ready
+    c.add(pod("a", "127.0.10.1", probe=probe, ready="False") + pod("b", "127.0.10.2", ready="False")
+          + pod("c", "127.0.10.3", probe=probe) + SVC)
+    # No probe result yet: the Ready condition stands in (a is not ready, c is).
+    assert c.usable() == ["127.0.10.3"]
     c.index.probe_results[("default", "a")] = True
+    c.index.probe_results[("default", "c")] = False
     c.index.pod_readiness_changed("default", "a")
+    c.index.pod_readiness_changed("default", "c")
     assert c.index.recompute() == {("default", "web")}
-    assert c.usable() == ["127.0.10.1"]
+    assert c.usable() == ["127.0.10.1"]   # the probe results decide from now on
 
 
 def test_services_without_selector_use_endpointslices_then_endpoints():

@@ -101,6 +101,9 @@ def test_readiness_probe_failure_removes_a_pod_then_it_returns(tmp_path):
             web.stop()
             wait_for(lambda: ready(mp) == [False], 5, what="probe fails")
             web = Pod("web", "127.0.10.161")
-            wait_for(lambda: ready(mp) == [True], 5, what="probe passes again")
+            try:
+                wait_for(lambda: ready(mp) == [True], 5, what="probe passes again")
+            except AssertionError:
+                raise AssertionError(str(mp.snapshot().get("health")))
     finally:
         web.stop()
