@@ -73,6 +73,13 @@ _RP_PIPELINE, _RP_UPSTREAM, _RP_CONNECTING = 1, 2, 4
 
 # Request bytes kept for a retry (head + body as sent); beyond this a request is not replayable.
 _REPLAY_MAX = 64 * 1024
+# Responses from a pod that an idempotent, replayable request is retried on (before any byte of
+# them reaches the client): the pod or something in front of it failed, not the request.
+_RETRY_STATUSES = frozenset((502, 503, 504))
+# Retry budget per backend (Envoy's defaults, retry_budget: budget_percent 20%,
+# min_retry_concurrency 3): retries in flight <= max(_BUDGET_MIN, active requests // _BUDGET_DIV).
+_BUDGET_MIN = 3
+_BUDGET_DIV = 5
 # Request bytes queued while the upstream connection is being opened before the client is paused.
 _PENDING_HIGH = 256 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -189,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
         "attempts", "connect_failures", "tried", "token", "connecting", "req_done", "req_chunked",
         "sent", "sent_bytes", "pending", "pending_bytes", "resp_started", "resp_done",
         "resp_status", "resp_bytes", "resp_mode", "resp_keep", "up_keep", "timeout",
-        "got_head", "up_eof", "idle_at",
+        "got_head", "up_eof", "idle_at", "budget", "retrying",
     )
 
     def __init__(self, server: IngressServer, listener: _Listener) -> None:
@@ -221,6 +228,8 @@ class ClientConnection(asyncio.Protocol):
         self.token = 0
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.budget: list[int] | None = None
+        self.retrying = False
 
     # ------------------------------------------------------------------------------------------
     # asyncio callbacks
@@ -473,6 +482,12 @@ class ClientConnection(asyncio.Protocol):
         self.backend = backend
         self.target = target
         self.timeout = target.per_try_timeout or target.timeout
+        # Retry budget of this backend: [active requests, retries in flight] (see _may_retry).
+        budget = server.budgets.get(key)
+        if budget is None:
+            budget = server.budgets[key] = [0, 0]
+        budget[0] += 1
+        self.budget = budget
 
         # The upstream head: original method, target and Host; hop-by-hop fields removed,
         # forwarding fields set; framing re-written from the parsed fields.
@@ -701,10 +716,75 @@ class ClientConnection(asyncio.Protocol):
         if self.method not in IDEMPOTENT_METHODS:
             return False
         if stale:
-            return True
+            return True  # the keep-alive race, not a failing pod: outside the budget
         if kind == "timeout" and self.target.per_try_timeout is None:
             return False  # the route's whole timeout is spent
-        return self.attempts < self.target.retries
+        return self.attempts < self.target.retries and self._take_budget()
+
+    def _take_budget(self) -> bool:
+        """A slot of the backend's retry budget for this request (Envoy's retry budget): retries
+        in flight <= max(3, 20% of the backend's active requests). A request holds at most one
+        slot (its retries run one after the other) from its first budgeted retry until it is
+        accounted. Over budget: no retry, the failure goes to the client, and the overflow is
+        counted (``meshproxy_upstream_errors_total{kind="retry_budget"}``). Without it a failing
+        backend would get up to ``attempts`` times its normal load exactly when it is least
+        able to take it (a retry storm)."""
+        if self.retrying:
+            return True
+        budget = self.budget
+        if budget is None:
+            return False
+        active = budget[0]
+        if budget[1] >= (active // _BUDGET_DIV if active >= _BUDGET_MIN * _BUDGET_DIV else _BUDGET_MIN):
+            self.stats.error("retry_budget")
+            self.server.retry_budget_overflows += 1
+            return False
+        budget[1] += 1
+        self.retrying = True
+        return True
+
+    def _retry_response(self, conn: UpstreamConnection, head: ResponseHead) -> bool:
+        """A 502/503/504 head from the pod, nothing of it sent to the client yet: retry the
+        request on another endpoint when it may be retried (idempotent, replayable, completely
+        read from the client, attempts left, a different endpoint to try, budget). The discarded
+        response is read to its end if it is already here (then the connection is pooled when
+        keep-alive), else that connection is closed. False: relay the response as is."""
+        if (self.sent is None or not self.req_done or self.resp_started
+                or self.attempts >= self.target.retries or self.state != _BUSY
+                or self.method not in IDEMPOTENT_METHODS):
+            return False
+        server = self.server
+        ep = self.ep
+        self._add_tried(ep)
+        nxt = server.balancers.pick(self.backend, self.peer_ip, exclude=self.tried,
+                                    policy=self.backend.l7_policy)
+        if nxt is None or (nxt.ip, nxt.port) in self.tried or not self._take_budget():
+            return False
+        # Discard the rest of this response: reuse the connection only if it ended cleanly
+        # with what we already have and the pod keeps it alive.
+        complete = False
+        p = conn.parser
+        try:
+            while True:
+                ev = p.next_event()
+                if type(ev) is bytes:
+                    continue
+                complete = ev.__class__ is EndOfMessage
+                break
+        except HTTPError:
+            complete = False
+        self._detach(reuse=complete and head.keep_alive)
+        server.balancers.report_failure(ep, self.backend)  # outlier detection counts 5xx
+        self.stats.retry()
+        self.pending = list(self.sent)
+        self.pending_bytes = self.sent_bytes
+        self.got_head = False
+        self.resp_status = 0
+        self.up_keep = False
+        self.resp_mode = _M_NONE
+        self._set_deadline(self.loop.time() + self.timeout)
+        self._start_attempt(nxt)
+        return True
 
     # ------------------------------------------------------------------------------------------
     # response side (called by UpstreamConnection)
@@ -739,6 +819,10 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         out.append(ev)
                 elif t is ResponseHead:
+                    if ev.status in _RETRY_STATUSES and self._retry_response(conn, ev):
+                        # Retried: what is in ``out`` (at most interim 1xx heads, which a
+                        # client may do without) is dropped with the failed attempt.
+                        return
                     data = self._resp_head(conn, ev)
                     if data is not None:
                         out.append(data)
@@ -915,6 +999,13 @@ class ClientConnection(asyncio.Protocol):
         self.head = None
         server = self.server
         server.active -= 1
+        budget = self.budget
+        if budget is not None:
+            self.budget = None
+            budget[0] -= 1
+            if self.retrying:
+                self.retrying = False
+                budget[1] -= 1
         dt = self.loop.time() - self.t0
         stats = self.stats
         if stats is not None:
@@ -1170,6 +1261,10 @@ class IngressServer:
         self.via: bytes | None = None   # b"1.1 meshproxy" to add Via (off by default)
         self.active = 0
         self.draining = False
+        # Retry budgets by backend key: [active requests, retries in flight]; entries at
+        # [0, 0] are pruned once a second. Overflows: retries refused by a budget.
+        self.budgets: dict[tuple[str, str, str], list[int]] = {}
+        self.retry_budget_overflows = 0
         self.no_route_stats = _RouteStats("", "", "")
         self._stats: dict[tuple[str, str, str], _RouteStats] = {}
         self._stats_by_match: dict[int, _RouteStats] = {}
@@ -1260,6 +1355,9 @@ class IngressServer:
     def _tick(self) -> None:
         try:
             self._tick_metrics()
+            budgets = self.budgets
+            for key in [k for k, v in budgets.items() if not v[0] and not v[1]]:
+                del budgets[key]
             if self.pool is not None:
                 self.pool.sweep()
             if self.access_log is not None:
@@ -1267,6 +1365,15 @@ class IngressServer:
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("L7: housekeeping failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
+
+    def state(self) -> dict:
+        """For /debug and tests: retry budgets in use and overflows so far."""
+        return {
+            "active": self.active,
+            "retry_budget_overflows": self.retry_budget_overflows,
+            "retry_budgets": {"/".join(k): {"active": a, "retries_in_flight": r}
+                              for k, (a, r) in self.budgets.items()},
+        }
 
     def _tick_metrics(self) -> None:
         metrics.http_active.set(self.active)

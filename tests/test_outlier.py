@@ -253,3 +253,29 @@ def test_successes_on_healthy_endpoints_allocate_nothing(clock):
     for e in b.usable:
         det.report(b.key, e.addr, True)
     assert det._hosts == {}
+
+
+def test_version_changes_exactly_when_the_ejected_set_does(clock):
+    """The balancers cache filter() results by ``version``: it must move on every ejection,
+    return and prune, and stay put otherwise."""
+    det, b = OutlierDetector(clock=clock), backend(4)
+    det.filter(b)
+    v0 = det.version
+    fail(det, b, 0, 4)
+    det.report(b.key, b.usable[1].addr, True)
+    assert det.version == v0
+    fail(det, b, 0)
+    v1 = det.version
+    assert v1 != v0
+    clock.advance(10)
+    det.expire_due()
+    assert det.version == v1
+    clock.advance(25)
+    det.expire_due()                      # the ejection ended
+    v2 = det.version
+    assert v2 != v1 and not det.ejected(b.usable[0].addr)
+    fail(det, b, 2, 5)
+    v3 = det.version
+    det.sync([Backend(key=b.key, namespace="default", service="web", port_name="http", port=80,
+                      endpoints=b.endpoints[:2], usable=b.usable[:2], local=())])
+    assert det.version != v3              # endpoint 2 left: its ejection went with it
