@@ -221,6 +221,8 @@ class Balancers:
         "settings",
         "outlier",
         "_filtered",
+        "_prev_backends",
+        "_addr_refs",
     )
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
@@ -243,6 +245,8 @@ class Balancers:
         # (backend key, local_only) -> (source tuple, outlier version, filtered tuple): keeps the
         # filtered tuple identical while the ejected set is unchanged, so hash tables stay cached.
         self._filtered: dict[tuple, tuple] = {}
+        self._prev_backends: dict[tuple[str, str, str], Backend] = {}
+        self._addr_refs: dict[Addr, int] = {}     # endpoint address -> backends that list it
 
     # -- choice -------------------------------------------------------------------------------
 
@@ -442,33 +446,57 @@ class Balancers:
     # -- snapshot swaps -------------------------------------------------------------------------
 
     def on_snapshot(self, snap: Snapshot) -> None:
-        """Forget state that belongs to backends or endpoints the new snapshot no longer has."""
+        """Forget state that belongs to backends or endpoints the new snapshot no longer has.
+
+        Per-backend work is O(backends); per-endpoint work looks only at backends whose object
+        changed since the last snapshot (unchanged ones are the very same objects), so a
+        one-pod change does not walk every endpoint of the cluster."""
         backends = snap.backends
+        prev = self._prev_backends
         live_tuples: dict[int, tuple[Endpoint, ...]] = {}
-        known: dict[tuple[str, str, str], set[Addr]] = {}
-        all_addrs: set[Addr] = set()
-        for key, b in backends.items():
+        for b in backends.values():
             live_tuples[id(b.usable)] = b.usable
             live_tuples[id(b.local)] = b.local
-            addrs = {e.addr for e in b.endpoints}
-            known[key] = addrs
-            all_addrs |= addrs
         # A cached tuple is live only if the snapshot holds that very object: ids of dead tuples
         # can be reused by new objects, hence the identity check and not just the id.
         stale = [i for i, t in self._tables.items() if live_tuples.get(i) is not t.cands]
         self._drop_tables(stale)
         for key in [k for k in self._rr if k not in backends]:
             del self._rr[key]
-        now = self._clock()
-        for akey, (addr, expiry) in list(self._affinity.items()):
-            addrs = known.get(akey[0])
-            if addrs is None or addr not in addrs or expiry <= now:
-                del self._affinity[akey]
-        self._affinity_swept = len(self._affinity)
-        for addr in [a for a in self.failures if a not in all_addrs]:
+        for key in [k for k in self._filtered if k[0] not in backends]:
+            del self._filtered[key]
+        changed = [b for k, b in backends.items() if prev.get(k) is not b]
+        removed = [b for k, b in prev.items() if k not in backends]
+        refs = self._addr_refs
+        for b in removed + [prev[b.key] for b in changed if b.key in prev]:
+            for e in b.endpoints:
+                n = refs.get(e.addr, 0) - 1
+                if n > 0:
+                    refs[e.addr] = n
+                else:
+                    refs.pop(e.addr, None)
+        for b in changed:
+            for e in b.endpoints:
+                refs[e.addr] = refs.get(e.addr, 0) + 1
+        if self._affinity:
+            now = self._clock()
+            changed_addrs: dict[tuple[str, str, str], set[Addr]] = {}
+            for akey, (addr, expiry) in list(self._affinity.items()):
+                b = backends.get(akey[0])
+                if b is None or expiry <= now:
+                    del self._affinity[akey]
+                    continue
+                if prev.get(akey[0]) is not b:
+                    addrs = changed_addrs.get(b.key)
+                    if addrs is None:
+                        addrs = changed_addrs[b.key] = {e.addr for e in b.endpoints}
+                    if addr not in addrs:
+                        del self._affinity[akey]
+            self._affinity_swept = len(self._affinity)
+        for addr in [a for a in self.failures if a not in refs]:
             del self.failures[addr]
-        self.outlier.sync(backends.values())
-        self._filtered.clear()
+        self.outlier.sync_changes(changed, [b.key for b in removed], refs.__contains__)
+        self._prev_backends = dict(backends)
 
     def _sweep_affinity(self, now: float) -> None:
         for akey in [k for k, (_, exp) in self._affinity.items() if exp <= now]:

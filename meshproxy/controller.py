@@ -43,6 +43,9 @@ class Controller:
         self._endpoint_labels: set[tuple[str, str, str]] = set()
         self.last_change: float = 0.0      # monotonic time of the first unapplied change
         self.waiters: list[asyncio.Future] = []
+        # What changed since the last build, so the builder patches instead of redoing all.
+        self._changed_services: set[tuple[str, str]] = set()
+        self._full_build = True
 
     # -- input --------------------------------------------------------------------------------
 
@@ -54,6 +57,13 @@ class Controller:
         if not changes:
             return
         self.index.on_changes(changes)
+        for old, new in changes:
+            obj = new if new is not None else old
+            kind = obj.key[0]
+            if kind == "Service":
+                self._changed_services.add((obj.namespace, obj.name))
+            elif kind == "Node":
+                self._full_build = True
         self._schedule()
 
     def set_probe_results(self, results: dict[tuple[str, str], bool] | None) -> None:
@@ -90,7 +100,10 @@ class Controller:
         t0 = time.perf_counter()
         try:
             changed = self.index.recompute()
-            snap = self.builder.build(self.store, self.index, self.allocator)
+            hint = None if self._full_build else changed | self._changed_services
+            snap = self.builder.build(self.store, self.index, self.allocator, hint)
+            self._changed_services = set()
+            self._full_build = False
         except Exception:  # a bug in building must not stop the proxy: keep the last snapshot
             log.exception("building the snapshot failed; the previous one stays in force")
             return None

@@ -143,6 +143,22 @@ class OutlierDetector:
         for key in [k for k in self._labels if k not in members]:
             del self._labels[key]
 
+    def sync_changes(self, changed: Iterable, removed: Iterable[BackendKey],
+                     is_live: Callable[[Addr], bool]) -> None:
+        """Incremental ``sync``: only backends whose objects changed, the keys of removed ones,
+        and a membership test for "this address is still in some backend"."""
+        for b in changed:
+            old = self._members.get(b.key)
+            if old is None or old[0] is not b.usable:
+                self._members[b.key] = (b.usable, frozenset(e.addr for e in b.usable))
+        for key in removed:
+            self._members.pop(key, None)
+            self._labels.pop(key, None)
+        for addr in [a for a in self._hosts if not is_live(a)]:
+            del self._hosts[addr]
+            if self._ejected.pop(addr, None) is not None:
+                self.version += 1
+
     # -- queries --------------------------------------------------------------------------------
 
     def expire_due(self) -> None:

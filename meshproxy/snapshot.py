@@ -171,6 +171,7 @@ class SnapshotBuilder:
         self._backend_cache: dict[tuple[str, str], tuple[object, object, str | None, tuple[Backend, ...]]] = {}
         self._routes_cache: tuple[tuple, RouteTable, tuple, dict, dict, tuple[str, ...]] | None = None
         self._alloc_cache: tuple | None = None
+        self._last: tuple | None = None     # the tables of the last build, patched incrementally
         self._service_cache: dict[tuple[str, str], tuple] = {}
 
     # -- pieces -------------------------------------------------------------------------------
@@ -364,27 +365,61 @@ class SnapshotBuilder:
 
     # -- whole snapshot -------------------------------------------------------------------------
 
-    def build(self, store, index, allocator) -> Snapshot:
+    def build(self, store, index, allocator, changed: set[tuple[str, str]] | None = None) -> Snapshot:
         """One snapshot. Per-service parts are cached by the identity of their inputs (the
-        Service object, its endpoint-set tuple, this node, its allocations), so the cost of a
-        build after a one-pod change is a merge over services plus one service's work."""
+        Service object, its endpoint-set tuple, this node, its allocations). When the caller
+        says which services may have changed (``changed``), and neither the node nor the
+        allocations did, only those services are recomputed and patched into copies of the
+        last snapshot's tables — the cost of a one-pod change does not grow with the cluster."""
         problems: list[str] = []
         node, node_problems = self.node_info(store.list("Node"))
         problems.extend(node_problems)
         services: dict[tuple[str, str], o.Service] = dict(store.items("Service"))
         sig = tuple(map(id, services.values()))
-        if self._alloc_cache is None or self._alloc_cache[0] != sig:
+        alloc_changed = self._alloc_cache is None or self._alloc_cache[0] != sig
+        if alloc_changed:
             ips, node_ports = allocator.assign(services)
             allocated: dict[str, Any] = {f"{ns}/{name}": ip for (ns, name), ip in ips.items()}
             allocated.update({f"{ns}/{name}:{pk}": port for (ns, name, pk), port in node_ports.items()})
             self._alloc_cache = (sig, ips, node_ports, _frozen(allocated))
+            if self._last is not None and self._last[0] == node and \
+                    (ips, node_ports) == (self._last[6], self._last[7]) and changed is not None:
+                # Services came or went but nobody's addresses moved: still incremental.
+                changed = changed | (set(services) ^ set(self._last[3]))
+            else:
+                changed = None
         _, ips, node_ports, allocated_view = self._alloc_cache
-        backends: dict[tuple[str, str, str], Backend] = {}
-        l4: dict[tuple[str, int], L4Listener] = {}
-        endpoint_sets = {}
+        last = self._last
+        if changed is None or last is None or last[0] != node:
+            backends: dict[tuple[str, str, str], Backend] = {}
+            l4: dict[tuple[str, int], L4Listener] = {}
+            endpoint_sets: dict = {}
+            owners: dict[tuple[str, int], tuple[str, str]] = {}
+            svc_problems: dict[tuple[str, str], tuple[str, ...]] = {}
+            todo = list(services)
+        else:
+            _, backends, l4, endpoint_sets, owners, svc_problems = (last[0], dict(last[1]), dict(last[2]),
+                                                                     dict(last[3]), dict(last[4]), dict(last[5]))
+            todo = [k for k in changed]
+            for key in todo:          # take out what these services contributed last time
+                entry = self._service_cache.get(key)
+                if entry is not None:
+                    for b in entry[1]:
+                        backends.pop(b.key, None)
+                    for lst in entry[2]:
+                        if owners.get((lst.host, lst.port)) == key:
+                            del owners[(lst.host, lst.port)]
+                            del l4[(lst.host, lst.port)]
+                endpoint_sets.pop(key, None)
+                svc_problems.pop(key, None)
         sets_of = index.sets
         cache = self._service_cache
-        for key, svc in services.items():
+        for key in todo:
+            svc = services.get(key)
+            if svc is None:
+                cache.pop(key, None)
+                self._backend_cache.pop(key, None)
+                continue
             sets = sets_of.get(key, ())
             endpoint_sets[key] = sets
             cip = svc.cluster_ip if svc.cluster_ip and svc.cluster_ip != "None" else ips.get(key)
@@ -393,26 +428,33 @@ class SnapshotBuilder:
             inputs = (svc, sets, node, cip, nps)
             entry = cache.get(key)
             if entry is None or entry[0] != inputs:
-                svc_problems: list[str] = []
-                bks = self._backends_for(svc, sets, node.name or None, svc_problems)
+                probs: list[str] = []
+                bks = self._backends_for(svc, sets, node.name or None, probs)
                 wanted: dict[tuple[str, int], L4Listener] = {}
-                self._listeners(svc, cip, node.address, node_ports, wanted, svc_problems)
-                entry = (inputs, bks, tuple(wanted.values()), tuple(svc_problems))
+                self._listeners(svc, cip, node.address, node_ports, wanted, probs)
+                entry = (inputs, bks, tuple(wanted.values()), tuple(probs))
                 cache[key] = entry
             for b in entry[1]:
                 backends[b.key] = b
+            probs2 = list(entry[3])
             for lst in entry[2]:
-                other = l4.get((lst.host, lst.port))
-                if other is not None:
-                    problems.append(f"{svc.ref}: {lst.host}:{lst.port} is already used by "
-                                    f"{other.backend[0]}/{other.backend[1]}; not served twice")
+                addr = (lst.host, lst.port)
+                other = owners.get(addr)
+                if other is not None and other != key:
+                    probs2.append(f"{svc.ref}: {lst.host}:{lst.port} is already used by "
+                                  f"{other[0]}/{other[1]}; not served twice")
                     continue
-                l4[(lst.host, lst.port)] = lst
-            problems.extend(entry[3])
-        if len(cache) > len(services):
+                owners[addr] = key
+                l4[addr] = lst
+            if probs2:
+                svc_problems[key] = tuple(probs2)
+        if changed is None and len(cache) > len(services):
             for key in [k for k in cache if k not in services]:
                 del cache[key]
                 self._backend_cache.pop(key, None)
+        self._last = (node, backends, l4, endpoint_sets, owners, svc_problems, ips, node_ports)
+        for p in svc_problems.values():
+            problems.extend(p)
         classes = {c.name: c for c in store.list("IngressClass")}
         table, route_problems, tls_hosts, used_secrets, served = self._routes(
             sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,

@@ -50,6 +50,8 @@ class FileSource:
         self._current: dict[tuple, object] = {}     # object key -> object, last good set
         self._owner: dict[tuple, str] = {}          # object key -> file it is defined in
         self._owner_pending: dict[tuple, str] = {}
+        self._keys_by_file: dict[str, set[tuple]] = {}   # file -> keys of its objects
+        self._services: dict[tuple, object] = {}         # the Service objects of _current
         self._doc_cache: dict[str, dict] = {}          # file -> per-document parse cache
         self._task: asyncio.Task | None = None
         self._inotify: _Inotify | None = None
@@ -100,15 +102,16 @@ class FileSource:
             if f in reread:
                 skipped.extend(r.skipped)
         # Identity clashes: new objects of re-read files against owners in other files.
-        owner = {k: f for k, f in self._owner.items() if f not in touched}
+        owner = self._owner
         new_objs: dict[tuple, object] = {}
         for f in files:
             if f not in reread:
                 continue
             for obj in result_of(f).objects:
                 k = obj.key
-                if k in owner or k in new_objs:
-                    first_file = owner.get(k) or self._owner_pending.get(k, f)
+                if (k in owner and owner[k] not in touched) or k in new_objs:
+                    first_file = (owner[k] if k in owner and owner[k] not in touched
+                                  else self._owner_pending.get(k, f))
                     errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "metadata.name",
                                               f"defined twice (first in {first_file})"))
                     continue
@@ -116,9 +119,11 @@ class FileSource:
                 self._owner_pending[k] = f
         self._owner_pending.clear()
         # Services are few next to pods: check nodePorts / ClusterIPs across all of them.
-        services = [o for k, o in self._current.items() if k[0] == "Service" and self._owner.get(k) not in touched]
-        services += [o for k, o in new_objs.items() if k[0] == "Service"]
-        errors.extend(validate_set(services, self.service_cidr))
+        # Only needed when a touched file holds (or held) a Service.
+        new_services = [o for k, o in new_objs.items() if k[0] == "Service"]
+        if new_services or any(k[0] == "Service" for f in touched for k in self._keys_by_file.get(f, ())):
+            services = [o for k, o in self._services.items() if self._owner.get(k) not in touched]
+            errors.extend(validate_set(services + new_services, self.service_cidr))
         for s in skipped:
             if s not in self._reported_skips:
                 self._reported_skips.add(s)
@@ -128,7 +133,7 @@ class FileSource:
             # but never adopt the new objects.
             return Outcome(False, [], errors, skipped, len(files))
         events = []
-        old_keys = {k for k, f in self._owner.items() if f in touched}
+        old_keys = set().union(*(self._keys_by_file.get(f, ()) for f in touched))
         for k, obj in new_objs.items():
             old = self._current.get(k)
             if old is None:
@@ -138,9 +143,15 @@ class FileSource:
         for k in old_keys - new_objs.keys():
             events.append(Event(DELETED, self._current.pop(k)))
             del self._owner[k]
+            self._services.pop(k, None)
+        for f in touched:
+            self._keys_by_file.pop(f, None)
         for k, obj in new_objs.items():
             self._current[k] = obj
             self._owner[k] = obj.origin.file
+            self._keys_by_file.setdefault(obj.origin.file, set()).add(k)
+            if k[0] == "Service":
+                self._services[k] = obj
         for f in gone:
             del self._cache[f]
             self._doc_cache.pop(f, None)
@@ -159,6 +170,7 @@ class FileSource:
 
     def reload_now(self) -> Outcome:
         """Full re-read (SIGHUP): stats are not trusted, every file is parsed again."""
+        # Every file counts as touched: its old objects are diffed against what it holds now.
         self._cache.clear()
         self._doc_cache.clear()
         return self.load()
