@@ -72,7 +72,6 @@ def _rss_mib() -> float:
 
 
 async def run(args) -> dict:
-    loop = asyncio.get_running_loop()
     targets: list[tuple[str, int]] = []
     procs: list[Proc] = []
     logdir = Path(tempfile.mkdtemp(prefix="probe_cost-"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from . import objects as o

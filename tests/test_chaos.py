@@ -269,7 +269,7 @@ def test_d_ten_sighup_reloads(cluster):
         for _ in range(10):
             v = c["mp"].snapshot()["version"]
             c["mp"].send(signal.SIGHUP)
-            wait_for(lambda: c["mp"].snapshot()["version"] >= v, 3, what="reload")
+            wait_for(lambda v=v: c["mp"].snapshot()["version"] >= v, 3, what="reload")
             wait_requests(load, 30)
     load.report("(d) SIGHUP x10")
     assert load.failures == [] and load.l4_failures == [], (load.failures[:5], load.l4_failures[:5])

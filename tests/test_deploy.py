@@ -15,7 +15,6 @@ else the equivalent POST with ?dryRun=All (the same admission and validation, no
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil

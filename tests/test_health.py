@@ -748,7 +748,7 @@ def test_cost_stays_flat_2000_pods_one_scheduler_bounded_concurrency():
 
 def quarters_of_first_due(hc, since: float, period: float) -> list[int]:
     q = [0, 0, 0, 0]
-    for due, _, st, gen in hc._heap:
+    for due, *_ in hc._heap:
         q[min(3, int((due - since) / period * 4))] += 1
     return q
 

@@ -104,6 +104,6 @@ def test_readiness_probe_failure_removes_a_pod_then_it_returns(tmp_path):
             try:
                 wait_for(lambda: ready(mp) == [True], 5, what="probe passes again")
             except AssertionError:
-                raise AssertionError(str(mp.snapshot().get("health")))
+                raise AssertionError(str(mp.snapshot().get("health"))) from None
     finally:
         web.stop()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from proc import Meshproxy, free_port, wait_for
+from proc import Meshproxy, free_port
 from test_http1 import REQUEST_ERRORS, RESPONSE_ERRORS
 
 POD_IP = "127.0.10.201"

@@ -36,7 +36,7 @@ def call(method, path, body=None, ctype="application/json"):
         with urllib.request.urlopen(req, context=CTX, timeout=10) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise SystemExit(f"{method} {path}: {e.code} {e.read()[:300]!r}")
+        raise SystemExit(f"{method} {path}: {e.code} {e.read()[:300]!r}") from e
 
 
 def pod(name, node=None):
