@@ -86,6 +86,18 @@ class Store:
         return [obj for b in self._by_kind.values() for obj in b.values()]
 
 
+def _index_update(index: dict, key, name: str, add: bool) -> None:
+    """Add ``name`` to / remove it from the set ``index[key]``; empty sets are dropped."""
+    if add:
+        index.setdefault(key, set()).add(name)
+        return
+    names = index.get(key)
+    if names is not None:
+        names.discard(name)
+        if not names:
+            del index[key]
+
+
 def _svc_selector(svc: o.Service) -> Selector | None:
     return None if svc.selector is None else selector_from_map(svc.selector)
 
@@ -145,14 +157,7 @@ class EndpointIndex:
     def _index_pod_labels(self, ns: str, name: str, labels, add: bool) -> None:
         by_pair = self._pods_by_pair.setdefault(ns, {})
         for pair in labels.items():
-            if add:
-                by_pair.setdefault(pair, set()).add(name)
-            else:
-                names = by_pair.get(pair)
-                if names is not None:
-                    names.discard(name)
-                    if not names:
-                        del by_pair[pair]
+            _index_update(by_pair, pair, name, add)
         if add:
             self._pods_by_ns.setdefault(ns, set()).add(name)
         else:
@@ -190,15 +195,7 @@ class EndpointIndex:
             return
         by_pair = self._svc_by_pair.setdefault(ns, {})
         # One pair is enough to find candidates; the full selector is checked afterwards.
-        pair = min(selector.items())
-        if add:
-            by_pair.setdefault(pair, set()).add(name)
-        else:
-            names = by_pair.get(pair)
-            if names is not None:
-                names.discard(name)
-                if not names:
-                    del by_pair[pair]
+        _index_update(by_pair, min(selector.items()), name, add)
 
     def _service_changed(self, old: o.Service | None, new: o.Service | None) -> None:
         svc = new or old
