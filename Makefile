@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 system-deps:
 	@bash scripts/system-deps.sh
 
+# The L7 suites run a second time with the general parser only (--http-parser strict): the
+# parse_whole fast paths must not change any verdict (docs/http.md, "Fast path").
+L7_SUITES := tests/test_l7.py tests/test_l7_unit.py tests/test_smuggling_e2e.py tests/test_headers.py tests/test_retries.py
+
 test: venv system-deps
 	$(BIN)/python -m pytest -q
+	MESHPROXY_HTTP_PARSER=strict $(BIN)/python -m pytest -q $(L7_SUITES)
 
 demo: venv
 	$(BIN)/meshproxy demo

@@ -209,7 +209,7 @@ class UpstreamPool:
             conn.transport.close()
             return
         if conn.requests:
-            if conn.parser.trailing:
+            if conn.parser.buffered:
                 # Bytes after the end of the response (e.g. a body sent with a HEAD or 304
                 # response): reusing the connection would read them as the next response.
                 conn.state = _CLOSED

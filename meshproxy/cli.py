@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dns-max-ttl", type=_positive_float, default=None, help="longest DNS refresh, seconds (default 300)")
     run.add_argument("--dns-listen", type=_hostport, metavar="HOST:PORT", help="answer cluster DNS (<svc>.<ns>.svc.<domain>) here, UDP and TCP")
     run.add_argument("--cluster-domain", default=None, help="cluster DNS domain (default cluster.local)")
+    run.add_argument("--http-parser", choices=("auto", "strict", "fast"), default=None,
+                     help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
+                          "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
     run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
 
     val = sub.add_parser("validate", help="check manifests: exit 0 when valid, 1 with one line per problem")
@@ -108,7 +111,7 @@ _FLAG_FIELDS = {
     "keepalive_timeout": "keepalive_timeout", "max_body_size": "max_body_size",
     "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
     "dns_min_ttl": "dns_min_ttl", "dns_max_ttl": "dns_max_ttl", "dns_listen": "dns_listen",
-    "cluster_domain": "cluster_domain",
+    "cluster_domain": "cluster_domain", "http_parser": "http_parser",
     "kubeconfig": "kubeconfig", "context": "kube_context", "namespace": "kube_namespace",
 }
 

@@ -958,3 +958,144 @@ def test_corpus_file(path) -> None:
         assert outcome[0] == "ok", outcome
     else:
         assert outcome[:2] == ("error", int(verdict)), outcome
+
+
+# ============================================================================================
+# parse_whole: the fast path for one complete message in one read. It must never decide
+# anything the general path would decide differently: for every input of the tables above, the
+# corpus and random mutations of them, it either declines (None, nothing consumed) or returns
+# exactly what the general path returns for the same bytes fed whole.
+
+_HEAD_ATTRS = ("method", "target", "path", "query", "version", "headers", "host", "content_length",
+               "chunked", "keep_alive", "upgrade", "expect_continue", "connection_tokens")
+_RESP_ATTRS = ("status", "reason", "version", "headers", "content_length", "chunked", "keep_alive",
+               "connection_tokens")
+
+
+def _general(parser, data: bytes):
+    parser.feed(data)
+    events = []
+    try:
+        while True:
+            ev = parser.next_event()
+            if ev is NEED_DATA or ev is PAUSED:
+                break
+            events.append(ev)
+    except HTTPError as exc:
+        return ("error", exc.status, exc.reason)
+    return ("ok", events, parser.trailing)
+
+
+def _check_request_fast(data: bytes, **kw) -> bool:
+    fast = RequestParser(**kw).parse_whole(data)
+    if fast is None:
+        return False
+    ref = _general(RequestParser(**kw), data)
+    assert ref[0] == "ok", (data, ref)
+    events, trailing = ref[1], ref[2]
+    assert len(events) == 2 and isinstance(events[1], EndOfMessage) and not events[1].trailers, data
+    assert trailing == b""
+    for attr in _HEAD_ATTRS:
+        assert getattr(fast, attr) == getattr(events[0], attr), (data, attr)
+    return True
+
+
+def _check_response_fast(data: bytes, method: bytes = b"GET", **kw) -> bool:
+    p = ResponseParser(**kw)
+    p.set_request_method(method)
+    fast = p.parse_whole(data)
+    if fast is None:
+        assert p.next_event() is NEED_DATA  # nothing consumed
+        return False
+    assert p.next_event() is PAUSED  # complete
+    ref_p = ResponseParser(**kw)
+    ref_p.set_request_method(method)
+    ref = _general(ref_p, data)
+    assert ref[0] == "ok", (data, ref)
+    events, trailing = ref[1], ref[2]
+    assert isinstance(events[-1], EndOfMessage) and not events[-1].trailers and trailing == b""
+    head, body = fast
+    for attr in _RESP_ATTRS:
+        assert getattr(head, attr) == getattr(events[0], attr), (data, attr)
+    assert body == b"".join(e for e in events[1:-1])
+    return True
+
+
+def _all_request_inputs():
+    for c in REQUEST_ERRORS:
+        yield c[1], {}
+    for c in LIMIT_ERRORS:
+        yield c[1], c[2]
+    for c in REQUEST_OK:
+        yield c[1], {}
+    for p in corpus_files():
+        if not p.name.startswith("resp-"):
+            yield p.read_bytes(), {}
+
+
+def _all_response_inputs():
+    for c in RESPONSE_ERRORS:
+        yield c[1], [b"GET"]
+    for c in RESPONSE_OK:
+        yield c[1], c[2]
+    for p in corpus_files():
+        if p.name.startswith("resp-"):
+            yield p.read_bytes(), [b"HEAD" if "-head-" in p.name else b"GET"]
+
+
+def test_parse_whole_takes_the_common_messages() -> None:
+    assert _check_request_fast(GET_WRK)
+    assert _check_request_fast(b"GET /a?b=1 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+                               b"User-Agent: u\r\n\r\n")
+    nginx = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 15:05:34 GMT\r\n"
+             b"Content-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nhello\n")
+    assert _check_response_fast(nginx)
+    assert _check_response_fast(b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("data", [
+    GET_WRK + GET_WRK,                                    # pipelined: the general path
+    GET_WRK[:-2],                                         # incomplete
+    b"\r\n" + GET_WRK,                                    # leading empty line
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX_Y: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+])
+def test_parse_whole_declines_the_rest(data: bytes) -> None:
+    assert RequestParser().parse_whole(data) is None
+
+
+def test_parse_whole_agrees_with_the_general_path_on_every_table_input() -> None:
+    for data, kw in _all_request_inputs():
+        _check_request_fast(data, **kw)
+    for data, methods in _all_response_inputs():
+        for method in methods:
+            _check_response_fast(data, method)
+
+
+def test_parse_whole_agrees_on_mutations() -> None:
+    import random
+    rnd = random.Random(9112)
+    seeds = [d for d, _ in _all_request_inputs()] + [GET_WRK] * 20
+    rseeds = [d for d, _ in _all_response_inputs()]
+    alphabet = b"\r\n \t:,;_-=\"\x00\x7f\x80\xffaAzZ09/?#@[]HTTP/1.1chunkedContent-LengthHost"
+    took = 0
+    for _ in range(6000):
+        for pool, check in ((seeds, _check_request_fast), (rseeds, _check_response_fast)):
+            data = bytearray(rnd.choice(pool))
+            for _ in range(rnd.randint(1, 3)):
+                i = rnd.randrange(len(data) + 1)
+                op = rnd.randrange(3)
+                if op == 0 and data:
+                    del data[i % len(data)]
+                elif op == 1:
+                    data[i:i] = bytes([rnd.choice(alphabet)])
+                elif data:
+                    data[i % len(data)] = rnd.choice(alphabet)
+            took += check(bytes(data))
+    assert took > 100  # the fast path was exercised, not only declined

@@ -196,7 +196,7 @@ def test_keepalive_reuses_upstream_connections():
             r, body, c = request(p.port, "GET", f"/echo?i={i}", conn=c)
             assert r.status == 200
         c.close()
-        for i in range(10):  # new client connections, same pooled upstream connection
+        for _i in range(10):  # new client connections, same pooled upstream connection
             assert get(p.port, "/echo")[0].status == 200
         assert b.requests == 30
         assert b.accepts == 1
@@ -973,3 +973,33 @@ def test_upstream_pool_bounded_and_idle_connections_expire():
             assert p.call(p.server.pool.idle_count, b.addr) == 2
             time.sleep(1.8)  # idle timeout 0.5 s, swept once a second
             assert p.call(p.server.pool.idle_count, b.addr) == 0
+
+
+def test_repeated_request_head_is_forwarded_like_the_first(proxy, pods):
+    """The repeated-head shortcut of the fast path (docs/l7.md "Hot path"): identical bytes on one
+    connection give the identical upstream head; a different head is parsed afresh."""
+    import socket as _socket
+    s = _socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    try:
+        req = b"GET /echo?memo=1 HTTP/1.1\r\nHost: example.com\r\nX-Memo: a\r\n\r\n"
+        seen = []
+        buf = b""
+        for data in (req, req, req.replace(b"X-Memo: a", b"X-Memo: b"), req):
+            s.sendall(data)
+            status, _, body, buf = read_response(s, buf)
+            assert status == 200
+            e = json.loads(body)
+            seen.append((e["target"], [h for h in e["headers"] if h[0] == "X-Memo"]))
+        assert seen[0] == seen[1] == seen[3] == ("/echo?memo=1", [["X-Memo", "a"]])
+        assert seen[2] == ("/echo?memo=1", [["X-Memo", "b"]])
+    finally:
+        s.close()
+
+
+def test_http_parser_modes():
+    from l7.downstream import parser_mode
+    from meshproxy.settings import Settings
+    assert parser_mode(Settings(http_parser="strict")) == "strict"
+    assert parser_mode(Settings(http_parser="fast")) == "fast"
+    with pytest.raises(ValueError):
+        parser_mode(Settings(http_parser="httptools"))
