@@ -377,3 +377,28 @@ def test_incremental_builds_equal_full_builds():
         ref = full.builder.build(full.store, full.index, ctl.allocator).to_json()
         for k in ("services", "endpoints", "backends", "listeners", "problems"):
             assert inc[k] == ref[k], (step, k)
+
+
+def test_a_burst_of_changes_is_published_once():
+    """Events that arrive within ``coalesce_delay`` of the first one become one snapshot, which
+    holds all of them; a change after that publish makes the next one."""
+    import asyncio
+
+    from meshproxy.controller import Controller
+
+    async def main():
+        snaps = []
+        ctl = Controller(Settings(coalesce_delay=0.1), snaps.append)
+        ctl.apply_events([Event(ADDED, o) for o in objs(SVC)])
+        for j in range(40):   # forty separate deliveries, as a watch would send them
+            ctl.apply_events([Event(ADDED, o) for o in objs(pod(f"p{j}", f"127.0.10.{j + 1}"))])
+        assert snaps == []    # nothing is built before the window closes
+        await asyncio.sleep(0.4)
+        assert len(snaps) == 1
+        assert len(snaps[0].endpoint_sets[("default", "web")][0].usable) == 40
+        ctl.apply_events([Event(DELETED, o) for o in objs(pod("p0", "127.0.10.1"))])
+        await asyncio.sleep(0.4)
+        assert len(snaps) == 2 and snaps[1].version > snaps[0].version
+        assert len(snaps[1].endpoint_sets[("default", "web")][0].usable) == 39
+
+    asyncio.run(main())

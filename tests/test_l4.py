@@ -253,7 +253,8 @@ def test_two_nodes_external_traffic_policy_local_and_cluster(tmp_path, pods):
     b = [pods("b-0")]
     np_local = free_port_on(NODE_A, 30000, 32767)
     np_cluster = free_port_on(NODE_A, 30000, 32767)
-    while np_cluster == np_local or not _free(NODE_B, np_local) or not _free(NODE_B, np_cluster):
+    while (np_cluster == np_local or not _free(NODE_B, np_local) or not _free(NODE_B, np_cluster)
+           or not _free("127.0.0.1", np_local)):
         np_local = free_port_on(NODE_A, 30000, 32767)
         np_cluster = free_port_on(NODE_A, 30000, 32767)
     cip1, cip2 = rand_cluster_ip(), rand_cluster_ip()
@@ -267,6 +268,9 @@ def test_two_nodes_external_traffic_policy_local_and_cluster(tmp_path, pods):
         assert f"{NODE_A}:{np_local}" in la and f"{NODE_B}:{np_local}" not in la
         lb = {x["address"] for x in pb.snapshot()["listeners"]}
         assert f"{NODE_B}:{np_local}" in lb and f"{NODE_A}:{np_local}" not in lb
+        # ... and nothing listens on any other address for it (with --node, not 127.0.0.1).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", np_local), timeout=2).close()
         # Local: only the pods of the node that took the connection.
         assert {whoami(NODE_A, np_local) for _ in range(30)} == {"a-0", "a-1"}
         assert {whoami(NODE_B, np_local) for _ in range(10)} == {"b-0"}
@@ -289,6 +293,10 @@ def test_client_ip_affinity_and_pod_removal(tmp_path, pods):
     cip = rand_cluster_ip()
     port = free_port_on(cip)
     svc = svc_doc("sticky", cip, port, affinity=True)
+    # round_robin: without the affinity table every client would go round the pods, so a
+    # client that stays on one pod shows the table at work (random's first pick is a hash of
+    # the client address and would stay put by itself).
+    svc["metadata"]["annotations"] = {"meshproxy.dev/lb-policy": "round_robin"}
     write(str(tmp_path), [svc] + [pod_doc(p) for p in ps])
     with proxy(str(tmp_path)):
         clients = [f"127.0.50.{random.randint(2, 250)}" for _ in range(4)]

@@ -617,10 +617,14 @@ def test_connect_timeout_is_retried_on_another_endpoint():
                pod_doc("live", live.ip, live.port), pod_doc("stuck", stuck_ip, stuck.getsockname()[1])])
         await w.start()
         try:
+            f0 = counter(metrics.l4_connect_failures, "default", "web", "tcp")
             t0 = time.monotonic()
             names = [await whoami(cip, port) for _ in range(2)]
             assert names == ["live", "live"]
-            assert time.monotonic() - t0 < 2.0
+            # Round robin sent at least one of the two to the stuck pod: its connect timed out
+            # (0.3 s waited, counted as a failure) and the retry reached the live pod.
+            assert 0.3 <= time.monotonic() - t0 < 2.0
+            assert counter(metrics.l4_connect_failures, "default", "web", "tcp") - f0 >= 1
         finally:
             for f in fillers:
                 f.close()
