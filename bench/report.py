@@ -126,12 +126,20 @@ def targets(summary: dict) -> list[dict]:
         add("p99 at 50 % of nginx max ≤ nginx p99 + 1 ms", d, d <= 1.0, f"Δp99 {d:+.3f} ms")
     else:
         add("p99 at 50 % of nginx max ≤ nginx p99 + 1 ms", None, None, "not measured")
-    a = row("l7-keepalive", "aiohttp")
-    if m and a and a["median"]:
-        r = m["median"] / a["median"]
-        add("L7 ≥ 4× aiohttp", round(r, 2), r >= 4.0, f"{m['median']:.0f} vs {a['median']:.0f} req/s")
-    else:
-        add("L7 ≥ 4× aiohttp", None, None, "not measured")
+    # One target, two yardsticks: it passes only when meshproxy is ≥ 4× both Python proxies;
+    # the value is the smaller ratio; with one of them missing it is n/a (or a fail).
+    ratios, parts = {}, []
+    for ref, label in (("aiohttp", "aiohttp"), ("proxypy", "proxy.py")):
+        p = row("l7-keepalive", ref)
+        if m and p and p["median"]:
+            ratios[ref] = m["median"] / p["median"]
+            parts.append(f"{label} {ratios[ref]:.2f}× ({m['median']:.0f} vs {p['median']:.0f} req/s)")
+        else:
+            parts.append(f"{label} not measured")
+    low = min(ratios.values()) if ratios else None
+    add("L7 ≥ 4× aiohttp and proxy.py", None if low is None else round(low, 2),
+        False if low is not None and low < 4.0 else (True if len(ratios) == 2 else None),
+        "; ".join(parts))
     b = row("l4-bulk", "meshproxy")
     for ref, goal in (("haproxy", 1.3), ("direct", 0.75)):
         name = f"L4 bulk ≥ {goal}× {ref}"
