@@ -10,6 +10,9 @@ Rules (DESIGN §3 "Endpoints", mirroring the EndpointSlice controller and kube-p
   ``ready``. ``publishNotReadyAddresses`` marks every pod with an IP ready;
 - the endpoints that get *new* traffic are the ready ones; when none is ready, the serving
   terminating ones (KEP-1669, ProxyTerminatingEndpoints); else none;
+- per endpoint also a balancing ``weight`` (default 1): SRV weights from the DNS source
+  (slices annotated ``meshproxy.dev/made-by: dns`` carry ``srv-weight=<w>`` as the endpoint's
+  target); every other endpoint has weight 1;
 - a pod's readiness is its readinessProbe result when it has a probe and probing is on
   (``probe_results``) and a result exists yet, else its Ready condition. Pods in phase Succeeded/Failed or without
   an IP never appear.
@@ -24,7 +27,25 @@ from typing import Callable, Iterable, Mapping
 
 from .objects import EndpointSlice, Pod, Service, ServicePort
 
-__all__ = ["Endpoint", "EndpointSet", "pod_ready", "compute_endpoint_sets", "port_key"]
+__all__ = ["Endpoint", "EndpointSet", "pod_ready", "compute_endpoint_sets", "port_key", "srv_weight",
+           "WEIGHT_PREFIX"]
+
+# How the DNS source (discovery/sources/dns.py) stores an SRV weight in ``SliceEndpoint.target``
+# of the slices it annotates ``meshproxy.dev/made-by: dns``. Kept here, not there, so that this
+# module does not need dnspython.
+WEIGHT_PREFIX = "srv-weight="
+_ANN_MADE_BY = "meshproxy.dev/made-by"
+
+
+def srv_weight(target: str | None) -> int | None:
+    """The SRV weight stored in ``target`` (``SliceEndpoint.target``, and so ``Endpoint.pod``)."""
+    if target and target.startswith(WEIGHT_PREFIX):
+        try:
+            w = int(target[len(WEIGHT_PREFIX):])
+        except ValueError:
+            return None
+        return w if w >= 0 else None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,14 +57,20 @@ class Endpoint:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    # Relative share of new traffic (SRV weight; 1 for everything else). Balancers honour it
+    # only when the weights of a backend's endpoints differ; 0 means "very rarely" (RFC 2782).
+    weight: int = 1
 
     @property
     def addr(self) -> tuple[str, int]:
         return (self.ip, self.port)
 
     def to_json(self) -> dict:
-        return {"ip": self.ip, "port": self.port, "pod": self.pod, "node": self.node,
-                "ready": self.ready, "serving": self.serving, "terminating": self.terminating}
+        d = {"ip": self.ip, "port": self.port, "pod": self.pod, "node": self.node,
+             "ready": self.ready, "serving": self.serving, "terminating": self.terminating}
+        if self.weight != 1:
+            d["weight"] = self.weight
+        return d
 
 
 def port_key(sp: ServicePort) -> str:
@@ -131,6 +158,7 @@ def _slice_endpoints(sp: ServicePort, slices: Iterable[EndpointSlice], publish_n
     for sl in slices:
         if sl.address_type == "FQDN":
             continue   # FQDN slices are not routable by address; kube-proxy ignores them too
+        weighted = sl.meta.annotations.get(_ANN_MADE_BY) == "dns"
         port = None
         for p in sl.ports:
             # An unnamed service port matches an unnamed slice port.
@@ -141,9 +169,10 @@ def _slice_endpoints(sp: ServicePort, slices: Iterable[EndpointSlice], publish_n
             continue
         for e in sl.endpoints:
             # Conditions are taken as the slice states them (nil rules applied at parse time).
+            w = srv_weight(e.target) if weighted else None
             for addr in e.addresses[:1]:   # the API says consumers use the first address
                 out.append(Endpoint(addr, port, e.target, e.node_name, e.ready or publish_not_ready,
-                                    e.serving or publish_not_ready, e.terminating))
+                                    e.serving or publish_not_ready, e.terminating, 1 if w is None else w))
     return out
 
 

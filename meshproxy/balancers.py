@@ -16,6 +16,27 @@ ring_hash           ketama-style ring over ``hash_key`` or the client IP        
 maglev              Maglev lookup table (Eisenbud et al., NSDI '16)             O(1)
 ==================  ==========================================================  ===========
 
+**Weights.** An endpoint carries ``weight`` (SRV weight from the DNS source; 1 otherwise).
+When a backend's weights are not all equal (``backend.weighted``, computed once when the
+snapshot is built) every policy honours them; otherwise the table above applies unchanged and
+a pick costs one flag test more. Weighted rules (tables per candidate tuple, built once):
+
+==================  ==========================================================  ===========
+random              weighted random: bisect over cumulative weights             O(log n)
+round_robin         interleaved schedule, each endpoint ``weight`` times per    O(1)
+                    cycle, spread evenly (positions (k + 1/2) / w, merged)
+least_connections   lowest ``active / weight``; ties by weighted random         O(n)
+p2c                 two weighted-random draws, lower ``active / weight`` wins   O(log n)
+ring_hash           points proportional to weight: 200 for the lightest         O(log n)
+                    weight > 0, >= 1 each, 2^18 in all at most
+maglev              weighted Maglev population (Envoy's): the heaviest          O(1)
+                    endpoint claims a slot every round, others in proportion
+==================  ==========================================================  ===========
+
+Weight 0 (RFC 2782: "very small chance of being selected") counts as 1/100 of weight 1
+(effective weights ``100 * w``, and 1 for ``w = 0``): such an endpoint still gets a trickle of
+new traffic when others have weight, and an even share when every weight is 0.
+
 With ``backend.affinity_timeout`` set (Service ``sessionAffinity: ClientIP``) a client IP is
 pinned to the endpoint it got first (under the default ``random`` policy that first choice is
 a consistent hash of the client IP, so separate processes pin a client alike); the pin holds while that endpoint stays a candidate and
@@ -47,9 +68,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import random as _random
 import time
 from collections.abc import Callable, Iterable
+from itertools import accumulate
+from math import gcd
 
 from discovery.endpoints import Endpoint
 
@@ -78,6 +102,14 @@ _DRAWS = 8
 # bounds tuples a caller built itself (tests, ad-hoc backends).
 _MAX_TABLES = 4096
 
+# Effective weight of an SRV weight w: 100 * w, and 1 for w = 0 — a weight-0 endpoint gets 1 %
+# of what a weight-1 endpoint gets (RFC 2782: "a very small chance of being selected").
+_WEIGHT_SCALE = 100
+
+# Weighted round-robin schedules longer than this are scaled down (each endpoint keeps >= 1
+# slot): the schedule is one list of endpoint indices per candidate tuple.
+_SCHEDULE_MAX = 4096
+
 
 def stable_hash(data: bytes) -> int:
     """64-bit hash that is the same in every process (``hash()`` is salted per process)."""
@@ -92,12 +124,21 @@ class _Ring:
     """Consistent-hash ring: sorted points, each owned by an endpoint index."""
     __slots__ = ("owners", "points")
 
-    def __init__(self, cands: tuple[Endpoint, ...]) -> None:
+    def __init__(self, cands: tuple[Endpoint, ...], eff: list[int] | None = None) -> None:
         per = min(_RING_POINTS_PER_ENDPOINT, max(1, _RING_MAX_POINTS // len(cands)))
+        scale = 0.0
+        if eff is not None:
+            # Weighted: points in proportion to weight; the lightest endpoint of weight > 0
+            # (effective weight >= _WEIGHT_SCALE) gets the usual 200, within the overall cap;
+            # every endpoint at least one. Point r of an endpoint is the same hash whatever
+            # its count, so a weight change adds or removes only that endpoint's points.
+            scale = _RING_POINTS_PER_ENDPOINT / min(x for x in eff if x >= _WEIGHT_SCALE)
+            scale = min(scale, _RING_MAX_POINTS / sum(eff))
         pts: list[tuple[int, int]] = []
         for i, ep in enumerate(cands):
             name = _ep_name(ep)
-            for r in range(per):
+            count = per if eff is None else max(1, round(eff[i] * scale))
+            for r in range(count):
                 pts.append((stable_hash(name + b"_" + str(r).encode()), i))
         pts.sort()
         self.points = [p for p, _ in pts]
@@ -120,7 +161,7 @@ class _Maglev:
     and removing one endpoint moves little more than its own slots."""
     __slots__ = ("table",)
 
-    def __init__(self, cands: tuple[Endpoint, ...]) -> None:
+    def __init__(self, cands: tuple[Endpoint, ...], eff: list[int] | None = None) -> None:
         n = len(cands)
         m = next((s for s in MAGLEV_SIZES if s >= 100 * n), MAGLEV_SIZES[-1])
         offsets, skips = [], []
@@ -131,6 +172,9 @@ class _Maglev:
         nxt = [0] * n
         table = [-1] * m
         filled = 0
+        if eff is not None:
+            self.table = self._weighted(offsets, skips, eff, m)
+            return
         # The paper's population loop: endpoints take turns claiming their next preferred slot.
         while True:
             for i in range(n):
@@ -145,6 +189,31 @@ class _Maglev:
                 if filled == m:
                     self.table = table
                     return
+
+    @staticmethod
+    def _weighted(offsets: list[int], skips: list[int], eff: list[int], m: int) -> list[int]:
+        """Weighted population (as Envoy does it): in round r endpoint i claims its next
+        preferred slot while ``r * eff[i] >= claims[i] * max(eff)`` — the heaviest endpoint
+        every round, one of a third the weight every third round, every endpoint at least once.
+        A heap of (next eligible round, index) visits claims in the same (round, index) order
+        as the plain double loop, in O(M log n) instead of O(rounds * n)."""
+        top = max(eff)
+        nxt = [0] * len(eff)
+        target = [0] * len(eff)
+        table = [-1] * m
+        heap = [(0, i) for i in range(len(eff))]
+        for _ in range(m):
+            rnd, i = heapq.heappop(heap)
+            off, skip, j = offsets[i], skips[i], nxt[i]
+            c = (off + j * skip) % m
+            while table[c] >= 0:
+                j += 1
+                c = (off + j * skip) % m
+            table[c] = i
+            nxt[i] = j + 1
+            target[i] += top
+            heapq.heappush(heap, (-(-target[i] // eff[i]), i))
+        return table
 
     def lookup(self, h: int, cands: tuple[Endpoint, ...], exclude: frozenset[Addr]) -> Endpoint | None:
         table = self.table
@@ -195,9 +264,41 @@ class _LeastConn:
         return None
 
 
+class _Weights:
+    """Effective weights of one candidate tuple, for the weighted policies."""
+    __slots__ = ("cum", "eff", "equal", "schedule", "total")
+
+    def __init__(self, cands: tuple[Endpoint, ...]) -> None:
+        self.eff = [ep.weight * _WEIGHT_SCALE if ep.weight > 0 else 1 for ep in cands]
+        self.equal = len(set(self.eff)) <= 1     # e.g. the ready subset of a weighted backend
+        self.cum = list(accumulate(self.eff))
+        self.total = self.cum[-1] if self.cum else 0
+        self.schedule: list[int] | None = None
+
+    def index(self, r: int) -> int:
+        """The endpoint index that owns ``r`` in ``[0, total)``."""
+        return bisect.bisect_right(self.cum, r)
+
+    def build_schedule(self) -> list[int]:
+        """Round-robin cycle: endpoint i appears c_i times (c proportional to eff, reduced by
+        their gcd, scaled down to at most _SCHEDULE_MAX + n entries with c_i >= 1), at
+        positions (k + 1/2) / c_i merged in order, so heavy endpoints are interleaved with
+        light ones rather than bunched (weights 1:3 give B A B B)."""
+        eff = self.eff
+        g = 0
+        for x in eff:
+            g = gcd(g, x)
+        counts = [x // g for x in eff]
+        if sum(counts) > _SCHEDULE_MAX:
+            counts = [max(1, round(x * _SCHEDULE_MAX / self.total)) for x in eff]
+        pos = sorted(((k + 0.5) / c, i) for i, c in enumerate(counts) for k in range(c))
+        self.schedule = [i for _, i in pos]
+        return self.schedule
+
+
 class _Tables:
     """What is cached per candidate tuple: address index and the lazily built policy tables."""
-    __slots__ = ("by_addr", "cands", "lc", "maglev", "ring")
+    __slots__ = ("by_addr", "cands", "lc", "maglev", "ring", "weights")
 
     def __init__(self, cands: tuple[Endpoint, ...]) -> None:
         self.cands = cands           # held so id(cands) cannot be reused while cached
@@ -205,6 +306,7 @@ class _Tables:
         self.ring: _Ring | None = None
         self.maglev: _Maglev | None = None
         self.lc: _LeastConn | None = None
+        self.weights: _Weights | None = None
 
 
 class Balancers:
@@ -306,6 +408,13 @@ class Balancers:
                 policy: str | None = None) -> Endpoint | None:
         policy = policy or backend.policy
         n = len(cands)
+        if backend.weighted and n > 1:
+            t = self._tables_for(cands)
+            w = t.weights
+            if w is None:
+                w = t.weights = _Weights(cands)
+            if not w.equal:
+                return self._choose_weighted(backend, cands, t, w, client_ip, exclude, hash_key, policy)
         if policy == "random" or n == 1:
             return self._random(cands, exclude)
         if policy == "round_robin":
@@ -358,6 +467,97 @@ class Balancers:
             return t.maglev.lookup(h, cands, exclude)
         # Unknown policy names are rejected when the snapshot is built; be safe anyway.
         return self._random(cands, exclude)
+
+    def _choose_weighted(self, backend: Backend, cands: tuple[Endpoint, ...], t: _Tables, w: _Weights,
+                         client_ip: str | None, exclude: frozenset[Addr], hash_key: bytes | None,
+                         policy: str) -> Endpoint | None:
+        """``_choose`` for a candidate tuple whose weights differ (see the module docstring)."""
+        if policy == "round_robin":
+            sched = w.schedule or w.build_schedule()
+            size = len(sched)
+            i = self._rr.get(backend.key, 0) % size
+            for step in range(size):
+                ep = cands[sched[(i + step) % size]]
+                if ep.addr not in exclude:
+                    self._rr[backend.key] = (i + step + 1) % size
+                    return ep
+            return None
+        if policy == "least_connections":
+            return self._weighted_least(cands, w.eff, exclude)
+        if policy == "p2c":
+            rnd, total, index = self._rng.randrange, w.total, w.index
+            active = self.active
+            eff = w.eff
+            for _ in range(_DRAWS):
+                a, b = index(rnd(total)), index(rnd(total))
+                ea, eb = cands[a], cands[b]
+                xa, xb = ea.addr in exclude, eb.addr in exclude
+                if xa and xb:
+                    continue
+                if xa:
+                    return eb
+                if xb or a == b:
+                    return ea
+                # active / weight, cross-multiplied; a tie keeps the first draw, which is
+                # weight-proportional, so idle endpoints share by weight too.
+                return eb if active.get(eb.addr, 0) * eff[a] < active.get(ea.addr, 0) * eff[b] else ea
+            return self._weighted_least(cands, eff, exclude)
+        if policy in ("ring_hash", "maglev"):
+            if hash_key is None:
+                if client_ip is None:
+                    return self._weighted_random(cands, w, exclude)
+                hash_key = client_ip.encode()
+            h = stable_hash(hash_key)
+            if policy == "ring_hash":
+                if t.ring is None:
+                    t.ring = _Ring(cands, w.eff)
+                return t.ring.lookup(h, cands, exclude)
+            if t.maglev is None:
+                t.maglev = _Maglev(cands, w.eff)
+            return t.maglev.lookup(h, cands, exclude)
+        return self._weighted_random(cands, w, exclude)
+
+    def _weighted_random(self, cands: tuple[Endpoint, ...], w: _Weights,
+                         exclude: frozenset[Addr]) -> Endpoint | None:
+        rnd, total, index = self._rng.randrange, w.total, w.index
+        if not exclude:
+            return cands[index(rnd(total))]
+        for _ in range(_DRAWS):
+            ep = cands[index(rnd(total))]
+            if ep.addr not in exclude:
+                return ep
+        return self._weighted_among([(e, x) for e, x in zip(cands, w.eff) if e.addr not in exclude])
+
+    def _weighted_among(self, pairs: list[tuple[Endpoint, int]]) -> Endpoint | None:
+        """One of ``pairs`` (endpoint, effective weight), chosen in proportion to weight. O(n)."""
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0][0]
+        r = self._rng.randrange(sum(x for _, x in pairs))
+        for ep, x in pairs:
+            r -= x
+            if r < 0:
+                return ep
+        return pairs[-1][0]
+
+    def _weighted_least(self, cands: tuple[Endpoint, ...], eff: list[int],
+                        exclude: frozenset[Addr]) -> Endpoint | None:
+        """Lowest active / weight; ties (idle endpoints, most often) by weighted random, so
+        short connections are shared by weight as well as long ones."""
+        active = self.active
+        ties: list[tuple[Endpoint, int]] = []
+        best_a, best_x = 0, 0
+        for ep, x in zip(cands, eff):
+            if ep.addr in exclude:
+                continue
+            a = active.get(ep.addr, 0)
+            if not ties or a * best_x < best_a * x:
+                ties = [(ep, x)]
+                best_a, best_x = a, x
+            elif a * best_x == best_a * x:
+                ties.append((ep, x))
+        return self._weighted_among(ties)
 
     def _random(self, cands: tuple[Endpoint, ...], exclude: frozenset[Addr]) -> Endpoint | None:
         rnd = self._rng.randrange

@@ -68,6 +68,18 @@ class Backend:
     affinity_timeout: int | None = None   # ClientIP session affinity, seconds; None = off
     proxy_protocol: int = 0               # 0 off, 1 or 2: PROXY protocol version towards pods
     l7_policy: str = "p2c"                # policy for L7 requests (annotation, else --l7-lb-policy)
+    # True when the endpoints' weights (SRV weights, discovery/endpoints.py) are not all equal:
+    # computed once here, so the balancers' equal-weight path costs one flag test per pick.
+    weighted: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        eps = self.endpoints
+        if eps:
+            w0 = eps[0].weight
+            for e in eps:
+                if e.weight != w0:
+                    object.__setattr__(self, "weighted", True)
+                    break
 
     @property
     def label(self) -> str:
@@ -145,9 +157,7 @@ class Snapshot:
             "version": self.version, "created": self.created,
             "node": {"name": self.node.name, "address": self.node.address},
             "services": services, "endpoints": endpoints,
-            "backends": [{"backend": b.label, "policy": b.policy, "usable": [f"{e.ip}:{e.port}" for e in b.usable],
-                          "local": [f"{e.ip}:{e.port}" for e in b.local], "affinityTimeout": b.affinity_timeout}
-                         for _, b in sorted(self.backends.items())],
+            "backends": [_backend_json(b) for _, b in sorted(self.backends.items())],
             "listeners": [{"address": f"{h}:{p}", "backend": "/".join(lst.backend[:2]) + f":{lst.backend[2]}",
                            "scope": lst.scope, "localOnly": lst.local_only}
                           for (h, p), lst in sorted(self.l4.items())],
@@ -156,6 +166,14 @@ class Snapshot:
             "tls": {h: f"{ns}/{n}" for h, (ns, n) in sorted(self.tls_hosts.items())},
             "problems": list(self.problems),
         }
+
+
+def _backend_json(b: Backend) -> dict:
+    d = {"backend": b.label, "policy": b.policy, "usable": [f"{e.ip}:{e.port}" for e in b.usable],
+         "local": [f"{e.ip}:{e.port}" for e in b.local], "affinityTimeout": b.affinity_timeout}
+    if b.weighted:
+        d["weights"] = {f"{e.ip}:{e.port}": e.weight for e in b.endpoints}
+    return d
 
 
 def _frozen(d: dict) -> Mapping:

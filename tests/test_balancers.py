@@ -358,3 +358,140 @@ def test_failure_counts_are_consecutive():
     assert bal.consecutive_failures(e) == 2
     bal.report_success(e)
     assert bal.consecutive_failures(e) == 0
+
+
+# -- weights (SRV weights from the DNS source) ----------------------------------------------------
+
+def weps(*weights: int, base: int = 1) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint(f"127.0.10.{base + i}", 8080, f"p{base + i}", "a", weight=w)
+                 for i, w in enumerate(weights))
+
+
+def spread(policy: str, endpoints, picks: int, seed: int = 1, hold: bool = False) -> Counter:
+    """Who gets ``picks`` new connections: short ones (acquired and released at once), or
+    ``hold``-ing every one (least_connections / p2c then balance active / weight)."""
+    bal, _ = make(seed)
+    b = backend(endpoints, policy)
+    counts: Counter = Counter()
+    for i in range(picks):
+        ep = bal.pick(b, None, hash_key=f"client-{i}".encode())
+        bal.acquire(ep)
+        if not hold:
+            bal.release(ep)
+        counts[ep.pod] += 1
+    return counts
+
+
+# (policy, weights, tolerance on each endpoint's share of the picks)
+WEIGHTED = [(policy, weights, 0.01 if policy == "round_robin" else 0.03)
+            for policy in LB_POLICIES
+            for weights in ((10, 30), (1, 2, 3, 4), (5, 1, 1, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("policy,weights,tol", WEIGHTED)
+def test_weighted_share_follows_the_weights(policy, weights, tol):
+    assert backend(weps(*weights)).weighted
+    counts = spread(policy, weps(*weights), 20000)
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        share = counts[f"p{i + 1}"] / 20000
+        assert abs(share - w / total) <= tol, (policy, weights, counts)
+
+
+@pytest.mark.parametrize("policy", ["least_connections", "p2c"])
+def test_weighted_active_counts_follow_the_weights_when_connections_are_held(policy):
+    counts = spread(policy, weps(10, 30), 4000, hold=True)
+    # active / weight is what is compared: held connections end up 1 : 3 (p2c within a few)
+    assert abs(counts["p1"] - 1000) <= (1 if policy == "least_connections" else 60), counts
+
+
+@pytest.mark.parametrize("policy", LB_POLICIES)
+def test_weight_zero_is_chosen_only_rarely(policy):
+    """RFC 2782: weight 0 has a very small chance when others have weight (here 1/100 of a
+    weight-1 endpoint; consistent hashes give it at least one ring point / table slot)."""
+    counts = spread(policy, weps(0, 1, 1), 40000, seed=3)
+    assert counts["p1"] <= 0.008 * 40000, counts          # 1/201 ~ 0.5 % expected
+    if policy in ("random", "round_robin", "least_connections", "p2c"):
+        assert counts["p1"] >= 1, counts                  # rarely, not never
+    assert abs(counts["p2"] - counts["p3"]) <= 0.05 * 40000, counts
+
+
+@pytest.mark.parametrize("policy", LB_POLICIES)
+@pytest.mark.parametrize("weights", [(0, 0, 0), (7, 7, 7)])
+def test_equal_weights_are_the_unweighted_path_exactly(policy, weights):
+    """All weights equal (all 0 included: RFC 2782 then chooses uniformly): not weighted, and
+    the very same choices as weight 1 with the same seed."""
+    assert not backend(weps(*weights)).weighted
+    plain = spread(policy, weps(1, 1, 1), 3000, seed=5)
+    same = spread(policy, weps(*weights), 3000, seed=5)
+    assert plain == same and len(same) == 3
+
+
+def test_weighted_backend_whose_candidates_have_equal_weights_uses_the_plain_path():
+    bal, _ = make(5)
+    e = weps(10, 30, 30)
+    b = backend(e, "round_robin", usable=e[1:])        # the weight-10 one is not ready
+    assert b.weighted
+    assert [bal.pick(b, None).pod for _ in range(4)] == ["p2", "p3", "p2", "p3"]
+
+
+def test_weighted_round_robin_interleaves_an_exact_cycle():
+    bal, _ = make()
+    b = backend(weps(10, 30), "round_robin")
+    assert [bal.pick(b, None).pod for _ in range(8)] == ["p2", "p1", "p2", "p2"] * 2
+    bal, _ = make()
+    b = backend(weps(2, 1, 1), "round_robin")
+    assert Counter(bal.pick(b, None).pod for _ in range(4)) == Counter({"p1": 2, "p2": 1, "p3": 1})
+    # one endpoint excluded (a retry): the cycle goes on over the others
+    ex = frozenset({b.usable[0].addr})
+    assert {bal.pick(b, None, exclude=ex).pod for _ in range(10)} == {"p2", "p3"}
+
+
+@pytest.mark.parametrize("policy", LB_POLICIES)
+def test_weighted_exclude_and_all_excluded(policy):
+    bal, _ = make()
+    e = weps(1, 30, 0, 5, 100)
+    b = backend(e, policy)
+    ex = frozenset({e[1].addr, e[4].addr})                  # the heavy ones
+    seen = Counter()
+    for i in range(500):
+        ep = bal.pick(b, f"127.0.50.{i % 200}", exclude=ex, hash_key=str(i).encode())
+        assert ep is not None and ep.addr not in ex
+        seen[ep.pod] += 1
+    assert seen["p4"] > seen["p1"] > seen["p3"] or policy in ("ring_hash", "maglev"), seen
+    assert bal.pick(b, "127.0.50.1", exclude=frozenset(x.addr for x in e)) is None
+
+
+@pytest.mark.parametrize("policy", ["ring_hash", "maglev"])
+def test_weighted_consistent_hash_is_stable_and_agrees_across_instances(policy):
+    a, _ = make(1)
+    c, _ = make(2)
+    e = weps(10, 30, 20)
+    for i in range(200):
+        k = f"x{i}".encode()
+        first = a.pick(backend(e, policy), None, hash_key=k)
+        assert first == a.pick(backend(e, policy), None, hash_key=k) == c.pick(backend(e, policy), None, hash_key=k)
+
+
+def test_weighted_maglev_table_shares_slots_by_weight():
+    from meshproxy.balancers import _Maglev, _Weights
+    e = weps(10, 30, 0)
+    table = _Maglev(e, _Weights(e).eff).table
+    n = Counter(table)
+    assert n[2] == 1 and abs(n[1] - 3 * n[0]) <= 3, n       # weight 0: a single slot
+
+
+def test_affinity_pins_clients_by_weight():
+    bal, _ = make()
+    b = backend(weps(10, 30), affinity=600)
+    pins = Counter(bal.pick(b, f"127.0.{50 + i // 250}.{i % 250}").pod for i in range(4000))
+    assert abs(pins["p1"] - 1000) <= 120, pins
+
+
+def test_weighted_tables_go_with_their_tuples():
+    bal, _ = make()
+    b = backend(weps(10, 30), "round_robin")
+    bal.pick(b, None)
+    assert bal._tables[id(b.usable)].weights is not None
+    bal.on_snapshot(FakeSnap())
+    assert bal._tables == {}

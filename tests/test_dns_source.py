@@ -10,6 +10,7 @@ authoritative one, given a trust anchor no unsigned answer can satisfy) and an o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pwd
 import grp
@@ -121,10 +122,29 @@ def test_slices_for_srv_carry_port_and_weight():
     assert [(e.addresses[0], srv_weight(e.target)) for e in slices["api-dns-p8081"].endpoints] == [("10.0.0.1", 10), ("10.0.0.3", 0)]
     assert [p.port for p in slices["api-dns-p8082"].ports] == [8082]
     sets = compute_endpoint_sets(svc, [], slices.values())
-    assert {(e.ip, e.port, srv_weight(e.pod)) for e in sets[0].endpoints} == {
-        ("10.0.0.1", 8081, 10), ("10.0.0.2", 8082, 30), ("10.0.0.3", 8081, 0)}
+    assert {(e.ip, e.port, srv_weight(e.pod), e.weight) for e in sets[0].endpoints} == {
+        ("10.0.0.1", 8081, 10, 10), ("10.0.0.2", 8082, 30, 30), ("10.0.0.3", 8081, 0, 0)}
+    # ... and the snapshot's backend is marked weighted, so the balancers honour the weights
+    from meshproxy.settings import Settings
+    from meshproxy.snapshot import SnapshotBuilder
+    backends = SnapshotBuilder(Settings())._backends_for(svc, sets, None, [])
+    assert backends[0].weighted and {e.weight for e in backends[0].usable} == {0, 10, 30}
     one_port = build_slices(svc, Answer((Target("10.0.0.1", 8081, 10),), 5, "NOERROR"), q)
     assert list(one_port) == ["api-dns"]
+
+
+def test_weights_are_read_only_from_slices_the_dns_source_made():
+    """``srv-weight=<w>`` on an endpoint of someone else's slice is a name, not a weight."""
+    svc = service("api", annotations={ANN_DNS_SRV: "_http._tcp.api.example.com"})
+    answer = Answer((Target("10.0.0.1", 8081, 10), Target("10.0.0.2", 8081, 30)), 5, "NOERROR")
+    ours = build_slices(svc, answer, query_for(svc))["api-dns"]
+    assert [e.weight for e in compute_endpoint_sets(svc, [], [ours])[0].endpoints] == [10, 30]
+    foreign = dataclasses.replace(ours, meta=dataclasses.replace(ours.meta, annotations=MappingProxyType({})))
+    assert [e.weight for e in compute_endpoint_sets(svc, [], [foreign])[0].endpoints] == [1, 1]
+    # A/AAAA answers carry no weight: 1, and the backend is not weighted
+    web = service("web", annotations={ANN_DNS: "web.example.com"})
+    sl = build_slices(web, Answer((Target("10.0.0.1"), Target("10.0.0.2")), 5, "NOERROR"), query_for(web))
+    assert [e.weight for e in compute_endpoint_sets(web, [], sl.values())[0].endpoints] == [1, 1]
 
 
 def test_externalname_service_takes_its_endpoints_from_the_dns_slices():
@@ -813,3 +833,102 @@ def test_against_dnsmasq_record_changes_servfail_period_and_outage(dnsmasq_bin, 
             resolver.stop()
     finally:
         auth.stop()
+
+
+SPLIT_MANIFEST = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: split
+  namespace: default
+  annotations: {{meshproxy.dev/dns-srv: _http._tcp.split.mesh.test}}
+spec:
+  clusterIP: {cip}
+  ports: [{{name: http, port: {port}}}]
+"""
+
+
+def test_srv_weights_split_connections_through_the_listener(dnsmasq_bin, tmp_path):
+    """dnsmasq serves SRV records with weights 10 and 30 (and a priority-10 fallback); the
+    DNS source feeds the controller, the snapshot reaches an L4 listener on the ClusterIP, and
+    connections through it land about 1:3 on the two pods — none on the fallback."""
+    import random as _random
+
+    from l4 import L4Manager
+    from meshproxy.controller import Controller
+    from meshproxy.runtime import Runtime
+    from meshproxy.settings import Settings
+    from discovery.store import Event
+
+    block = f"127.0.{_random.randint(100, 250)}"
+    ips = {"a": f"{block}.1", "b": f"{block}.2", "c": f"{block}.3"}
+    cip = f"127.96.{_random.randint(100, 250)}.{_random.randint(2, 250)}"
+    with socket.socket() as s:
+        s.bind((cip, 0))
+        port = s.getsockname()[1]
+    picks = 800
+
+    async def pod(name: str) -> asyncio.AbstractServer:
+        async def greet(r, w):
+            w.write(name.encode() + b"\n")
+            try:
+                await w.drain()
+                await r.read()          # until the client closes
+            except OSError:
+                pass
+            w.close()
+        return await asyncio.start_server(greet, ips[name], 0)
+
+    async def whoami() -> str:
+        r, w = await asyncio.open_connection(cip, port)
+        try:
+            return (await r.readline()).decode().strip()
+        finally:
+            w.close()
+
+    async def main():
+        pods = {n: await pod(n) for n in ips}
+        ports = {n: srv.sockets[0].getsockname()[1] for n, srv in pods.items()}
+        (tmp_path / "hosts").write_text("".join(f"{ip} {n}.mesh.test\n" for n, ip in ips.items()))
+        auth = Dnsmasq(dnsmasq_bin, tmp_path, "auth", [
+            "no-resolv", "no-hosts", f"addn-hosts={tmp_path / 'hosts'}", "local=/mesh.test/", "local-ttl=1",
+            f"srv-host=_http._tcp.split.mesh.test,a.mesh.test,{ports['a']},0,10",
+            f"srv-host=_http._tcp.split.mesh.test,b.mesh.test,{ports['b']},0,30",
+            f"srv-host=_http._tcp.split.mesh.test,c.mesh.test,{ports['c']},10,100"])
+        auth.start()
+        settings = Settings(drain_timeout=5.0, connect_timeout=2.0)
+        runtime = Runtime(settings)
+        controller = Controller(settings, publish=runtime.publish)
+        mgr = L4Manager(runtime)
+        runtime.subscribe(mgr.apply)
+        src = DnsSource(lambda events: controller.apply_events(events, source="dns"),
+                        [("127.0.0.1", auth.port)], min_ttl=0.5, max_ttl=5, timeout=1)
+        try:
+            controller.apply_events([Event(ADDED, o) for o in load_text(SPLIT_MANIFEST.format(cip=cip, port=port)).objects])
+            src.sync(controller.store.items("Service"))
+            src.start()
+
+            def backend():
+                snap = runtime.snapshot
+                return snap.backends.get(("default", "split", "http")) if snap else None
+            await wait_for(lambda: backend() is not None and len(backend().usable) == 2, what="SRV endpoints")
+            assert backend().weighted
+            assert {(e.ip, e.port, e.weight) for e in backend().usable} == {
+                (ips["a"], ports["a"], 10), (ips["b"], ports["b"], 30)}
+            assert backend().policy == "random"          # the default: what users get
+            names: list[str] = []
+            for _ in range(picks // 50):
+                names += await asyncio.gather(*(whoami() for _ in range(50)))
+            counts = {n: names.count(n) for n in ips}
+            assert sum(counts.values()) == picks and counts["c"] == 0, counts
+            # expected 200 : 600; binomial sd ~12, so +-60 is 5 sd
+            assert 140 <= counts["a"] <= 260, counts
+        finally:
+            await src.stop()
+            await mgr.stop_accepting()
+            await mgr.drain(0)
+            for srv in pods.values():
+                srv.close()
+            auth.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 40))

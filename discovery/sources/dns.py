@@ -4,7 +4,9 @@ Which Services (first match wins):
 - ``meshproxy.dev/dns-srv: _http._tcp.<name>`` — SRV. Only the lowest-priority group that has
   any address is used (RFC 2782); each target is resolved to A and AAAA (the additional
   section is used when it carries the target's addresses); the port comes from the SRV
-  record; the weight is kept on the endpoint as ``target="srv-weight=<w>"``;
+  record; the weight is kept on the endpoint as ``target="srv-weight=<w>"``, which
+  ``discovery/endpoints.py`` turns into ``Endpoint.weight`` for the balancers (RFC 2782
+  weighted choice, see ``meshproxy/balancers.py``);
 - ``meshproxy.dev/dns: <name>`` — A and AAAA of the name; the port of every service port is
   its numeric ``targetPort``, else its ``port``;
 - ``type: ExternalName`` — A and AAAA of ``spec.externalName``, ports as above.
@@ -50,6 +52,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from ..endpoints import WEIGHT_PREFIX, srv_weight
 from ..objects import EndpointSlice, Meta, Origin, Service, SliceEndpoint, SlicePort
 from ..store import ADDED, DELETED, MODIFIED, Event
 
@@ -66,7 +69,6 @@ MADE_BY_DNS = "dns"
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 LABEL_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 MANAGED_BY = "dns.meshproxy.dev"
-WEIGHT_PREFIX = "srv-weight="
 
 NsName = tuple[str, str]
 
@@ -134,16 +136,6 @@ def query_for(svc: Service) -> Query | None:
         raise ValueError("the root name is not a host")
     # Absolute on purpose: a search list would make the answer depend on the host's resolv.conf.
     return Query(mode, name.to_text())
-
-
-def srv_weight(target: str | None) -> int | None:
-    """The SRV weight this source stored in ``SliceEndpoint.target`` (and so ``Endpoint.pod``)."""
-    if target and target.startswith(WEIGHT_PREFIX):
-        try:
-            return int(target[len(WEIGHT_PREFIX):])
-        except ValueError:
-            return None
-    return None
 
 
 def _family(ip: str) -> str:
