@@ -142,13 +142,12 @@ def _pod_endpoints(svc: Service, sp: ServicePort, pods: Iterable[Pod],
         port = _resolve_target(sp, pod)
         if port is None:
             continue
-        passes = pod_ready(pod, probe_results)
+        # The EndpointSlice controller's rules: serving is the pod's readiness whatever the
+        # Service says; publishNotReadyAddresses forces only "ready" (so the pod is used), and
+        # a terminating pod is never "ready" unless that flag is set.
+        serving = pod_ready(pod, probe_results)
         terminating = pod.terminating
-        if svc.publish_not_ready:
-            ready = serving = True
-        else:
-            serving = passes
-            ready = passes and not terminating
+        ready = svc.publish_not_ready or (serving and not terminating)
         out.append(Endpoint(pod.pod_ip, port, pod.name, pod.node_name, ready, serving, terminating))
     return out
 

@@ -113,8 +113,11 @@ def test_terminating_fallback_kep_1669():
 
 
 def test_publish_not_ready_addresses():
-    c = Cluster(pod("a", "127.0.10.1", ready="False") + SVC.replace("clusterIP: 127.96.0.10", "clusterIP: 127.96.0.10\n  publishNotReadyAddresses: true"))
-    assert c.usable() == ["127.0.10.1"]
+    c = Cluster(pod("a", "127.0.10.1", ready="False") + pod("b", "127.0.10.2")
+                + SVC.replace("clusterIP: 127.96.0.10", "clusterIP: 127.96.0.10\n  publishNotReadyAddresses: true"))
+    assert sorted(c.usable()) == ["127.0.10.1", "127.0.10.2"]
+    # As the EndpointSlice controller writes them: ready forced, serving = the pod's readiness.
+    assert sorted(c.eps()) == [("127.0.10.1", 8080, True, False, False), ("127.0.10.2", 8080, True, True, False)]
 
 
 def test_pods_without_ip_or_finished_are_left_out():
