@@ -51,6 +51,7 @@ class Process:
         self._publish_hook = publish_hook
         self.controller = Controller(settings, self._publish)
         self.extra_ready = lambda: True
+        self.on_draining = None   # called at SIGTERM, before --shutdown-delay (workers: tell them)
         self.on_stop = None
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
         self.kube = None
@@ -148,6 +149,9 @@ class Process:
             try:
                 cfg = load_config(self.settings.kubeconfig, self.settings.kube_context)
                 self.kube = KubernetesSource(cfg, self._on_kube_events, self.settings.kube_namespace)
+                # status.loadBalancer of the Ingresses served, once their snapshot is live
+                from discovery.sources.ingress_status import attach_status_writer
+                attach_status_writer(self.kube, self.settings, self.runtime.subscribe)
                 self.kube.start()
             except KubeConfigError as exc:
                 print(f"meshproxy: {exc}", file=sys.stderr)
@@ -189,6 +193,10 @@ class Process:
             closed = sockets.unused_inherited()
             if closed:
                 log.info("takeover: closed %d inherited listeners the configuration no longer wants", len(closed))
+            # With --workers the listeners live in the workers: the old instance may drain only
+            # once every new worker has bound them (a dead one is started again meanwhile).
+            while not self.extra_ready():
+                await asyncio.sleep(0.02)
             takeover.finish()
         self.control = sockets.ControlServer(sockets.control_path(self.settings.admin_listen),
                                              lambda: asyncio.get_running_loop().create_task(self.graceful_stop()))
@@ -225,7 +233,11 @@ class Process:
         if self.stopping:
             return
         self.stopping = True
+        # From now on L7 responses carry Connection: close, also during --shutdown-delay while the
+        # listeners still accept; with --workers the workers are told the same at once.
         self.runtime.draining = True
+        if self.on_draining is not None:
+            self.on_draining()
         log.info("SIGTERM: draining (shutdown delay %.1fs, drain timeout %.1fs)",
                  self.settings.shutdown_delay, self.settings.drain_timeout)
         if self.settings.shutdown_delay:

@@ -7,7 +7,10 @@ the parent sends it.
 
 Wire protocol on the socketpair (parent <-> worker), one message per frame: 4-byte big-endian
 length + pickle. Parent -> worker: ``("settings", Settings)`` once, then ``("snapshot",
-Snapshot)`` on every publish, ``("drain", seconds)`` on SIGTERM, ``("stop",)``. Worker ->
+Snapshot)`` on every publish, ``("draining",)`` at SIGTERM (responses carry ``Connection:
+close`` from then on while the listeners still accept during ``--shutdown-delay``),
+``("drain", seconds)`` once that delay has passed (close the listeners, finish the open
+connections, exit), ``("stop",)``. Worker ->
 parent: ``("ready", pid)`` once its listeners for the first snapshot are bound.
 
 Metrics: with workers, prometheus-client runs in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
@@ -15,6 +18,10 @@ is set by the CLI before anything imports prometheus_client); the parent's ``/me
 up every process's values.
 
 A worker that dies is started again and given the snapshot in force.
+
+``run --workers N --takeover``: the parent takes over the old instance's admin listener; the
+new workers bind the data-plane ports next to the old workers (SO_REUSEPORT), and the old
+instance is told to drain only once every new worker is ready (``Process.start``).
 """
 
 from __future__ import annotations
@@ -113,6 +120,8 @@ async def _worker_main(fd: int) -> int:
                     await asyncio.sleep(0)
                     writer.write(_frame(("ready", os.getpid())))
                     told_ready = True
+            elif msg[0] == "draining":
+                runtime.draining = True
             elif msg[0] == "drain":
                 runtime.draining = True
                 await l4.stop_accepting()
@@ -175,6 +184,7 @@ class WorkerPool:
         self.workers = [_Worker(i) for i in range(settings.workers)]
         self.snapshot = None
         self.stopping = False
+        self.draining = False
         self._monitor: asyncio.Task | None = None
 
     async def _spawn(self, w: _Worker) -> None:
@@ -188,6 +198,8 @@ class WorkerPool:
         w.writer.write(_frame(("settings", self.settings)))
         if self.snapshot is not None:
             w.writer.write(_frame(("snapshot", self.snapshot)))
+        if self.draining:   # restarted during --shutdown-delay
+            w.writer.write(_frame(("draining",)))
         w.task = asyncio.get_running_loop().create_task(self._listen(w))
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
 
@@ -218,6 +230,14 @@ class WorkerPool:
     def publish(self, snap) -> None:
         self.snapshot = snap
         data = _frame(("snapshot", snap))
+        for w in self.workers:
+            if w.writer is not None and not w.writer.is_closing():
+                w.writer.write(data)
+
+    def start_draining(self) -> None:
+        """SIGTERM: responses carry ``Connection: close`` from now on; listeners stay open."""
+        self.draining = True
+        data = _frame(("draining",))
         for w in self.workers:
             if w.writer is not None and not w.writer.is_closing():
                 w.writer.write(data)
@@ -260,6 +280,7 @@ def run_workers(settings: Settings) -> int:
         pool = WorkerPool(settings)
         proc = Process(settings, data_plane=False, publish_hook=pool.publish)
         proc.extra_ready = pool.all_ready
+        proc.on_draining = pool.start_draining
         proc.on_stop = pool.stop
         await pool.start()
         try:

@@ -1,13 +1,20 @@
 """The real process: file watch, reloads, admin endpoints, CLI exit codes."""
 
+import http.client
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+import pytest
+
+from backends import Backend, ingress_yaml, request, service_yaml
 from proc import ROOT, Meshproxy, free_port, http_get, wait_for
 
 POD = textwrap.dedent("""\
@@ -91,16 +98,120 @@ def test_sighup_rereads_and_admin_endpoints(tmp_path):
         assert endpoints_of(snap) == [("127.0.10.1", False)]
 
 
-def test_sigterm_turns_readyz_off_and_exits(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text(SVC.format(n=79, port=free_port("127.96.0.79")))
-    mp = Meshproxy([str(f)], "--no-health-checks", "--shutdown-delay", "1").start()
+SHUTDOWN_DELAY = 1.5
+
+
+def socket_owner(pids: list[int], port: int, client_port: int) -> int | None:
+    """Which of ``pids`` holds the accepted (server) side of the connection 127.0.0.1:client_port
+    -> :port; None while it is not accepted yet."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
+    inodes = {r[9] for r in rows if int(r[1].split(":")[1], 16) == port and int(r[2].split(":")[1], 16) == client_port}
+    targets = {f"socket:[{i}]" for i in inodes if i != "0"}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+def connect(port: int, pids: list[int]) -> tuple[http.client.HTTPConnection, int]:
+    """A new keep-alive connection to the ingress and the pid that accepted it."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.connect()
+    cport = c.sock.getsockname()[1]
+    return c, wait_for(lambda: socket_owner(pids, port, cport), 3, what="connection accepted")
+
+
+def connections_on_every(port: int, pids: list[int]) -> list[tuple[http.client.HTTPConnection, int]]:
+    """New connections until each of ``pids`` (the processes sharing the listener) has one."""
+    conns = []
+    while {pid for _, pid in conns} != set(pids):
+        assert len(conns) < 40, f"the kernel never gave {pids} a connection each: {[p for _, p in conns]}"
+        conns.append(connect(port, pids))
+    return conns
+
+
+def graceful_shutdown(tmp_path, ip: str, *args: str, data_plane=lambda mp: [mp.proc.pid]) -> None:
+    """SIGTERM with --shutdown-delay: /readyz 503 at once; during the delay the listener still
+    accepts, and every response (on connections open before SIGTERM and on new ones, in every
+    process that serves) carries Connection: close; after it new connections are refused; exit 0."""
+    b = Backend(ip, name="b")
+    (tmp_path / "m.yaml").write_text(service_yaml("web", [b]) + "---\n" + ingress_yaml("web", [("web.test", "/", "Prefix", "web")]))
+    port = free_port()
+    mp = Meshproxy([str(tmp_path)], "--no-health-checks", "--ingress-listen", f"127.0.0.1:{port}",
+                   "--shutdown-delay", str(SHUTDOWN_DELAY), "--drain-timeout", "5", *args).start()
     try:
+        pids = data_plane(mp)
+        before = connections_on_every(port, pids)
+        for c, _ in before:
+            r, _, _ = request(port, "GET", "/", "web.test", conn=c)
+            assert r.status == 200 and r.getheader("Connection") is None   # keep-alive as usual
         mp.send(signal.SIGTERM)
-        wait_for(lambda: http_get(mp.admin + "/readyz", 1)[0] == 503, 1.0, what="readyz 503")
+        t0 = time.monotonic()
+        wait_for(lambda: http_get(mp.admin + "/readyz", 1)[0] == 503, 0.2, interval=0.01, what="readyz 503 at once")
+        # Within the shutdown delay: the listener accepts and answers, with Connection: close.
+        during = connections_on_every(port, pids)
+        for c, pid in before + during:
+            r, _, _ = request(port, "GET", "/", "web.test", conn=c)
+            assert (r.status, r.getheader("Connection")) == (200, "close"), f"pid {pid}"
+        assert time.monotonic() - t0 < SHUTDOWN_DELAY, "the checks did not fit in the shutdown delay"
+        assert mp.proc.poll() is None
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+        wait_for(refused, SHUTDOWN_DELAY + 2, what="listener closed after the delay")
         assert mp.proc.wait(10) == 0
+        assert all(c.sock is None for c, _ in before + during)   # the client closed each after Connection: close
     finally:
         mp.stop()
+        b.stop()
+
+
+def test_sigterm_readyz_at_once_connection_close_during_delay_then_exit(tmp_path):
+    graceful_shutdown(tmp_path, "127.0.10.191")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigint_stops_at_once_with_a_request_in_flight(tmp_path, workers):
+    b = Backend("127.0.10.192", name="b")
+    (tmp_path / "m.yaml").write_text(service_yaml("web", [b]) + "---\n" + ingress_yaml("web", [("web.test", "/", "Prefix", "web")]))
+    port = free_port()
+    mp = Meshproxy([str(tmp_path)], "--no-health-checks", "--ingress-listen", f"127.0.0.1:{port}",
+                   "--drain-timeout", "30", "--workers", str(workers)).start()
+    try:
+        idle = request(port, "GET", "/", "web.test")[2]     # an idle keep-alive connection stays open
+        result = {}
+
+        def slow():
+            try:
+                result["status"] = request(port, "GET", "/delay?ms=2000", "web.test")[0].status
+            except (OSError, http.client.HTTPException) as exc:
+                result["error"] = exc
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_for(lambda: b.requests >= 2, 3, what="request in flight")
+        mp.send(signal.SIGINT)
+        t0 = time.monotonic()
+        mp.proc.wait(5)
+        assert time.monotonic() - t0 < 1.0
+        t.join(5)
+        assert "error" in result, result          # cut off, not drained
+        idle.close()
+    finally:
+        mp.stop()
+        b.stop()
 
 
 def test_run_refuses_invalid_config_with_located_messages(tmp_path):

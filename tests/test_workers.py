@@ -7,8 +7,10 @@ import signal
 import socket
 import subprocess
 
+from meshproxy.sockets import control_path
 from proc import Meshproxy, free_port, wait_for
-from test_chaos import Pod, pod_yaml, services_yaml
+from test_chaos import Load, Pod, hold, pod_yaml, services_yaml
+from test_control_plane import graceful_shutdown
 
 
 def children(pid: int) -> list[int]:
@@ -51,5 +53,48 @@ def test_two_workers_serve_sum_metrics_and_are_restarted(tmp_path):
             for _ in range(20):
                 assert l4_once().startswith(b"HTTP/1.1 200")
     finally:
+        for p in pods:
+            p.stop()
+
+
+def test_sigterm_with_workers_connection_close_during_the_delay(tmp_path):
+    """The workers learn of SIGTERM at once, not after --shutdown-delay: both answer with
+    Connection: close while their listeners still accept."""
+    def workers(mp):
+        pids = wait_for(lambda: len(c := children(mp.proc.pid)) == 2 and c, 5, what="two workers")
+        return pids
+    graceful_shutdown(tmp_path, "127.0.10.173", "--workers", "2", data_plane=workers)
+
+
+def test_takeover_with_workers_under_load(tmp_path):
+    """``run --workers 2 --takeover`` replaces a ``--workers 2`` group on the same ports under
+    load: the old group drains and exits 0, no request fails, the new workers serve."""
+    pods = [Pod("t-1", "127.0.10.174"), Pod("t-2", "127.0.10.175")]
+    cip = "127.96.0.174"
+    port = free_port(cip)
+    (tmp_path / "svc.yaml").write_text(services_yaml(cip, port))
+    (tmp_path / "pods.yaml").write_text("".join(pod_yaml(p.name, p.ip, "app: web") for p in pods))
+    ingress = free_port()
+    args = ("--no-health-checks", "--workers", "2", "--ingress-listen", f"127.0.0.1:{ingress}", "--drain-timeout", "5")
+    old = Meshproxy([str(tmp_path)], *args).start()
+    new = Meshproxy([str(tmp_path)], *args, "--takeover", admin_port=old.admin_port)
+    try:
+        old_workers = children(old.proc.pid)
+        assert len(old_workers) == 2
+        with Load(("127.0.0.1", ingress), (cip, port)) as load:
+            hold(load, 1.5, 150)
+            new.start(wait=False)
+            assert old.proc.wait(20) == 0          # the old group drained and left by itself
+            new.wait_ready(10)
+            hold(load, 1.5, 150)                   # served by the new group alone
+        load.check("takeover --workers 2")
+        assert load.failures == [] and load.l4_failures == [], (load.failures[:5], load.l4_failures[:5])
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in old_workers)
+        assert len(children(new.proc.pid)) == 2
+        # The new group owns the control socket: the next upgrade finds it.
+        assert os.path.exists(control_path(("127.0.0.1", old.admin_port)))
+    finally:
+        new.stop()
+        old.stop()
         for p in pods:
             p.stop()
