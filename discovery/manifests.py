@@ -31,7 +31,7 @@ import yaml
 from . import objects as o
 
 __all__ = ["ConfigError", "LoadResult", "load_paths", "load_text", "parse_document",
-           "iter_manifest_files", "validate_set", "SUPPORTED_KINDS"]
+           "iter_manifest_files", "validate_set", "SUPPORTED_KINDS", "ingress_path_errors"]
 
 log = logging.getLogger("meshproxy.discovery")
 
@@ -497,6 +497,11 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
     selector = ctx.string_map(spec, "selector", "spec.selector")
     if selector is not None:
         _check_labels(ctx, {"labels": spec.get("selector")}, selector)
+    if not selector:
+        # `selector: {}` is a Service without a selector, as in the API (the field is
+        # omitempty, so the endpoints controllers never see an empty map) - it does not select
+        # every pod of the namespace. Endpoints then come from Endpoints/EndpointSlices.
+        selector = None
     ports: list[o.ServicePort] = []
     names: dict[str, int] = {}
     seen_port: dict[tuple[int, str], int] = {}
@@ -547,8 +552,11 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
             timeout = ctx.int(cli, "timeoutSeconds", "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
                               default=10800, lo=1, hi=86400) or 10800
     etp = ctx.str(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", choices=("Cluster", "Local"))
-    if etp is not None and stype not in ("NodePort", "LoadBalancer"):
-        ctx.error("spec.externalTrafficPolicy", f"may only be set for NodePort and LoadBalancer services, not {stype}", spec, "externalTrafficPolicy")
+    # The API server's rule: only for externally reachable services (NodePort, LoadBalancer,
+    # or any type with externalIPs).
+    if etp is not None and stype not in ("NodePort", "LoadBalancer") and not spec.get("externalIPs"):
+        ctx.error("spec.externalTrafficPolicy", f"may only be set for externally reachable services "
+                  f"(NodePort, LoadBalancer or externalIPs), not {stype}", spec, "externalTrafficPolicy")
     itp = ctx.str(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", default="Cluster", choices=("Cluster", "Local")) or "Cluster"
     ext_ips = []
     for i, ip in enumerate(ctx.list(spec, "externalIPs", "spec.externalIPs")):
@@ -683,6 +691,29 @@ def _check_host(ctx: _Doc, host: str, path: str, container: Any, key: Any) -> bo
 
 
 _PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
+# k8s.io/kubernetes pkg/apis/networking/validation (validateHTTPIngressPath, the same from 1.19
+# to today): Exact and Prefix paths must be absolute and must not contain these sequences or end
+# with these suffixes; an ImplementationSpecific path, when given, must be absolute. Nothing
+# else: "?", "#", "%25", "%2e", spaces, non-ASCII are all accepted by the API server, so they
+# are accepted here too. Whether a request can ever reach such a path is the router's business
+# (RouteTable.build skips and reports unreachable paths one by one, not the whole Ingress).
+INGRESS_PATH_INVALID_SEQUENCES = ("//", "/./", "/../", "%2f", "%2F")
+INGRESS_PATH_INVALID_SUFFIXES = ("/..", "/.")
+
+
+def ingress_path_errors(path: str, path_type: str | None) -> list[str]:
+    """What the API server says about ``path`` of ``path_type`` (empty: it accepts it)."""
+    errs: list[str] = []
+    if path_type in ("Exact", "Prefix"):
+        if not path.startswith("/"):
+            errs.append(f"{path!r} must be an absolute path")
+        if path:
+            errs.extend(f"{path!r} must not contain {seq!r}" for seq in INGRESS_PATH_INVALID_SEQUENCES if seq in path)
+            errs.extend(f"{path!r} cannot end with {suf!r}" for suf in INGRESS_PATH_INVALID_SUFFIXES
+                        if path.endswith(suf))
+    elif path_type == "ImplementationSpecific" and path and not path.startswith("/"):
+        errs.append(f"{path!r} must be an absolute path")
+    return errs
 
 
 def _parse_ingress(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Ingress:
@@ -720,16 +751,8 @@ def _parse_ingress(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Ingre
                 path = ctx.str(p, "path", f"{pp}.path", default="")
                 if path is None:
                     path = ""
-                if ptype in ("Exact", "Prefix"):
-                    if not path.startswith("/"):
-                        ctx.error(f"{pp}.path", f"{path!r} must be an absolute path", p, "path")
-                    elif "//" in path or any(seg in (".", "..") for seg in path.split("/")) or any(c in path for c in "?#"):
-                        # The API server's validation for Exact/Prefix: no '//', '/./', '/../', '%2f'.
-                        ctx.error(f"{pp}.path", f"{path!r} must not contain '//', '.' or '..' segments, '?' or '#'", p, "path")
-                    elif "%2f" in path.lower() or "%2e" in path.lower() or "%25" in path:
-                        ctx.error(f"{pp}.path", f"{path!r} must not contain an encoded '/', '.' or '%'", p, "path")
-                elif path and not path.startswith("/"):
-                    ctx.error(f"{pp}.path", f"{path!r} must be an absolute path", p, "path")
+                for msg in ingress_path_errors(path, ptype):
+                    ctx.error(f"{pp}.path", msg, p, "path")
                 be = ctx.map(p, "backend", f"{pp}.backend", required=True)
                 backend = _parse_ingress_backend(ctx, be, f"{pp}.backend") if be is not None else None
                 if ptype and backend is not None:

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     kube.add_argument("--kubeconfig", metavar="PATH", help="list + watch objects from the API server of this kubeconfig")
     kube.add_argument("--context", metavar="NAME", help="kubeconfig context (default: its current-context)")
     kube.add_argument("--namespace", metavar="NS", help="namespaced kinds of NS only (default: all namespaces)")
+    kube.add_argument("--update-status", default=None, choices=("true", "false"),
+                      help="write status.loadBalancer of the Ingresses served (default true with --ingress-listen)")
+    kube.add_argument("--publish-status-address", metavar="ADDR[,ADDR]", default=None,
+                      help="IPs / DNS names to write as the Ingress status (default: the --ingress-listen host, "
+                           "else this node's InternalIP)")
+    kube.add_argument("--publish-service", metavar="NS/NAME", default=None,
+                      help="write the address of this Service (LoadBalancer ingress, externalIPs or clusterIP)")
     run.add_argument("--node", help="the Node object this instance is (default: a single implicit node on 127.0.0.1)")
     run.add_argument("--ingress-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTP here (off when absent)")
     run.add_argument("--ingress-tls-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTPS here")
@@ -72,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream-timeout", type=_positive_float, default=None, help="L7 response timeout, seconds (default 60)")
     run.add_argument("--header-timeout", type=_positive_float, default=None, help="time a client has to send a request head, seconds (default 10)")
     run.add_argument("--keepalive-timeout", type=_positive_float, default=None, help="idle keep-alive client connections, seconds (default 75)")
+    run.add_argument("--send-timeout", type=_positive_float, default=None, help="close a client that reads nothing of its response for this long, seconds (default 60)")
     run.add_argument("--max-body-size", type=int, default=None, help="request body limit in bytes -> 413 (default unlimited)")
     run.add_argument("--max-connections", type=int, default=None, help="per listener; accepting pauses above it (default unlimited)")
     run.add_argument("--default-tls-secret", metavar="NS/NAME", default=None, help="certificate for unknown SNI names")
@@ -108,11 +116,12 @@ _FLAG_FIELDS = {
     "lb_policy": "lb_policy", "l7_lb_policy": "l7_lb_policy", "ingress_class": "ingress_class",
     "drain_timeout": "drain_timeout", "shutdown_delay": "shutdown_delay", "connect_timeout": "connect_timeout",
     "idle_timeout": "idle_timeout", "upstream_timeout": "upstream_timeout", "header_timeout": "header_timeout",
-    "keepalive_timeout": "keepalive_timeout", "max_body_size": "max_body_size",
+    "keepalive_timeout": "keepalive_timeout", "send_timeout": "send_timeout", "max_body_size": "max_body_size",
     "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
     "dns_min_ttl": "dns_min_ttl", "dns_max_ttl": "dns_max_ttl", "dns_listen": "dns_listen",
     "cluster_domain": "cluster_domain", "http_parser": "http_parser",
     "kubeconfig": "kubeconfig", "context": "kube_context", "namespace": "kube_namespace",
+    "publish_service": "publish_service",
 }
 
 
@@ -131,12 +140,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(paths=list(args.paths or []))
     file_values = _load_config_file(args.config) if getattr(args, "config", None) else {}
     for key, value in file_values.items():
-        if key not in _FLAG_FIELDS and key not in ("trusted_proxies", "watch_ingress_without_class"):
+        if key not in _FLAG_FIELDS and key not in ("trusted_proxies", "watch_ingress_without_class",
+                                                   "update_status", "publish_status_address"):
             raise ValueError(f"{args.config}: unknown setting {key!r}")
         if key in ("ingress_listen", "ingress_tls_listen", "admin_listen") and isinstance(value, str):
             value = parse_hostport(value)
-        if key == "trusted_proxies" and isinstance(value, str):
+        if key in ("trusted_proxies", "publish_status_address") and isinstance(value, str):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
+        if key == "update_status" and isinstance(value, str):
+            value = value.lower() == "true"
         setattr(s, _FLAG_FIELDS.get(key, key), value)
     for arg_name, field_name in _FLAG_FIELDS.items():
         value = getattr(args, arg_name, None)
@@ -155,6 +167,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "no_health_checks", False):
         s.health_checks = False
     s.takeover = bool(getattr(args, "takeover", False))
+    if getattr(args, "update_status", None) is not None:
+        s.update_status = args.update_status == "true"
+    if getattr(args, "publish_status_address", None):
+        s.publish_status_address = tuple(v.strip() for v in args.publish_status_address.split(",") if v.strip())
+    if s.publish_status_address or s.publish_service:
+        from discovery.sources.ingress_status import check_publish_settings
+        check_publish_settings(s.publish_status_address, s.publish_service)   # ValueError names the bad one
     # The API is the source when asked for, or when there are no files to read.
     s.kube_api = bool(s.kubeconfig) or not s.paths
     import ipaddress

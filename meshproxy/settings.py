@@ -55,6 +55,7 @@ class Settings:
     upstream_timeout: float = 60.0         # L7 response timeout (per Ingress: meshproxy.dev/timeout)
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    send_timeout: float = 60.0             # L7: a client that reads nothing of its response for this long is closed
     max_head_size: int = 65536
     max_headers: int = 100
     max_body_size: int | None = None
@@ -71,6 +72,9 @@ class Settings:
     kubeconfig: str | None = None          # None: in-cluster, else $KUBECONFIG / ~/.kube/config
     kube_context: str | None = None
     kube_namespace: str | None = None      # None: all namespaces
+    update_status: bool = True             # write status.loadBalancer of served Ingresses (API source)
+    publish_status_address: tuple[str, ...] = ()   # the address to write (IPs / DNS names)
+    publish_service: str | None = None     # NS/NAME: write the address of that Service instead
     dns_servers: tuple[tuple[str, int], ...] = ()   # resolvers for the DNS source (default: system)
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0

@@ -443,6 +443,80 @@ def test_meshproxy_follows_objects_made_through_the_api(apiserver):
             api.call("DELETE", path)
 
 
+def _ingress(name: str, cls: str) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"ingressClassName": cls, "rules": [{"host": f"{name}.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix",
+                 "backend": {"service": {"name": name, "port": {"number": 80}}}}]}}]}}
+
+
+def test_ingress_status_is_published_for_our_class_only(apiserver):
+    """The conformance suite's Background step ("The Ingress status shows the IP address or FQDN
+    where it is exposed") and its ingress_class feature (an Ingress of another class gets no
+    status from us), against the real API server's status subresource."""
+    api = apiserver
+    tag = random.randint(1000, 9999)
+    ours_cls, ours, foreign = f"meshproxy-st{tag}", f"st-ours{tag}", f"st-foreign{tag}"
+    ing_path = "/apis/networking.k8s.io/v1/namespaces/default/ingresses"
+
+    def lb(name):
+        return api.ok("GET", f"{ing_path}/{name}").get("status", {}).get("loadBalancer", {}).get("ingress")
+
+    api.create("/apis/networking.k8s.io/v1/ingressclasses", {
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": ours_cls}, "spec": {"controller": "meshproxy.dev/ingress"}})
+    api.create(ing_path, _ingress(ours, ours_cls))
+    api.create(ing_path, _ingress(foreign, f"other-st{tag}"))
+    ingress_port = free_port()
+    mp = Meshproxy(api.kubeconfig, "--ingress-listen", f"127.0.0.1:{ingress_port}")
+    try:
+        # Default address: the --ingress-listen host.
+        mp.start()
+        mp.wait_ready()
+        wait_for(lambda: lb(ours) == [{"ip": "127.0.0.1"}], 5, 0.1, "status of our Ingress")
+        assert lb(foreign) is None
+        # The flag changes: the status follows (both IP and DNS name forms).
+        mp.stop()
+        mp = Meshproxy(api.kubeconfig, "--ingress-listen", f"127.0.0.1:{ingress_port}",
+                       "--publish-status-address", "127.0.0.42,gw.example.com")
+        mp.start()
+        mp.wait_ready()
+        wait_for(lambda: lb(ours) == [{"ip": "127.0.0.42"}, {"hostname": "gw.example.com"}], 5, 0.1,
+                 "status after the flag changed")
+        st = mp.snapshot()["kubernetes"]["ingressStatus"]
+        assert st["writes"] >= 1 and st["failures"] == 0, st
+        # Someone else overwrites it: put back within a few seconds.
+        api.ok("PATCH", f"{ing_path}/{ours}/status", {"status": {"loadBalancer": {"ingress": [{"ip": "10.9.9.9"}]}}},
+               content_type="application/merge-patch+json")
+        wait_for(lambda: lb(ours) == [{"ip": "127.0.0.42"}, {"hostname": "gw.example.com"}], 5, 0.1,
+                 "status restored")
+        # The server enforces the resourceVersion precondition our merge patches carry.
+        code, doc = api.call("PATCH", f"{ing_path}/{ours}/status",
+                             {"metadata": {"resourceVersion": "1"}, "status": {"loadBalancer": {"ingress": None}}},
+                             content_type="application/merge-patch+json")
+        assert code == 409, (code, doc)
+        # Our Ingress moves to the other class: the status we set is taken back, and the
+        # foreign Ingress never got one.
+        api.patch(f"{ing_path}/{ours}", {"spec": {"ingressClassName": f"other-st{tag}"}})
+        wait_for(lambda: lb(ours) is None, 5, 0.1, "status cleared after the class change")
+        assert lb(foreign) is None
+        # --update-status=false: nothing is written.
+        mp.stop()
+        api.patch(f"{ing_path}/{foreign}", {"spec": {"ingressClassName": ours_cls}})
+        mp = Meshproxy(api.kubeconfig, "--ingress-listen", f"127.0.0.1:{ingress_port}", "--update-status=false")
+        mp.start()
+        mp.wait_ready()
+        time.sleep(2.0)
+        assert lb(foreign) is None
+        assert "ingressStatus" not in mp.snapshot()["kubernetes"]
+    finally:
+        mp.stop()
+        for path in [f"{ing_path}/{ours}", f"{ing_path}/{foreign}",
+                     f"/apis/networking.k8s.io/v1/ingressclasses/{ours_cls}"]:
+            api.call("DELETE", path)
+
+
 def test_api_server_restart_under_traffic(apiserver):
     api = apiserver
     ns = "/api/v1/namespaces/default"

@@ -59,6 +59,20 @@ def service(name, ns="default", ip="127.96.0.10"):
 
 
 _PATH = re.compile(r"^(?P<gv>/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)$")
+_STATUS_PATH = re.compile(r"^(?P<gv>/api/v1|/apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)/(?P<name>[^/]+)/status$")
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
 
 KIND_OF = {"pods": "Pod", "services": "Service", "nodes": "Node", "endpoints": "Endpoints",
            "endpointslices": "EndpointSlice", "ingresses": "Ingress", "ingressclasses": "IngressClass",
@@ -84,6 +98,9 @@ class FakeAPI:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
         self.changed = asyncio.Event()
+        # The status subresource: PATCH (merge patch, resourceVersion precondition) and GET.
+        self.patches: list[tuple[str, str, dict]] = []    # (path, content type, body)
+        self.patch_failures: list[int] = []               # answer the next PATCHes with these codes
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -185,8 +202,12 @@ class FakeAPI:
                     if line:
                         k, _, v = line.partition(":")
                         headers[k.strip().lower()] = v.strip()
+                body = await reader.readexactly(int(headers.get("content-length") or 0))
                 self.requests.append((target, headers))
                 self.changed.set()
+                if _STATUS_PATH.match(urlsplit(target).path):
+                    self._status_subresource(method, target, headers, body, writer)
+                    continue
                 keep = await self._respond(method, target, headers, reader, writer)
                 if not keep:
                     break
@@ -197,7 +218,8 @@ class FakeAPI:
 
     def _send_json(self, writer, code: int, doc: dict) -> None:
         body = json.dumps(doc).encode()
-        reason = {200: "OK", 401: "Unauthorized", 404: "Not Found", 410: "Gone", 500: "Internal Server Error"}[code]
+        reason = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 410: "Gone",
+                  415: "Unsupported Media Type", 500: "Internal Server Error"}[code]
         writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
@@ -205,6 +227,42 @@ class FakeAPI:
     def _status(code, reason, message):
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": message, "reason": reason, "code": code}
+
+    def _status_subresource(self, method, target, headers, body, writer) -> None:
+        if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
+            self._send_json(writer, 401, self._status(401, "Unauthorized", "Unauthorized"))
+            return
+        m = _STATUS_PATH.match(urlsplit(target).path)
+        coll = (m["gv"], m["plural"])
+        obj = self.objects.get(coll, {}).get((m["ns"], m["name"]))
+        if obj is None:
+            self._send_json(writer, 404, self._status(404, "NotFound", f"{m['plural']} {m['name']!r} not found"))
+            return
+        if method == "GET":
+            self._send_json(writer, 200, obj)
+            return
+        if method != "PATCH":
+            self._send_json(writer, 404, self._status(404, "NotFound", "the server could not find the requested resource"))
+            return
+        ctype = headers.get("content-type", "")
+        patch = json.loads(body)
+        self.patches.append((urlsplit(target).path, ctype, patch))
+        if ctype != "application/merge-patch+json":
+            self._send_json(writer, 415, self._status(415, "UnsupportedMediaType", ctype))
+            return
+        if self.patch_failures:
+            code = self.patch_failures.pop(0)
+            self._send_json(writer, code, self._status(code, "Injected", f"injected {code}"))
+            return
+        want_rv = (patch.get("metadata") or {}).get("resourceVersion")
+        if want_rv and want_rv != obj["metadata"]["resourceVersion"]:
+            self._send_json(writer, 409, self._status(
+                409, "Conflict", "Operation cannot be fulfilled: the object has been modified; "
+                                 "please apply your changes to the latest version and try again"))
+            return
+        new = json.loads(json.dumps(obj))
+        new["status"] = merge_patch(new.get("status"), patch.get("status"))
+        self._send_json(writer, 200, self.put(coll, new, obj["apiVersion"]))
 
     async def _respond(self, method, target, headers, reader, writer) -> bool:
         if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
@@ -986,3 +1044,246 @@ def test_token_file_is_reread_after_rotation(tmp_path, monkeypatch):
     assert cfg.bearer_token() == "two"
     tok.unlink()
     assert cfg.bearer_token() == "two"                # mid-rotation: keep the last one
+
+
+# ============================================================================================
+# Ingress status (discovery/sources/ingress_status.py) against the fake server
+
+from types import SimpleNamespace  # noqa: E402
+
+from discovery.sources.ingress_status import (  # noqa: E402
+    IngressStatusWriter,
+    attach_status_writer,
+    listen_address,
+    parse_addresses,
+    service_addresses,
+    status_entries,
+)
+
+INGRESSES = ("/apis/networking.k8s.io/v1", "ingresses")
+NET_V1 = "networking.k8s.io/v1"
+INGRESS_AND_SERVICES = (Resource("Ingress", (NET_V1,), "ingresses", True), Resource("Service", ("v1",), "services", True))
+
+
+def ingress(name, cls="meshproxy", ns="default", status=None):
+    obj = {"metadata": {"name": name, "namespace": ns},
+           "spec": {"ingressClassName": cls, "rules": [{"host": f"{name}.example", "http": {"paths": [
+               {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}
+    if status is not None:
+        obj["status"] = {"loadBalancer": {"ingress": status}}
+    return obj
+
+
+def snap(*served, node="127.0.0.1", version=1):
+    return SimpleNamespace(ingresses=tuple(served), node=SimpleNamespace(address=node), version=version)
+
+
+def lb_of(api, name, ns="default"):
+    obj = api.objects[INGRESSES].get((ns, name))
+    return ((obj or {}).get("status") or {}).get("loadBalancer", {}).get("ingress")
+
+
+@contextlib.asynccontextmanager
+async def writer_running(api, *, served=("default/ours",), node="127.0.0.1", **kw):
+    await api.start()
+    rec = Recorder()
+    src = KubernetesSource(config_for(api), rec, None, resources=INGRESS_AND_SERVICES,
+                           backoff_base=0.02, backoff_cap=0.1)
+    kw = {"coalesce": 0.01, "min_interval": 0.02, "backoff_base": 0.02, "backoff_cap": 0.1, **kw}
+    writer = IngressStatusWriter(src, **kw)
+    writer.on_snapshot(snap(*served, node=node))
+    src.start()
+    try:
+        yield src, writer
+    finally:
+        await src.stop()
+        await api.close()
+
+
+def test_status_is_written_for_served_ingresses_only_and_only_when_it_differs():
+    async def main():
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        api.put(INGRESSES, ingress("foreign", cls="other"), NET_V1)
+        api.put(INGRESSES, ingress("taken", cls="other", status=[{"hostname": "lb.other.example"}]), NET_V1)
+        async with writer_running(api, addresses=parse_addresses("127.0.0.9,gw.example.com")) as (src, writer):
+            await until(lambda: lb_of(api, "ours") is not None, what="status of ours")
+            assert lb_of(api, "ours") == [{"ip": "127.0.0.9"}, {"hostname": "gw.example.com"}]
+            [(path, ctype, body)] = api.patches
+            assert path == "/apis/networking.k8s.io/v1/namespaces/default/ingresses/ours/status"
+            assert ctype == "application/merge-patch+json"
+            assert body["metadata"]["resourceVersion"]          # optimistic concurrency
+            # The watch brings our own write back: equal, so nothing more is written.
+            await asyncio.sleep(0.3)
+            assert len(api.patches) == 1
+            assert lb_of(api, "foreign") is None
+            assert lb_of(api, "taken") == [{"hostname": "lb.other.example"}]
+            # A new Ingress of our class served by the next snapshot gets it too.
+            api.put(INGRESSES, ingress("second"), NET_V1)
+            writer.on_snapshot(snap("default/ours", "default/second", version=2))
+            await until(lambda: lb_of(api, "second") is not None, what="status of the second Ingress")
+            # Someone overwrites ours: it is put back.
+            obj = json.loads(json.dumps(api.objects[INGRESSES][("default", "ours")]))
+            obj["status"] = {"loadBalancer": {"ingress": [{"ip": "10.9.9.9"}]}}
+            api.put(INGRESSES, obj, NET_V1)
+            await until(lambda: {"ip": "127.0.0.9"} in (lb_of(api, "ours") or []), what="status restored")
+            st = src.state()["ingressStatus"]
+            assert st["served"] == 2 and st["upToDate"] == 2 and st["failures"] == 0
+            # "ours" leaves our class: our status is taken back; "foreign" still untouched.
+            writer.on_snapshot(snap("default/second", version=3))
+            await until(lambda: lb_of(api, "ours") is None, what="status cleared")
+            assert lb_of(api, "foreign") is None and lb_of(api, "second") is not None
+            assert api.patches[-1][2]["status"] == {"loadBalancer": {"ingress": None}}
+    run(main())
+
+
+def test_an_ingress_that_left_us_and_was_taken_by_another_controller_is_not_touched():
+    async def main():
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        async with writer_running(api, addresses=parse_addresses("127.0.0.9")) as (src, writer):
+            await until(lambda: lb_of(api, "ours") is not None, what="status")
+            obj = json.loads(json.dumps(api.objects[INGRESSES][("default", "ours")]))
+            obj["spec"]["ingressClassName"] = "other"
+            obj["status"] = {"loadBalancer": {"ingress": [{"ip": "10.1.1.1"}]}}
+            api.put(INGRESSES, obj, NET_V1)
+            writer.on_snapshot(snap(version=2))
+            await asyncio.sleep(0.3)
+            assert lb_of(api, "ours") == [{"ip": "10.1.1.1"}] and len(api.patches) == 1
+    run(main())
+
+
+def test_conflict_rereads_and_retries():
+    async def main():
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        async with writer_running(api, addresses=parse_addresses("127.0.0.9")) as (src, writer):
+            await asyncio.wait_for(src.synced.wait(), 5)
+            # The server moves on without the watch telling us (a stale cache): bump the
+            # object's resourceVersion behind the source's back.
+            with_status = writer.seen[("default", "ours")]
+            writer.seen[("default", "ours")] = ("1", with_status[1])
+            await until(lambda: lb_of(api, "ours") is not None, what="status after a 409")
+            gets = [t for t, _ in api.requests if t.endswith("/ours/status") and "watch" not in t]
+            assert len(api.patches) == 2 and len(gets) >= 3   # PATCH(409), GET, PATCH
+            assert writer.conflicts == 1 and writer.failures == 0
+    run(main())
+
+
+def test_errors_are_retried_with_backoff_and_logged_once(caplog):
+    async def main():
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        api.patch_failures = [500, 500, 403, 500]
+        with caplog.at_level(logging.DEBUG, logger="meshproxy.sources.ingress_status"):
+            async with writer_running(api, addresses=parse_addresses("127.0.0.9")) as (src, writer):
+                await until(lambda: lb_of(api, "ours") is not None, what="status after errors")
+                assert writer.failures == 4 and writer.writes == 1
+                assert src.state()["ingressStatus"]["pending"] == {}
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len([w for w in warnings if "HTTP 500" in w]) == 1, warnings
+        [forbidden] = [w for w in warnings if "HTTP 403" in w]
+        assert "ingresses/status" in forbidden and "rbac.yaml" in forbidden
+    run(main())
+
+
+def test_publish_service_address_follows_the_service():
+    async def main():
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        svc = service("gw", ns="ingress", ip="127.96.0.50")
+        svc["spec"]["type"] = "LoadBalancer"
+        api.put(SERVICES, svc)
+        async with writer_running(api, publish_service="ingress/gw") as (src, writer):
+            # No LB address yet: a LoadBalancer Service without status publishes nothing.
+            await asyncio.sleep(0.2)
+            assert lb_of(api, "ours") is None
+            assert "no address" in src.state()["ingressStatus"]["from"]
+            svc = json.loads(json.dumps(api.objects[SERVICES][("ingress", "gw")]))
+            svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}, {"hostname": "lb.example"}]}}
+            api.put(SERVICES, svc)
+            await until(lambda: lb_of(api, "ours") is not None, what="status from the Service")
+            assert lb_of(api, "ours") == [{"ip": "203.0.113.7"}, {"hostname": "lb.example"}]
+            svc["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.8"}]}}
+            api.put(SERVICES, svc)
+            await until(lambda: lb_of(api, "ours") == [{"ip": "203.0.113.8"}], what="status follows the Service")
+    run(main())
+
+
+def test_default_address_is_the_listen_host_else_the_node():
+    async def main():
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        async with writer_running(api, listen_hosts=["0.0.0.0"], node="127.0.0.77") as (src, writer):
+            await until(lambda: lb_of(api, "ours") == [{"ip": "127.0.0.77"}], what="node address")
+        api = FakeAPI()
+        api.put(INGRESSES, ingress("ours"), NET_V1)
+        async with writer_running(api, listen_hosts=["127.0.0.5"], node="127.0.0.77") as (src, writer):
+            await until(lambda: lb_of(api, "ours") == [{"ip": "127.0.0.5"}], what="listen address")
+    run(main())
+
+
+SERVICE_ADDRESS_CASES = [
+    ({"type": "ClusterIP", "clusterIP": "10.0.0.1"}, None, (("10.0.0.1", ""),)),
+    ({"type": "ClusterIP", "clusterIP": "None"}, None, ()),
+    ({"type": "NodePort", "clusterIP": "10.0.0.1"}, None, (("10.0.0.1", ""),)),
+    ({"type": "NodePort", "clusterIP": "10.0.0.1", "externalIPs": ["1.2.3.4"]}, None, (("1.2.3.4", ""),)),
+    ({"type": "LoadBalancer", "clusterIP": "10.0.0.1"}, None, ()),
+    ({"type": "LoadBalancer", "clusterIP": "10.0.0.1", "externalIPs": ["1.2.3.4"]},
+     [{"ip": "5.6.7.8"}, {"hostname": "lb.example"}], (("1.2.3.4", ""), ("5.6.7.8", ""), ("", "lb.example"))),
+    ({"type": "ExternalName", "externalName": "Proxy.Example."}, None, (("", "proxy.example"),)),
+]
+
+
+@pytest.mark.parametrize(("spec", "lb", "expected"), SERVICE_ADDRESS_CASES)
+def test_service_addresses_as_ingress_nginx_reads_them(spec, lb, expected):
+    svc = {"metadata": {"name": "gw", "namespace": "x"}, "spec": spec}
+    if lb is not None:
+        svc["status"] = {"loadBalancer": {"ingress": lb}}
+    assert service_addresses(svc) == expected
+
+
+def test_address_parsing_and_listen_hosts():
+    assert parse_addresses("10.0.0.1, LB.Example.com.,::1") == (("10.0.0.1", ""), ("::1", ""), ("", "lb.example.com"))
+    assert parse_addresses(["1.1.1.1,2.2.2.2"]) == (("1.1.1.1", ""), ("2.2.2.2", ""))
+    for bad in ("not_a_name", "a..b", "-x.example"):
+        with pytest.raises(ValueError):
+            parse_addresses(bad)
+    assert listen_address(["0.0.0.0", "::", "", None, "127.0.0.3"]) == "127.0.0.3"
+    assert listen_address(["0.0.0.0"]) is None
+    assert status_entries([{"ip": "1.1.1.1", "ports": [{"port": 80}]}, {"hostname": "h"}, "junk", {}]) == \
+        (("1.1.1.1", ""), ("", "h"))
+
+
+def test_writer_is_attached_only_when_serving_ingresses_and_not_disabled():
+    from meshproxy.cli import build_parser, settings_from_args
+    src = KubernetesSource(kc.KubeConfig(server="http://127.0.0.1:1", origin="test"), lambda ev: None,
+                           resources=INGRESS_AND_SERVICES)
+
+    def settings(*argv):
+        return settings_from_args(build_parser().parse_args(["run", "--kubeconfig", "x", *argv]))
+    subs = []
+    assert attach_status_writer(src, settings(), subs.append) is None                 # no ingress listener
+    assert attach_status_writer(src, settings("--ingress-listen", "127.0.0.1:1", "--update-status", "false"),
+                                subs.append) is None
+    w = attach_status_writer(src, settings("--ingress-listen", "127.0.0.1:1", "--publish-status-address", "1.2.3.4"),
+                             subs.append)
+    assert w is not None and subs == [w.on_snapshot] and src.status_writer is w
+    assert w.desired()[0] == (("1.2.3.4", ""),)
+    with pytest.raises(ValueError, match="publish-status-address"):
+        settings("--publish-status-address", "bad_name")
+    with pytest.raises(ValueError, match="NAMESPACE/NAME"):
+        settings("--publish-service", "just-a-name")
+
+
+def test_kindstate_observers_see_raw_versions_and_deletions():
+    st = KindState("Pod")
+    seen = []
+    st.observers.append(lambda key, raw: seen.append((key, raw["metadata"]["resourceVersion"] if raw else None)))
+    st.replace(_items(("a", 1), ("b", 2)), "10", "v1")
+    st.replace(_items(("a", 1), ("b", 3)), "11", "v1")       # a unchanged: not observed again
+    st.apply(_ev(DELETED, "a", 12), "v1")
+    st.apply(_ev(ADDED, "c", 13), "v1")
+    st.replace(_items(("c", 13)), "14", "v1")                # b vanished
+    assert seen == [(("default", "a"), "1"), (("default", "b"), "2"), (("default", "b"), "3"),
+                    (("default", "a"), None), (("default", "c"), "13"), (("default", "b"), None)]

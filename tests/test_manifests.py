@@ -1,5 +1,6 @@
 """Manifests -> objects: defaults, and validation messages that name file:line, object and field."""
 
+import json
 import textwrap
 
 import pytest
@@ -95,7 +96,7 @@ def test_creation_timestamp_stays_text():
     ("sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n  ports: [{port: 80}]",
      "m.yaml:8: Service/default/s: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is outside 1-86400"),
     ("externalTrafficPolicy: Local\n  ports: [{port: 80}]",
-     "m.yaml:7: Service/default/s: spec.externalTrafficPolicy: may only be set for NodePort and LoadBalancer"),
+     "m.yaml:7: Service/default/s: spec.externalTrafficPolicy: may only be set for externally reachable services"),
 ])
 def test_service_validation_messages(spec, expected):
     text = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  " + spec + "\n"
@@ -337,3 +338,103 @@ def test_document_cache_reparses_only_changed_documents_with_exact_lines():
     assert [str(e) for e in again.errors] == [
         "c.yaml:19: Pod/default/p3: spec.containers[0].ports[0].containerPort: 99999 is outside 1-65535"]
     assert m.load_text("---\n".join(docs), "c.yaml").errors == again.errors   # same as uncached
+
+
+# The API server's rules for Ingress paths (k8s.io/kubernetes pkg/apis/networking/validation,
+# validateHTTPIngressPath, unchanged from 1.19 to today): Exact/Prefix must be absolute and must
+# not contain "//", "/./", "/../", "%2f", "%2F" nor end with "/..", "/."; ImplementationSpecific
+# must be absolute when given. Everything the API accepts is accepted here (None), whatever the
+# router later makes of it; everything it refuses is refused with its reason.
+API_PATH_RULES = [
+    # (path, pathType, expected error fragment or None)
+    ("/", "Prefix", None),
+    ("/a/b/", "Exact", None),
+    ("/a%25b", "Prefix", None),           # an encoded '%'
+    ("/a%2eb", "Exact", None),            # an encoded '.'
+    ("/%2e%2e", "Prefix", None),          # encoded dot-segment: the API does not decode
+    ("/a?b=c", "Exact", None),
+    ("/a#frag", "Prefix", None),
+    ("/a b", "Exact", None),
+    ("/ünïcode", "Prefix", None),
+    ("/a/.b", "Prefix", None),
+    ("/a/..b", "Exact", None),
+    ("/a/b.", "Prefix", None),
+    ("/.well-known/x", "Exact", None),
+    ("/a%", "Prefix", None),              # a broken escape is not the API's concern
+    ("/a%5Cb", "Prefix", None),           # encoded backslash: allowed by the API
+    ("", "Exact", "must be an absolute path"),
+    ("a", "Prefix", "must be an absolute path"),
+    ("*", "Exact", "must be an absolute path"),
+    ("//", "Prefix", "must not contain '//'"),
+    ("/a//b", "Exact", "must not contain '//'"),
+    ("/a/./b", "Prefix", "must not contain '/./'"),
+    ("/a/../b", "Exact", "must not contain '/../'"),
+    ("/a%2fb", "Prefix", "must not contain '%2f'"),
+    ("/a%2Fb", "Exact", "must not contain '%2F'"),
+    ("/a/..", "Prefix", "cannot end with '/..'"),
+    ("/a/.", "Exact", "cannot end with '/.'"),
+    ("/.", "Prefix", "cannot end with '/.'"),
+    ("/..", "Exact", "cannot end with '/..'"),
+    # ImplementationSpecific: only "absolute when given".
+    ("", "ImplementationSpecific", None),
+    ("/a//b/../c%2f/.", "ImplementationSpecific", None),
+    ("/.*", "ImplementationSpecific", None),
+    ("a", "ImplementationSpecific", "must be an absolute path"),
+]
+
+
+def _ingress_with_paths(*paths) -> str:
+    lines = "\n".join(
+        f"      - {{path: {json.dumps(p)}, pathType: {t}, backend: {{service: {{name: s{i}, port: {{number: 80}}}}}}}}"
+        for i, (p, t) in enumerate(paths))
+    return ("apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: i}\n"
+            "spec:\n  rules:\n  - host: a.example\n    http:\n      paths:\n" + lines + "\n")
+
+
+@pytest.mark.parametrize(("path", "path_type", "expected"), API_PATH_RULES)
+def test_ingress_paths_are_validated_exactly_like_the_api_server(path, path_type, expected):
+    from discovery.manifests import ingress_path_errors
+    errs = ingress_path_errors(path, path_type)
+    r = load_text(_ingress_with_paths((path, path_type)), "m.yaml")
+    if expected is None:
+        assert errs == [] and not r.errors, [str(e) for e in r.errors]
+        [ing] = r.objects
+        assert ing.rules[0].paths[0].path == (path or "/")
+    else:
+        assert any(expected in e for e in errs), errs
+        assert any(f"spec.rules[0].http.paths[0].path: {path!r} {expected}" in str(e) for e in r.errors), \
+            [str(e) for e in r.errors]
+
+
+def test_path_the_router_cannot_reach_does_not_drop_the_ingress():
+    """The API accepts "/%2e%2e" and "/a%25b"; files and the Kubernetes source must too (they
+    share parse_document): the Ingress stays, its valid paths are served, and the router says
+    which path no request can reach."""
+    from discovery.manifests import parse_document
+    import yaml
+    doc = yaml.safe_load(_ingress_with_paths(("/ok", "Prefix"), ("/a%25b", "Exact"), ("/%2e%2e", "Prefix")))
+    ing, errs, _ = parse_document(doc, "<api>", 0)
+    assert ing is not None and not errs
+    assert [p.path for p in ing.rules[0].paths] == ["/ok", "/a%25b", "/%2e%2e"]
+    from l7.router import RouteEntry, RouteTable
+    entries = [RouteEntry("a.example", p.path, p.path_type, p.backend.service, "default/i", "") for p in ing.rules[0].paths]
+    table = RouteTable.build(entries, None, "")
+    assert table.match("a.example", "/ok/x") is not None
+    assert table.match("a.example", "/a%25b") is not None
+    assert any("%2e%2e" in s for s in table.skipped), table.skipped
+
+
+def test_external_traffic_policy_allowed_with_external_ips():
+    text = ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  externalTrafficPolicy: Local\n"
+            "  externalIPs: [127.0.60.1]\n  ports: [{port: 80}]\n")
+    r = load_text(text, "m.yaml")
+    assert not r.errors, [str(e) for e in r.errors]
+    assert r.objects[0].external_traffic_policy == "Local"
+
+
+def test_empty_service_selector_is_no_selector():
+    """`selector: {}` selects nothing (as through the API, where the empty map is omitted):
+    such a Service takes its endpoints from Endpoints/EndpointSlices, not every pod."""
+    r = load_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  selector: {}\n  ports: [{port: 80}]\n", "m.yaml")
+    assert not r.errors
+    assert r.objects[0].selector is None

@@ -29,6 +29,10 @@ a 404 (servers before 1.21), as v1beta1. TLS Secrets are listed with
 HTTP/1.1 is spoken with h11 over asyncio streams (TLS from ``KubeConfig.ssl_context``): one
 connection per list page, one per watch, closed when done. JSON watch events arrive one per
 line in a chunked body and are decoded as the bytes arrive.
+
+The one write, the Ingress status, lives in ``ingress_status.py``: it reads raw objects through
+``observe()`` (fields the typed objects leave out), writes with ``request_json()``, and is
+started, stopped and shown (``state()``) with this source.
 """
 
 from __future__ import annotations
@@ -119,12 +123,12 @@ def collection_path(res: Resource, group_version: str, namespace: str | None) ->
 class ApiError(Exception):
     """A non-2xx answer. ``status`` is the decoded Status object when the server sent one."""
 
-    def __init__(self, code: int, path: str, status: dict | None = None) -> None:
+    def __init__(self, code: int, path: str, status: dict | None = None, method: str = "GET") -> None:
         self.code = code
         self.path = path
         self.status = status or {}
         msg = self.status.get("message") or self.status.get("reason") or ""
-        super().__init__(f"GET {path}: HTTP {code}{': ' + msg if msg else ''}")
+        super().__init__(f"{method} {path}: HTTP {code}{': ' + msg if msg else ''}")
 
 
 class WatchExpired(Exception):
@@ -163,7 +167,7 @@ class KindState:
     """One kind's objects as this source last saw them, and the events that move the store
     from one view to the next. No I/O."""
 
-    __slots__ = ("_logged", "cluster_scoped", "items", "kind", "resource_version")
+    __slots__ = ("_logged", "cluster_scoped", "items", "kind", "observers", "resource_version")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -171,6 +175,16 @@ class KindState:
         self.items: dict[NsName, tuple[str, object | None]] = {}   # key -> (resourceVersion, obj)
         self.resource_version = ""
         self._logged: dict[NsName, str] = {}    # invalid objects already logged, by version
+        # Called with (key, raw object) for every new version, (key, None) when it is gone: for
+        # readers of fields the typed objects leave out (the Ingress status writer).
+        self.observers: list[Callable[[NsName, dict | None], None]] = []
+
+    def _observe(self, key: NsName, raw: dict | None) -> None:
+        for fn in self.observers:
+            try:
+                fn(key, raw)
+            except Exception:  # an observer's bug must not stop the watch
+                log.exception("%s: observer failed", self.kind)
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -224,10 +238,12 @@ class KindState:
                 continue                               # unchanged: nothing to say
             obj = self.decode(raw, api_version)
             self.items[key] = (rv, obj)
+            self._observe(key, raw)
             events.extend(self._transition(prev[1] if prev else None, obj))
         for key in [k for k in self.items if k not in seen]:
             _, obj = self.items.pop(key)
             self._logged.pop(key, None)
+            self._observe(key, None)
             if obj is not None:
                 events.append(Event(DELETED, obj))     # deleted while we were not watching
         self.resource_version = resource_version
@@ -266,11 +282,13 @@ class KindState:
                 return []
             del self.items[key]
             self._logged.pop(key, None)
+            self._observe(key, None)
             return self._transition(prev[1], None)
         if prev is not None and rv and prev[0] == rv:
             return []                                  # a repeat of what we have
         obj = self.decode(raw, api_version)
         self.items[key] = (rv, obj)
+        self._observe(key, raw)
         return self._transition(prev[1] if prev else None, obj)
 
     def count(self) -> tuple[int, int]:
@@ -363,6 +381,10 @@ class _Client:
         self.open_writers: set[asyncio.StreamWriter] = set()
 
     async def get(self, path: str, read_timeout: float | None = None) -> _Response:
+        return await self.request("GET", path, read_timeout=read_timeout)
+
+    async def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                      read_timeout: float | None = None) -> _Response:
         cfg = self.config
         target = cfg.path_prefix + path
         reader, writer = await asyncio.wait_for(
@@ -378,7 +400,11 @@ class _Client:
             auth = cfg.auth_header()
             if auth:
                 headers.append(("Authorization", auth))
-            writer.write(conn.send(h11.Request(method="GET", target=target, headers=headers)))
+            if body is not None:
+                headers += [("Content-Type", content_type or "application/json"), ("Content-Length", str(len(body)))]
+            writer.write(conn.send(h11.Request(method=method, target=target, headers=headers)))
+            if body:
+                writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
             resp = _Response(conn, reader, writer, 0, read_timeout or self.request_timeout)
@@ -396,10 +422,16 @@ class _Client:
         writer.close()
 
     async def get_json(self, path: str) -> Any:
-        resp = await self.get(path)
+        return await self.request_json("GET", path)
+
+    async def request_json(self, method: str, path: str, body: Any = None,
+                           content_type: str = "application/json") -> Any:
+        """One request with an optional JSON body; the decoded 2xx answer, else ApiError."""
+        data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        resp = await self.request(method, path, data, content_type)
         try:
-            if resp.status != 200:
-                raise ApiError(resp.status, path, await self._status(resp))
+            if not 200 <= resp.status < 300:
+                raise ApiError(resp.status, path, await self._status(resp), method)
             return await resp.json()
         finally:
             self.release(resp.writer)
@@ -491,6 +523,24 @@ class KubernetesSource:
         self._tasks: list[asyncio.Task] = []
         self._up: bool | None = None
         self._stopping = False
+        # Writes status.loadBalancer of the Ingresses served (discovery/sources/ingress_status.py);
+        # started and stopped with the source, its state shown in state().
+        self.status_writer: Any = None
+
+    def observe(self, kind: str, fn: Callable[[NsName, dict | None], None]) -> None:
+        """Call ``fn(key, raw)`` for every new version of each object of ``kind`` (None when
+        it is deleted). Register before start()."""
+        for k in self.kinds:
+            if k.res.kind == kind:
+                k.state.observers.append(fn)
+                return
+        raise ValueError(f"{kind} is not a kind this source reads")
+
+    async def request_json(self, method: str, path: str, body: Any = None,
+                           content_type: str = "application/json") -> Any:
+        """One request to the API server (after start()); raises ApiError on non-2xx."""
+        assert self._client is not None, "the source is not started"
+        return await self._client.request_json(method, path, body, content_type)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -506,12 +556,16 @@ class KubernetesSource:
         loop = asyncio.get_running_loop()
         for k in self.kinds:
             self._tasks.append(loop.create_task(self._run(k), name=f"kube-{k.res.kind}"))
+        if self.status_writer is not None:
+            self.status_writer.start()
         log.info("watching %s (%s) for %s in %s", self.config.server, self.config.origin,
                  ", ".join(k.res.kind for k in self.kinds),
                  f"namespace {self.namespace}" if self.namespace else "all namespaces")
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.status_writer is not None:
+            await self.status_writer.stop()
         for t in self._tasks:
             t.cancel()
         if self._client is not None:
@@ -745,6 +799,9 @@ class KubernetesSource:
                 "lists": k.lists, "relists": k.relists, "watches": k.watches, "events": k.events,
                 "lastSync": k.last_sync, "lastError": k.last_error,
             }
-        return {"source": SOURCE, "server": self.config.server, "config": self.config.origin,
-                "namespace": self.namespace, "synced": self.synced.is_set(), "up": bool(self._up),
-                "kinds": kinds}
+        out = {"source": SOURCE, "server": self.config.server, "config": self.config.origin,
+               "namespace": self.namespace, "synced": self.synced.is_set(), "up": bool(self._up),
+               "kinds": kinds}
+        if self.status_writer is not None:
+            out["ingressStatus"] = self.status_writer.state()
+        return out
