@@ -8,8 +8,13 @@ Rules kept here:
 
 * Hop-by-hop fields never cross (RFC 9110 §7.6.1): ``Connection`` and every field it names,
   ``Keep-Alive``, ``TE``, ``Transfer-Encoding``, ``Upgrade`` (unless the exchange becomes a
-  tunnel), ``Proxy-Connection``; and ``Trailer`` (hop-by-hop in RFC 2616 §13.5.1 and in the L7
-  issue; trailers themselves are still forwarded when both sides are chunked).
+  tunnel), ``Proxy-Connection``, ``HTTP2-Settings`` (RFC 7540 §3.2.1: a connection-specific
+  field of the h2c upgrade, which we never forward - always removed); and ``Trailer``
+  (hop-by-hop in RFC 2616 §13.5.1 and in the L7 issue; trailers themselves are still forwarded
+  when both sides are chunked).
+* A tunnelled upgrade offers the pod ``websocket`` only: other members of the client's
+  ``Upgrade`` (``h2c``, ...) are removed, so the pod cannot pick a protocol the proxy does not
+  tunnel (an h2c connection would carry requests for any path past the routing rules).
   ``Content-Length`` is removed too: framing is re-written from parsed fields by the
   serializers, never copied.
 * ``Proxy-*`` and ``Proxy``: ``Proxy-Authorization`` / ``Proxy-Authenticate`` carry
@@ -53,12 +58,15 @@ __all__ = [
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
+# The one protocol a request is tunnelled for (l7.http1 sets ``RequestHead.upgrade`` only then).
+_TUNNEL_PROTOCOL = b"websocket"
+
 # What the one pass does with a field, by lowercased name (0: nothing special, keep it).
 _PLAIN, _DROP, _KEEP_HOST, _XFF, _XFP, _XFH, _XFPORT, _XRIP, _FWD, _VIA, _UPGRADE = range(11)
 
 _COMMON_DROP = (
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"content-length",
-    b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+    b"proxy-connection", b"proxy-authorization", b"proxy-authenticate", b"http2-settings",
 )
 _REQUEST_ACTIONS: dict[bytes, int] = {name: _DROP for name in _COMMON_DROP}
 _REQUEST_ACTIONS.update({
@@ -201,7 +209,8 @@ def request_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The fields to send upstream for a client request from ``client``.
 
-    ``upgrade``: keep ``Upgrade`` and send ``Connection: upgrade``. ``host``: replaces the Host
+    ``upgrade``: send ``Upgrade: websocket`` (the member as the client spelt it; other offered
+    protocols are dropped) and ``Connection: upgrade``. ``host``: replaces the Host
     field (absolute-form target authority). ``via``: our Via entry (None: do not add one).
     Order: the request's fields as sent (minus the removed ones), then ours.
     """
@@ -211,7 +220,7 @@ def request_headers(
     tokens = connection_tokens
     trusted = client.trusted
     xff = xfp = xfh = xfport = xrip = fwd = via_in = None
-    upgrade_values = None
+    upgrade_value = None
     host_value = None
     for item in headers:
         name = item[0]
@@ -228,11 +237,12 @@ def request_headers(
         elif action == _DROP:
             continue
         elif action == _UPGRADE:
-            if upgrade:
-                if upgrade_values is None:
-                    upgrade_values = [item[1]]
-                else:
-                    upgrade_values.append(item[1])
+            if upgrade and upgrade_value is None:
+                for part in item[1].split(b","):
+                    part = part.strip(b" \t")
+                    if part.lower() == _TUNNEL_PROTOCOL:
+                        upgrade_value = part
+                        break
         elif action == _VIA:
             via_in = item[1] if via_in is None else via_in + b", " + item[1]
         elif not trusted:
@@ -257,9 +267,9 @@ def request_headers(
         original_host = client.default_host
         if original_host:
             out.insert(0, (b"Host", original_host))
-    if upgrade and upgrade_values is not None:
+    if upgrade and upgrade_value is not None:
         append((b"Connection", b"upgrade"))
-        append((b"Upgrade", b", ".join(upgrade_values)))
+        append((b"Upgrade", upgrade_value))
     element = client.forwarded(original_host)
     if not trusted:
         out += client.fixed

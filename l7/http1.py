@@ -107,15 +107,24 @@ _STATUS_LINE_RE = re.compile(
 )
 _REASON_RE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 _TOKEN_RE = re.compile(_TOKEN)
+# Bytes a head may start with: a method's first tchar (request) or the "H" of "HTTP/" (response),
+# or CR/LF (empty lines before the start line, or a bad line end: decided by its own rule).
+_REQUEST_START_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
+_RESPONSE_START_BYTES = frozenset(b"H\r\n")
 _TARGET_RE = re.compile(rb"[\x21\x22\x24-\x7e]+")
 
 # Host = uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2): IP-literal or reg-name (which
-# covers IPv4address). No userinfo: RFC 9110 §4.2.4 forbids it in http(s) URIs.
+# covers IPv4address). No userinfo: RFC 9110 §4.2.4 forbids it in http(s) URIs. Narrower than
+# RFC 3986 on purpose (docs/http.md "Host"): no "," (frameworks split Host on it, and a list is
+# never one host) and no ";" (a parameter separator to some; no DNS name holds either), and no
+# percent-escape of a CTL, DEL, "," or ";" (_HOST_BAD_ESCAPE_RE): a decoded "%00" truncates.
 _HOST_RE = re.compile(
-    rb"(?:\[([0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
-    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"
+    rb"(?:\[([0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+=:]+)\]"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+=]|%[0-9A-Fa-f]{2})+)"
     rb"(?::([0-9]*))?"
 )
+_HOST_BAD_ESCAPE_RE = re.compile(rb"%(?:[01][0-9A-Fa-f]|7[Ff]|2[Cc]|3[Bb])")
 # absolute-form (RFC 9112 §3.2.2) for the http and https schemes; the authority is checked
 # with _HOST_RE, the rest was checked by _TARGET_RE.
 _ABSOLUTE_RE = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?]*)([^?]*)(?:\?(.*))?", re.S)
@@ -168,6 +177,11 @@ _TRAILER_DROP = frozenset(
 )
 
 _FRAMING_NAMES = frozenset((b"content-length", b"transfer-encoding"))
+
+# The only protocol a request may switch to through the proxy (docs/http.md "Upgrade"). Anything
+# else - above all "h2c", whose upgraded connection would carry HTTP/2 requests for any path
+# straight to the pod, past the routing rules - is a plain request with Upgrade removed.
+_TUNNEL_PROTOCOL = b"websocket"
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
 
@@ -225,7 +239,9 @@ class RequestHead:
     ``path`` is the target without "?query" ("/" for an absolute-form target with an empty
     path, "*" for asterisk-form, b"" for CONNECT's authority-form); ``query`` excludes the "?".
     ``host`` is lowercased and keeps its port; an absolute-form or CONNECT authority wins over
-    the Host field. ``upgrade`` is set only when Connection lists "upgrade" (HTTP/1.1).
+    the Host field. ``upgrade`` is set only for a WebSocket handshake (HTTP/1.1 bodiless GET,
+    Connection lists "upgrade", Upgrade offers "websocket": that member as spelt); any other
+    Upgrade leaves it None and the request is an ordinary one (docs/http.md "Upgrade").
     """
 
     __slots__ = (
@@ -439,6 +455,17 @@ def _connection_tokens(values: list[bytes]) -> frozenset[bytes] | None:
     return result
 
 
+def _websocket_offer(values: list[bytes]) -> bytes | None:
+    """The "websocket" member of Upgrade field value(s), as spelt (case-insensitive match on a
+    bare protocol-name, RFC 9110 §7.8 / RFC 6455 §4.1), or None when it is not offered."""
+    for value in values:
+        for part in value.split(b","):
+            part = part.strip(b" \t")
+            if part.lower() == _TUNNEL_PROTOCOL:
+                return part
+    return None
+
+
 def _check_host(value: bytes, require_port: bool = False) -> bytes | None:
     """Validate uri-host [":" port]; return it lowercased, or None when invalid."""
     if not require_port:
@@ -448,6 +475,8 @@ def _check_host(value: bytes, require_port: bool = False) -> bytes | None:
             pass
     result = None
     m = _HOST_RE.fullmatch(value)
+    if m is not None and b"%" in value and _HOST_BAD_ESCAPE_RE.search(value) is not None:
+        m = None
     if m is not None:
         literal, port = m.groups()
         result = value.lower()
@@ -484,10 +513,13 @@ class _Parser:
 
     __slots__ = (
         "_buf", "_pos", "_scan", "_state", "_remaining", "_error", "_eof", "_max_head",
-        "_max_headers", "_blank_lines", "_body_total", "_ext_total", "_trailers",
+        "_max_headers", "_blank_lines", "_body_total", "_ext_total", "_trailers", "_line_ok",
     )
 
     _REQUEST = True
+    _START_RE = _REQUEST_LINE_RE
+    _START_WHAT = "request line"
+    _START_BYTES = _REQUEST_START_BYTES
 
     def __init__(self, max_head: int, max_headers: int) -> None:
         self._buf = bytearray()
@@ -503,6 +535,7 @@ class _Parser:
         self._body_total = 0
         self._ext_total = 0
         self._trailers: list[tuple[bytes, bytes]] = []
+        self._line_ok = False  # the start line of the incomplete head passed _check_start_line
 
     # ---- public API
 
@@ -617,9 +650,33 @@ class _Parser:
             raise self._error_for(400, "connection closed in the middle of the " + what)
         return NEED_DATA
 
+    def _check_start_line(self, pos: int, start: int, stop: int) -> None:
+        """Refuse a start line as soon as it is complete (its CRLF within buf[start:stop]) and
+        invalid, without waiting for the rest of the head: "GET /" CRLF (HTTP/0.9) or a garbage
+        line is 400 (502 for a status line) at once, not a header timeout; so is a first byte
+        that can start no start line (a TLS ClientHello, a NUL). Verdict order, the same for a
+        head fed whole (_head_error, _refuse_oversize) or piecemeal: that first byte, a bad line
+        end within the start line, the start-line grammar, then the rest of the head. The
+        search starts at ``start`` (new bytes only), the line is checked once per head."""
+        buf = self._buf
+        if buf[pos] not in self._START_BYTES:
+            raise self._error_for(400, "malformed " + self._START_WHAT)
+        le = buf.find(b"\r\n", start, stop)
+        if le < 0:
+            return
+        if buf[pos] == 10 or _BAD_EOL_RE.search(buf, pos, le + 2) is not None:
+            raise self._error_for(400, "bare CR or LF in head")
+        if self._START_RE.fullmatch(buf, pos, le) is None:
+            raise self._error_for(400, "malformed " + self._START_WHAT)
+        self._line_ok = True
+
     def _refuse_oversize(self, pos: int, what: str) -> None:
         """A complete head/trailer section over max_head: the same verdict _incomplete_block
-        would have given had it arrived piecemeal (bad line ends within max_head bytes win)."""
+        would have given had it arrived piecemeal (a complete start line within max_head bytes
+        is checked first, then bad line ends within max_head bytes win)."""
+        if what == "head":
+            stop = pos + self._max_head
+            self._check_start_line(pos, pos, stop if stop < len(self._buf) else len(self._buf))
         block = bytes(self._buf[pos : pos + self._max_head])
         if block[:1] == b"\n" or _BAD_EOL_RE.search(block) is not None:
             raise self._error_for(400, "bare CR or LF in " + what)
@@ -642,12 +699,18 @@ class _Parser:
         scan = self._scan - 3
         end = buf.find(b"\r\n\r\n", scan if scan > pos else pos)
         if end < 0:
+            if not self._line_ok:
+                scan += 2  # the CRLF may straddle the previous feed
+                stop = pos + self._max_head
+                n = len(buf)
+                self._check_start_line(pos, scan if scan > pos else pos, stop if stop < n else n)
             return self._incomplete_block(pos, "head")
         if end + 4 - pos > self._max_head:
             self._refuse_oversize(pos, "head")
         head = self._parse_head(buf, pos, buf.find(b"\r\n", pos), end)
         self._pos = end + 4
         self._blank_lines = 0
+        self._line_ok = False
         return head
 
     def _eof_between_messages(self):
@@ -667,6 +730,7 @@ class _Parser:
 
     def _head_error(self, buf: bytearray, pos: int, line_end: int, end: int, what: str):
         """Slow path: the start line or the fields failed; say which, in a fixed order."""
+        self._check_start_line(pos, pos, line_end + 2)
         head = bytes(buf[pos : end + 2])
         if head[:1] == b"\n" or _BAD_EOL_RE.search(head) is not None:
             return self._error_for(400, "bare CR or LF in head")
@@ -1072,9 +1136,11 @@ class RequestParser(_Parser):
                 raise HTTPError(400, "invalid Connection header")
         keep_alive = b"close" not in tokens and (version == 11 or b"keep-alive" in tokens)
         upgrade = None
-        if upgrades is not None and version == 11 and b"upgrade" in tokens:
+        if (upgrades is not None and version == 11 and b"upgrade" in tokens
+                and method == b"GET" and not chunked and not content_length):
             # RFC 9110 §7.8: Upgrade only counts when listed in Connection, never in HTTP/1.0.
-            upgrade = b", ".join(upgrades)
+            # Only a bodiless GET offering "websocket" (RFC 6455 §4.1) becomes a tunnel.
+            upgrade = _websocket_offer(upgrades)
         expect_continue = False
         if expects is not None and version == 11:
             # RFC 9110 §10.1.1: ignore 100-continue from HTTP/1.0; other expectations ignored.
@@ -1105,6 +1171,9 @@ class ResponseParser(_Parser):
 
     __slots__ = ("_method",)
     _REQUEST = False
+    _START_RE = _STATUS_LINE_RE
+    _START_WHAT = "status line"
+    _START_BYTES = _RESPONSE_START_BYTES
 
     def __init__(self, max_head: int = 65536, max_headers: int = 100) -> None:
         super().__init__(max_head, max_headers)

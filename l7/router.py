@@ -19,8 +19,8 @@ Invariants this module keeps:
   path elements are a prefix of the request's elements wins.  ImplementationSpecific is Prefix.
 * Rule paths and request paths are compared in one canonical form (``normalize_request_path``):
   percent-escapes of unreserved characters decoded, other escapes upper-cased, runs of ``/``
-  merged.  Requests with dot-segments, encoded ``/`` ``\\`` or NUL, a raw ``\\`` or a broken
-  escape are refused (None -> 400) because backends disagree on what they mean.
+  merged.  Requests with dot-segments (also ``..;param``), encoded ``/`` ``\\`` or NUL, a raw
+  ``\\`` or a broken escape are refused (None -> 400) because backends disagree on what they mean.
 * Two entries for the same slot (host, canonical path, Exact vs Prefix-like) from different
   Ingresses: the oldest creationTimestamp wins (unknown sorts last), then namespace/name, then
   input order; every loser is reported in ``RouteTable.conflicts``.
@@ -106,7 +106,8 @@ def normalize_request_path(path: str) -> str | None:
 
     Refused (None): a path not starting with "/", control characters, space, DEL or non-ASCII,
     a raw "\\" or "#", a "%" not followed by two hex digits, ``%2F`` ``%5C`` ``%00``, and any
-    "." or ".." segment (also when spelt with ``%2E``).  Legitimate clients remove dot-segments
+    "." or ".." segment (also when spelt with ``%2E``, and with path parameters: ``..;x``,
+    ``.;``, ``%2e%2e;``, ``..%3B``).  Legitimate clients remove dot-segments
     before sending (RFC 3986 section 5.2.4); a proxy that routes ``/public/../admin`` one way
     while the backend resolves it another is a classic access-control bypass.
 
@@ -124,7 +125,7 @@ def normalize_request_path(path: str) -> str | None:
     out: list[str] = []
     for seg in segments[1:]:
         seg = _canonical_segment(seg)
-        if seg is None or seg == "." or seg == "..":
+        if seg is None or _is_dot_segment(seg):
             return None
         out.append(seg)
     # Merge slashes: drop empty segments except the last one, which carries a trailing "/".
@@ -132,6 +133,21 @@ def normalize_request_path(path: str) -> str | None:
     out = [s for s in out if s]
     out.append(last)
     return "/" + "/".join(out)
+
+
+def _is_dot_segment(seg: str) -> bool:
+    """``.`` or ``..``, also with path parameters: the part before the first ``;`` (or its
+    escape ``%3B``) is a dot-segment.  Tomcat, Jetty and Spring strip ``;params`` from each
+    segment before resolving dot-segments, so ``/public/..;/admin`` reaches ``/admin`` there
+    while a prefix rule for ``/public`` would match it here (the classic ``..;`` bypass).
+    ``seg`` is canonical: escaped unreserved characters (``%2e``) are decoded already."""
+    if seg[:1] != ".":
+        return False
+    name = seg.partition(";")[0]
+    p = name.find("%3B")
+    if p >= 0:
+        name = name[:p]
+    return name == "." or name == ".."
 
 
 def _canonical_segment(seg: str) -> str | None:

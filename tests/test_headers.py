@@ -63,6 +63,13 @@ HOP_BY_HOP_CASES = [
     ("httpoxy", [(b"Proxy", b"http://evil:3128")], frozenset(), [b"proxy"]),
     ("expect", [(b"Expect", b"100-continue")], frozenset(), [b"expect"]),
     ("upgrade_without_tunnel", [(b"Upgrade", b"websocket")], frozenset(), [b"upgrade"]),
+    # RFC 7540 §3.2.1: HTTP2-Settings is connection-specific; h2c is never tunnelled (docs/http.md).
+    ("h2c_upgrade_not_tunnelled", [(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"),
+                                   (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA")],
+     tokens(b"upgrade", b"http2-settings"), [b"connection", b"upgrade", b"http2-settings"]),
+    ("http2_settings_not_named_by_connection", [(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c"),
+                                                (b"http2-settings", b"AAMAAABkAARAAAAAAAIAAAAA")],
+     tokens(b"upgrade"), [b"connection", b"upgrade", b"http2-settings"]),
     ("odd_case", [(b"CONNECTION", b"X-A"), (b"x-a", b"1"), (b"kEEP-aLIVE", b"1")], tokens(b"x-a"),
      [b"connection", b"x-a", b"keep-alive"]),
 ]
@@ -106,6 +113,21 @@ def test_upgrade_kept_for_tunnel():
     assert value(out, b"connection") == b"upgrade"
     assert value(out, b"upgrade") == b"websocket"
     assert value(out, b"sec-websocket-key") == b"k"
+
+
+def test_tunnel_offers_only_websocket():
+    """A tunnelled request offers the pod websocket alone (as the client spelt it), never h2c,
+    and HTTP2-Settings is dropped even then."""
+    headers = [(b"Host", b"example.com"), (b"Connection", b"Upgrade"), (b"Upgrade", b"h2c, WebSocket"),
+               (b"Upgrade", b"websocket"), (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA")]
+    out = run(headers, tokens(b"upgrade"), upgrade=True)
+    assert value(out, b"upgrade") == b"WebSocket"
+    assert value(out, b"connection") == b"upgrade"
+    assert value(out, b"http2-settings") is None
+
+
+def test_http2_settings_dropped_from_responses():
+    assert response_headers([(b"HTTP2-Settings", b"x"), (b"X-A", b"1")], frozenset()) == [(b"X-A", b"1")]
 
 
 # -- request: forwarding fields -------------------------------------------------------------------

@@ -237,6 +237,23 @@ REQUEST_ERRORS = [
     ("host_obs_text", req(b"Host: \xffa\xff", start=b"GET / HTTP/1.1"), 400),
     ("host_bad_pct", req(b"Host: a%zz", start=b"GET / HTTP/1.1"), 400),
     ("host_invalid_with_absolute_form", req(b"Host: a b", start=b"GET http://a/ HTTP/1.1"), 400),
+    # "," and ";" (frameworks split Host on them; never in a DNS name) and escaped CTL/DEL/","/";"
+    # are refused although RFC 3986 reg-name has them (docs/http.md "Host").
+    ("host_comma_no_space", req(b"Host: a,b", start=b"GET / HTTP/1.1"), 400),
+    ("host_comma_trailing", req(b"Host: a.example,", start=b"GET / HTTP/1.1"), 400),
+    ("host_comma_with_port", req(b"Host: a:80,b:81", start=b"GET / HTTP/1.1"), 400),
+    ("host_semicolon", req(b"Host: a;b", start=b"GET / HTTP/1.1"), 400),
+    ("host_semicolon_param", req(b"Host: a.example;x=1", start=b"GET / HTTP/1.1"), 400),
+    ("host_pct_nul", req(b"Host: a%00b", start=b"GET / HTTP/1.1"), 400),
+    ("host_pct_crlf", req(b"Host: a%0d%0aX-Injected:%201", start=b"GET / HTTP/1.1"), 400),
+    ("host_pct_ctl_upper_hex", req(b"Host: a%1Fb", start=b"GET / HTTP/1.1"), 400),
+    ("host_pct_del", req(b"Host: a%7fb", start=b"GET / HTTP/1.1"), 400),
+    ("host_pct_comma", req(b"Host: a%2Cb", start=b"GET / HTTP/1.1"), 400),
+    ("host_pct_semicolon", req(b"Host: a%3bb", start=b"GET / HTTP/1.1"), 400),
+    ("host_ipvfuture_comma", req(b"Host: [v1.a,b]", start=b"GET / HTTP/1.1"), 400),
+    ("host_comma_absolute_form", req(H, start=b"GET http://a,b/ HTTP/1.1"), 400),
+    ("host_pct_nul_absolute_form", req(H, start=b"GET http://a%00b/ HTTP/1.1"), 400),
+    ("host_semicolon_connect", req(b"Host: a:443", start=b"CONNECT a;b:443 HTTP/1.1"), 400),
     # --- request-target, RFC 9112 §3.2
     ("target_absolute_userinfo", req(H, start=b"GET http://user@a.example/ HTTP/1.1"), 400),
     ("target_absolute_empty_host", req(H, start=b"GET http:///x HTTP/1.1"), 400),
@@ -252,6 +269,10 @@ REQUEST_ERRORS = [
     ("target_space", req(H, start=b"GET /a b HTTP/1.1"), 400),
     ("target_tab", req(H, start=b"GET /a\tb HTTP/1.1"), 400),
     ("target_asterisk_not_options", req(H, start=b"GET * HTTP/1.1"), 400),
+    ("target_asterisk_post", req(H, b"Content-Length: 0", start=b"POST * HTTP/1.1"), 400),
+    ("target_asterisk_head", req(H, start=b"HEAD * HTTP/1.1"), 400),
+    ("target_asterisk_with_query", req(H, start=b"OPTIONS *?x HTTP/1.1"), 400),
+    ("target_asterisk_with_path", req(H, start=b"OPTIONS */x HTTP/1.1"), 400),
     ("target_connect_origin_form", req(H, start=b"CONNECT / HTTP/1.1"), 400),
     ("target_connect_no_port", req(H, start=b"CONNECT a.example HTTP/1.1"), 400),
     ("target_connect_empty_port", req(H, start=b"CONNECT a.example: HTTP/1.1"), 400),
@@ -262,6 +283,19 @@ REQUEST_ERRORS = [
     ("line_leading_space", req(H, start=b" GET / HTTP/1.1"), 400),
     ("line_lf_separator", b"GET /\nHTTP/1.1\r\n\r\n", 400),
     ("line_http09", b"GET /\r\n\r\n", 400),
+    ("line_ice_protocol", req(H, start=b"GET /music ICE/1.0"), 400),  # llhttp test/request/invalid.md
+    ("line_rtsp_protocol", req(H, start=b"PUT /music RTSP/1.0"), 400),
+    # A complete start line that fails the grammar is refused at once, not after the header
+    # timeout: no CRLFCRLF ever follows an HTTP/0.9 request (no EOF in these feedings).
+    ("line_http09_no_blank_line", b"GET /\r\n", 400),
+    ("line_http09_then_lines", b"GET /\r\nHost: a\r\nX: y\r\n", 400),
+    ("line_garbage_incomplete_head", b"hello world\r\nmore", 400),
+    ("line_missing_version_incomplete", b"GET / \r\nHost: a\r\n", 400),
+    ("line_bad_then_lone_lf", b"GET /\r\nX: a\nb\r\n\r\n", 400),
+    # ... and so is a first byte that starts no request line (TLS to the plaintext port, NUL)
+    ("line_tls_client_hello_no_crlf", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
+    ("line_first_byte_nul", b"\x00", 400),
+    ("line_first_byte_space_then_lf", b" \n", 400),
     ("line_missing_version", req(H, start=b"GET /"), 400),
     ("line_lowercase_http", req(H, start=b"GET / http/1.1"), 400),
     ("line_version_one_digit", req(H, start=b"GET / HTTP/1"), 400),
@@ -285,6 +319,8 @@ REQUEST_ERRORS = [
     ("leading_bare_cr", b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     # --- pipelining: an invalid second request is refused after the first was delivered
     ("pipelined_second_invalid", req(H, start=b"GET / HTTP/1.1") + b"Invalid\r\n\r\n", 400),
+    # HTTP Garden "bonus bug 3": one byte after a complete chunked request
+    ("pipelined_nul_after_chunked", chunked_req(b"0\r\n\r\n").replace(b"POST", b"GET") + b"\x00", 400),
     ("pipelined_zero_cl_then_smuggle",
      req(b"Host: a", b"Content-Length: 0") + req(b"Host: a", b"Content-Length: 5",
                                                  CHUNKED), 400),
@@ -423,6 +459,16 @@ REQUEST_OK = [
      b"", True),
     ("host_ipv4", req(b"Host: 127.0.10.1", start=b"GET / HTTP/1.1"), dict(host=b"127.0.10.1"),
      b"", True),
+    ("host_ipv4_port", req(b"Host: 127.0.10.1:8080", start=b"GET / HTTP/1.1"), dict(host=b"127.0.10.1:8080"),
+     b"", True),
+    ("host_ipv6_no_port", req(b"Host: [2001:DB8::1]", start=b"GET / HTTP/1.1"), dict(host=b"[2001:db8::1]"),
+     b"", True),
+    ("host_pct_unreserved", req(b"Host: %61.example:80", start=b"GET / HTTP/1.1"),
+     dict(host=b"%61.example:80"), b"", True),
+    ("host_pct_utf8", req(b"Host: caf%C3%A9.example", start=b"GET / HTTP/1.1"),
+     dict(host=b"caf%c3%a9.example"), b"", True),
+    ("host_sub_delims", req(b"Host: a!$&'()*+=b", start=b"GET / HTTP/1.1"), dict(host=b"a!$&'()*+=b"),
+     b"", True),
     ("host_trailing_dot_and_empty_port", req(b"Host: a.example.:", start=b"GET / HTTP/1.1"),
      dict(host=b"a.example.:"), b"", True),
     ("absolute_form_authority_wins", req(b"Host: other", start=b"GET http://Example.COM:8080/p?q HTTP/1.1"),
@@ -457,6 +503,38 @@ REQUEST_OK = [
                               b"Sec-WebSocket-Version: 13", start=b"GET /ws HTTP/1.1"),
      dict(upgrade=b"websocket", keep_alive=True), b"", True),
     ("upgrade_without_connection_token", req(H, b"Upgrade: websocket", start=b"GET / HTTP/1.1"),
+     dict(upgrade=None), b"", True),
+    # Only websocket is tunnelled (docs/http.md "Upgrade"); h2c would give the client a raw
+    # HTTP/2 connection to the pod past the path rules. These are plain requests (l7.headers drops
+    # Upgrade and HTTP2-Settings), a 101 to them is a 502.
+    ("h2c_upgrade_is_a_plain_request",
+     b"GET / HTTP/1.1\r\nHost: foo.bar.com\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+     b"Connection: Upgrade\r\n\r\n",
+     dict(upgrade=None, keep_alive=True, connection_tokens=frozenset({b"upgrade"})), b"", True),
+    ("h2c_upgrade_with_settings_token", req(H, b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
+                                            b"HTTP2-Settings: AAMAAABkAAQAAP__", start=b"GET / HTTP/1.1"),
+     dict(upgrade=None), b"", True),
+    ("upgrade_other_protocol", req(H, b"Connection: upgrade", b"Upgrade: TLS/1.2", start=b"GET / HTTP/1.1"),
+     dict(upgrade=None), b"", True),
+    ("upgrade_websocket_case_insensitive", req(H, b"Connection: Upgrade", b"Upgrade: WebSocket",
+                                               start=b"GET /ws HTTP/1.1"),
+     dict(upgrade=b"WebSocket"), b"", True),
+    ("upgrade_websocket_among_others", req(H, b"Connection: Upgrade", b"Upgrade: h2c, websocket",
+                                           start=b"GET /ws HTTP/1.1"),
+     dict(upgrade=b"websocket"), b"", True),
+    ("upgrade_websocket_versioned_is_not_websocket", req(H, b"Connection: Upgrade", b"Upgrade: websocket/13",
+                                                         start=b"GET /ws HTTP/1.1"),
+     dict(upgrade=None), b"", True),
+    ("upgrade_websocket_content_length_zero", req(H, b"Connection: Upgrade", b"Upgrade: websocket",
+                                                  b"Content-Length: 0", start=b"GET /ws HTTP/1.1"),
+     dict(upgrade=b"websocket", content_length=0), b"", True),
+    ("upgrade_websocket_with_body", req(H, b"Connection: Upgrade", b"Upgrade: websocket",
+                                        b"Content-Length: 5", body=b"hello", start=b"GET /ws HTTP/1.1"),
+     dict(upgrade=None, content_length=5), b"hello", True),
+    ("upgrade_websocket_chunked", req(H, b"Connection: Upgrade", b"Upgrade: websocket", CHUNKED,
+                                      body=b"0\r\n\r\n", start=b"GET /ws HTTP/1.1"),
+     dict(upgrade=None, chunked=True), b"", True),
+    ("upgrade_websocket_post", req(H, b"Connection: Upgrade", b"Upgrade: websocket", start=b"POST /ws HTTP/1.1"),
      dict(upgrade=None), b"", True),
     ("expect_100_continue", req(H, b"Expect: 100-Continue", b"Content-Length: 5", body=b"hello"),
      dict(expect_continue=True, content_length=5), b"hello", True),
@@ -617,6 +695,81 @@ def test_connect_leaves_tunnel_bytes_in_trailing() -> None:
     assert outcome[0] == "ok" and outcome[2] == b"\x16\x03\x01tls bytes"
 
 
+@pytest.mark.parametrize("first_line,more,reason", [
+    (b"GET /\r\n", b"", "malformed request line"),
+    (b"GET /\r\n", b"X: a\nb", "malformed request line"),
+    (b"GET / HTTP/1.1 \r\n", b"Host: a\r\n", "malformed request line"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\r\n", b"", "malformed request line"),
+    (b"GET / HTTP/1\r1\r\n", b"", "bare CR or LF in head"),
+])
+def test_invalid_request_line_refused_as_soon_as_complete(first_line, more, reason) -> None:
+    """No CRLFCRLF needed (and no EOF, no header timeout): the complete first line decides, with
+    the reason the whole head would get (outcome_everywhere checks every split)."""
+    assert outcome_everywhere(first_line + more) == ("error", 400, reason)
+    assert outcome_everywhere(first_line + more + b"\r\n\r\n") == ("error", 400, reason)
+    p = RequestParser()
+    p.feed(first_line[:-1])
+    try:
+        assert p.next_event() is NEED_DATA
+    except HTTPError as exc:  # a bare CR is refused as soon as the byte after it arrives
+        assert (exc.status, exc.reason) == (400, reason)
+        return
+    p.feed(first_line[-1:] + more)
+    with pytest.raises(HTTPError) as exc:
+        p.next_event()
+    assert (exc.value.status, exc.value.reason) == (400, reason)
+
+
+@pytest.mark.parametrize("data", [b"\x16", b"\x16\x03\x01\x02\x00", b"\x00GET", b" GET / HTTP/1.1", b"\r\n\x80"])
+def test_impossible_first_byte_refused_at_once(data) -> None:
+    p = RequestParser()
+    p.feed(data)
+    with pytest.raises(HTTPError) as exc:
+        p.next_event()
+    assert (exc.value.status, exc.value.reason) == (400, "malformed request line")
+    r = ResponseParser()
+    r.set_request_method(b"GET")
+    r.feed(b"<" + data)
+    with pytest.raises(HTTPError) as exc:
+        r.next_event()
+    assert (exc.value.status, exc.value.reason) == (502, "malformed status line")
+
+
+def test_valid_request_line_still_waits_for_the_head() -> None:
+    p = RequestParser()
+    p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    assert p.next_event() is NEED_DATA
+    p.feed(b"\r\n")
+    assert isinstance(p.next_event(), RequestHead)
+    # HTTP/2.0 matches the grammar: its 505 needs the complete head (fields are checked first).
+    p = RequestParser()
+    p.feed(b"GET / HTTP/2.0\r\n")
+    assert p.next_event() is NEED_DATA
+
+
+def test_invalid_status_line_refused_as_soon_as_complete() -> None:
+    for line in (b"<html>hello</html>\r\n", b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n", b"HTTP/1.1\r\n"):
+        r = ResponseParser()
+        r.set_request_method(b"GET")
+        r.feed(line)
+        with pytest.raises(HTTPError) as exc:
+            r.next_event()
+        assert (exc.value.status, exc.value.reason) == (502, "malformed status line")
+        assert outcome_everywhere(line, response=True) == ("error", 502, "malformed status line")
+    r = ResponseParser()
+    r.set_request_method(b"GET")
+    r.feed(b"HTTP/1.1 200 OK\r\n")
+    assert r.next_event() is NEED_DATA
+
+
+def test_start_line_check_with_oversize_head() -> None:
+    """A complete bad start line within max_head wins over 431, fed whole or piecemeal."""
+    data = b"GET /\r\nX: " + b"a" * 600 + b"\r\n\r\n"
+    assert outcome_everywhere(data, max_head=512) == ("error", 400, "malformed request line")
+    data = b"GET /" + b"a" * 600 + b"\r\n\r\n"
+    assert outcome_everywhere(data, max_head=512)[:2] == ("error", 431)
+
+
 def test_upgrade_request_leaves_bytes_in_trailing() -> None:
     p = RequestParser()
     p.feed(req(H, b"Connection: Upgrade", b"Upgrade: websocket", start=b"GET /ws HTTP/1.1")
@@ -706,6 +859,10 @@ RESPONSE_ERRORS = [
     ("status_line_http2", resp(b"HTTP/2 200")),
     ("status_line_http20", resp(b"HTTP/2.0 200 OK")),
     ("status_line_http09", b"<html>hello</html>\r\n\r\n"),
+    # complete, invalid status line without the rest of the head: 502 at once, no timeout
+    ("status_line_http09_no_blank_line", b"<html>hello</html>\r\n"),
+    ("status_line_bad_head_incomplete", b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n"),
+    ("status_line_garbage_no_crlf", b"<html>"),
     ("reason_nul", resp(b"HTTP/1.1 200 O\x00K")),
     ("reason_bare_cr", resp(b"HTTP/1.1 200 O\rK")),
     ("lone_lf", b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"),

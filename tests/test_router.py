@@ -531,6 +531,13 @@ def test_conflict_across_ingresses_merges_other_paths():
         ("/a//b///c", "/a/b/c"),
         ("/a/b//", "/a/b/"),
         ("/a:b@c!$&'()*+,;=", "/a:b@c!$&'()*+,;="),
+        # path parameters are kept; only a dot-segment before the ";" is refused (below)
+        ("/a;jsessionid=1/b", "/a;jsessionid=1/b"),
+        ("/a/...;/b", "/a/...;/b"),
+        ("/a/..x;/b", "/a/..x;/b"),
+        ("/a/;../b", "/a/;../b"),
+        ("/a/b;..", "/a/b;.."),
+        ("/a/.x%3B/b", "/a/.x%3B/b"),
     ],
 )
 def test_normalize_request_path_canonical(raw, canonical):
@@ -556,6 +563,21 @@ def test_normalize_request_path_canonical(raw, canonical):
         "/a/%2E%2E",
         "/a/.%2e/b",
         "/a/%2e/b",
+        # dot-segments with path parameters: Tomcat/Jetty/Spring strip ";..." first, so
+        # "/public/..;/admin" is "/admin" there (the "..;" access-control bypass)
+        "/public/..;/admin",
+        "/public/%2e%2e;/admin",
+        "/public/%2E%2e;x/admin",
+        "/public/.%2E;/admin",
+        "/a/..;x=1/b",
+        "/a/..;",
+        "/..;",
+        "/a/.;/b",
+        "/a/.;jsessionid=1/b",
+        "/.;/admin",
+        "/a/..%3B/b",  # escaped ";" too (decode-then-strip frameworks)
+        "/a/%2e%2e%3bx/b",
+        "/a/..;/..;/b",
         "/a%2fb",  # encoded slash
         "/a%2Fb",
         "/a%5cb",  # encoded backslash
@@ -606,6 +628,14 @@ def test_rule_and_request_paths_compared_canonically(rule, request_path, matches
     assert (routed(table, "h", request_path) == "svc") is matches
     if path_type != E and matches:
         assert routed(table, "h", request_path + "/sub") == "svc"
+
+
+def test_dot_dot_semicolon_cannot_reach_another_prefix():
+    """The Tomcat/Spring "..;" bypass: a client allowed /public must not reach /admin."""
+    table = RouteTable.build([entry("/public", backend="pub"), entry("/admin", backend="adm")])
+    assert routed(table, "h", "/public/x;y") == "pub"
+    for raw in ("/public/..;/admin", "/public/%2e%2e;/admin", "/public/..%3b/admin", "/public/.;/../admin"):
+        assert normalize_request_path(raw) is None, raw
 
 
 def test_match_on_raw_path_compares_exactly_as_sent():
@@ -679,6 +709,8 @@ def test_entries_the_api_accepts(good):
         ("/a/%2e%2e/b", E),  # API-valid, but such a request is refused before routing
         ("/a/%2E/b", P),
         ("/a/../b", IS),
+        ("/a/..;/b", IS),
+        ("/a/%2e%2e;x/b", P),
         ("/a%2Fb", IS),
         ("/a\\b", IS),
         ("/a%00", P),

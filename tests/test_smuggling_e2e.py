@@ -192,3 +192,128 @@ def test_malformed_response_is_502_and_connection_not_reused(setup, case):
         assert good_conn is not bad_conn      # the connection that misbehaved was not reused
     finally:
         pod.answer, pod.close_after = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pod receives for requests that are accepted, but not as the client meant them.
+
+H2C_PROBE = (b"GET /h2c-probe HTTP/1.1\r\nHost: foo.bar.com\r\nUpgrade: h2c\r\n"
+             b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade\r\n\r\n")
+SWITCH_H2C = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+SWITCH_WS = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+             b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _pod_got(pod: RawPod, marker: bytes) -> bytes:
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        with pod.lock:
+            for b in reversed(pod.conns):
+                if marker in bytes(b):
+                    return bytes(b)
+        time.sleep(0.02)
+    return b""
+
+
+def _head_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    return [(n.strip().lower(), v.strip()) for n, _, v in (line.partition(b":") for line in head)]
+
+
+@pytest.mark.parametrize("answer", [OK_ANSWER, SWITCH_H2C], ids=["pod_200", "pod_101"])
+def test_h2c_upgrade_is_not_forwarded(setup, answer):
+    """The h2c reproducer: the pod sees a plain GET (no Upgrade, no HTTP2-Settings, no
+    Connection: upgrade), so it cannot switch; a pod that answers 101 anyway gets the client a
+    502, never a raw HTTP/2 connection to the pod past the path rules."""
+    pod, port = setup
+    pod.answer = answer
+    try:
+        out = exchange(port, H2C_PROBE)
+        got = _pod_got(pod, b"GET /h2c-probe ")
+        assert got, "the request did not reach the pod"
+        names = [n for n, _ in _head_fields(got)]
+        assert b"upgrade" not in names and b"http2-settings" not in names, got
+        assert all(v.lower() != b"upgrade" for n, v in _head_fields(got) if n == b"connection"), got
+        if answer is OK_ANSWER:
+            assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"ok"), out[:200]
+        else:
+            assert out.startswith(b"HTTP/1.1 502 "), out[:200]
+            assert b"101" not in out.split(b"\r\n", 1)[0]
+    finally:
+        pod.answer = OK_ANSWER
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /upgrade-body HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Content-Length: 5\r\n\r\nhello",
+    b"GET /upgrade-body HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"GET /upgrade-body HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET /upgrade-body HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: TLS/1.2, h2c\r\n\r\n",
+], ids=["post_with_body", "chunked", "http10", "other_protocols"])
+def test_upgrade_that_is_not_a_websocket_handshake_is_a_plain_request(setup, request_head):
+    pod, port = setup
+    pod.answer = SWITCH_WS
+    try:
+        out = exchange(port, request_head)
+        got = _pod_got(pod, b" /upgrade-body HTTP/1.1")
+        assert got and b"upgrade" not in [n for n, _ in _head_fields(got)], got
+        assert out.startswith((b"HTTP/1.1 502 ", b"HTTP/1.0 502 ")), out[:200]  # 101 unasked
+    finally:
+        pod.answer = OK_ANSWER
+
+
+def test_websocket_offer_is_tunnelled_without_other_protocols(setup):
+    pod, port = setup
+    pod.answer = SWITCH_WS
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /ws-probe HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: h2c, websocket\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+                      b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            out = b""
+            while b"\r\n\r\n" not in out:
+                data = s.recv(65536)
+                assert data, out
+                out += data
+            assert out.startswith(b"HTTP/1.1 101 "), out[:200]
+            s.sendall(b"\x81\x05hello")
+            got = _pod_got(pod, b"\x81\x05hello")
+        fields = _head_fields(got)
+        assert (b"upgrade", b"websocket") in fields and b"http2-settings" not in [n for n, _ in fields], got
+    finally:
+        pod.answer = OK_ANSWER
+
+
+def test_options_asterisk_answered_locally(setup):
+    pod, port = setup
+    before = pod.total()
+    out = exchange(port, b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", half_close=False)
+    head = out.split(b"\r\n\r\n", 1)[0].lower()
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    assert b"\r\nallow: " in head and b"\r\ncontent-length: 0" in head, out
+    time.sleep(0.05)
+    assert pod.total() == before  # never routed
+
+
+def test_http09_request_line_refused_at_once(setup):
+    """No blank line ever follows "GET /": 400 at once, not after the 3 s header timeout."""
+    pod, port = setup
+    before = pod.total()
+    for data in (b"GET /\r\n", b"GET /\r\nHost: a\r\n"):
+        t0 = time.monotonic()
+        out = exchange(port, data, half_close=False)
+        assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+        assert time.monotonic() - t0 < 2.0
+    assert pod.total() == before
+
+
+@pytest.mark.parametrize("path", [b"/public/..;/admin", b"/public/%2e%2e;/admin", b"/a/..%3B/b"])
+def test_dot_dot_semicolon_path_refused(setup, path):
+    pod, port = setup
+    before = pod.total()
+    out = exchange(port, b"GET " + path + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+    time.sleep(0.05)
+    assert pod.total() == before
