@@ -25,11 +25,13 @@ Invariants of a client connection:
 * A request the parser refuses is answered with its status and ``Connection: close``, and
   nothing of it reaches an upstream (``HTTPError`` is raised at the head, before routing; a
   framing error in a body that is already streaming aborts the upstream connection).
-* One timer per connection, re-armed rather than re-created: ``_deadline`` is what must
-  happen by when (header read, keep-alive idle, upstream response, client body, send to a slow
-  reader, tunnel idle); the timer fires at the deadline or earlier and then re-checks, and it
-  is never armed later than ``header_timeout`` ahead, so the switch from idle to reading a head
-  (the header deadline counts from the first byte) never needs a new timer.
+* One timer per connection, re-armed rather than re-created: ``deadline`` is what must
+  happen by when (header read, keep-alive idle, upstream response, client body, tunnel idle),
+  and ``send_deadline``, while our write buffer is above its high-water mark, is when the
+  client must have taken some of it (``--send-timeout``); the timer fires at the earlier of
+  them or before and then re-checks, and it is never armed later than ``header_timeout``
+  ahead, so the switch from idle to reading a head (the header deadline counts from the first
+  byte) or the start of a send deadline normally needs no new timer.
 * No exception escapes an asyncio callback: each entry point catches, logs once, answers 500
   (or aborts when the response has started) and closes.
 """
@@ -37,13 +39,16 @@ Invariants of a client connection:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import socket
 import struct
+import termios
 import time
 from bisect import bisect_left as _bisect_left
 from typing import Any
+
 
 from meshproxy import metrics, sockets
 
@@ -72,7 +77,7 @@ _IDLE, _HEAD, _BUSY, _TUNNEL, _CLOSED = range(5)
 # How the response body is framed towards the client.
 _M_NONE, _M_RAW, _M_CHUNKED = range(3)
 # Reasons to pause reading from the client (bit flags).
-_RP_PIPELINE, _RP_UPSTREAM, _RP_CONNECTING = 1, 2, 4
+_RP_PIPELINE, _RP_UPSTREAM, _RP_CONNECTING, _RP_WRITING = 1, 2, 4, 8
 
 # Request bytes kept for a retry (head + body as sent); beyond this a request is not replayable.
 _REPLAY_MAX = 64 * 1024
@@ -98,8 +103,13 @@ _END_OF_MESSAGE = EndOfMessage()
 _ROUTE_CACHE_SIZE = 4096
 _ROUTE_CACHE_KEY_MAX = 512
 _BAD_PATH = (None, None)
+# Bytes in a socket's send queue not yet acknowledged by the peer (Linux: SIOCOUTQ ==
+# TIOCOUTQ); None elsewhere, then only our own write buffer counts for the send timeout.
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
+_INT0 = b"\0\0\0\0"
 # SO_LINGER on, 0 s: close() sends RST.
 _LINGER_RST = struct.pack("ii", 1, 0)
+
 
 _REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
@@ -254,7 +264,7 @@ class ClientConnection(asyncio.Protocol):
         "server", "listener", "loop", "settings", "transport", "parser", "state", "peer_ip",
         "client", "trusted", "tls", "proto",
         "read_paused", "writing_paused", "processing", "client_eof", "close_after",
-        "timer", "timer_at", "deadline",
+        "timer", "timer_at", "deadline", "send_deadline", "send_left",
         # the request in flight
         "head", "method", "t0", "match", "target", "backend", "stats", "ep", "held", "upstream",
         "attempts", "connect_failures", "tried", "token", "connecting", "req_done", "req_chunked",
@@ -283,6 +293,8 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.deadline = 0.0
+        self.send_deadline = 0.0
+        self.send_left = 0
         self.upstream: UpstreamConnection | None = None
         self.head: RequestHead | None = None
         self.ep = None
@@ -341,6 +353,11 @@ class ClientConnection(asyncio.Protocol):
                 return
             if state == _CLOSED:
                 return
+            if self.writing_paused and (state == _IDLE or state == _HEAD):
+                # Between requests, while the client does not take our answers: no more input
+                # (pipelined requests answered by us would otherwise pile up responses in our
+                # buffer without bound). What arrived is still handled.
+                self._pause_reading(_RP_WRITING)
             if state == _IDLE and self.fast:
                 # Fast path (docs/http.md "parse_whole"): the read is exactly one bodiless
                 # request head. Same strict checks; anything else is declined and takes the
@@ -426,12 +443,35 @@ class ClientConnection(asyncio.Protocol):
         up = self.upstream
         if up is not None:
             up.pause_reading()
+        try:
+            # Send timeout: from now on the client must take bytes from our buffer within
+            # send_timeout (checked by the connection's timer, see _on_timer).
+            timeout = self.settings.send_timeout
+            if timeout and self.transport is not None:
+                self.send_left = self._unsent()
+                now = self.loop.time()
+                self.send_deadline = now + timeout
+                poll = now + timeout / 4
+                if self.timer is None or poll < self.timer_at:
+                    self._arm(poll)
+        except Exception as exc:  # noqa: BLE001
+            self._internal_error(exc)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.read_paused & _RP_WRITING:
+            self._resume_reading(_RP_WRITING)
         up = self.upstream
         if up is not None:
             up.resume_reading()
+            state = self.state
+            # The upstream was paused for the client: its read gap (or the tunnel's idle time)
+            # counts from now, not from before the pause.
+            if state == _BUSY:
+                if self.got_head:
+                    self.deadline = self.loop.time() + self.target.timeout
+            elif state == _TUNNEL:
+                self.deadline = self.loop.time() + self.settings.idle_timeout
 
     # ------------------------------------------------------------------------------------------
     # timer
@@ -450,17 +490,83 @@ class ClientConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self.timer = None
         try:
-            if self.state == _CLOSED:
-                return
             now = self.loop.time()
-            if now < self.deadline:
+            sending = self.writing_paused and self.send_deadline > 0.0
+            if sending:
+                # Send timeout, polled every quarter period while our buffer stays full: the
+                # client must take some bytes within send_timeout (nginx's send_timeout: the
+                # time between two successful writes; here what the kernel sent counts too).
+                left = self._unsent()
+                if left < self.send_left:
+                    self.send_left = left
+                    self.send_deadline = now + self.settings.send_timeout
+                elif now >= self.send_deadline:
+                    self._send_timed_out()
+                    return
+                poll = now + self.settings.send_timeout / 4
+                if poll > self.send_deadline:
+                    poll = self.send_deadline
+            state = self.state
+            if state == _CLOSED:
+                if sending:  # closing after the last response: it must still go out in time
+                    self._arm(poll)
+                return
+            deadline = self.deadline
+            if sending and state == _BUSY:
+                # The upstream is paused for this client: only the send deadline runs.
+                deadline = self.send_deadline
+            if now < deadline:
                 # Early: re-check later, never more than header_timeout ahead (see docstring).
                 at = now + self.settings.header_timeout
-                self._arm(self.deadline if self.deadline < at else at)
+                if sending and poll < at:
+                    at = poll
+                self._arm(deadline if deadline < at else at)
                 return
             self._deadline_passed()
+            if sending and self.timer is None and self.writing_paused:
+                # Closed gracefully (keep-alive timeout, 408) with bytes still waiting for the
+                # client: they must go out within the send timeout too.
+                self._arm(poll)
         except Exception as exc:  # noqa: BLE001
             self._internal_error(exc)
+
+    def _unsent(self) -> int:
+        """Response bytes the client has not taken yet: our write buffer plus the socket's
+        unacknowledged send queue (so a client that reads slowly but steadily counts as
+        progressing even while the kernel buffer is too full for us to write)."""
+        transport = self.transport
+        n = transport.get_write_buffer_size()
+        if _SIOCOUTQ is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    n += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, _INT0))[0]
+                except (OSError, ValueError):
+                    pass
+        return n
+
+    def _send_timed_out(self) -> None:
+        """The client read nothing of what we have for it for send_timeout: a slow reader
+        would hold the connection and, mid-response, an upstream connection (which cannot be
+        reused with a response half read: it is closed)."""
+        metrics.http_send_timeouts.inc()
+        log.debug("L7: send timeout: %s read nothing for %.1f s, closed", self.peer_ip,
+                  self.settings.send_timeout)
+        state = self.state
+        if state == _BUSY or state == _TUNNEL:
+            self._abort_exchange("client send timeout")
+        self.state = _CLOSED
+        self.writing_paused = False
+        transport = self.transport
+        if transport is not None:
+            # Aborted, also when a graceful close is waiting for the buffer to drain.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                except (OSError, ValueError):
+                    pass
+            transport.abort()
 
     def _deadline_passed(self) -> None:
         state = self.state
@@ -473,11 +579,7 @@ class ClientConnection(asyncio.Protocol):
             self._abort_exchange("tunnel idle timeout")
             self._close()
         elif state == _BUSY:
-            if self.writing_paused:
-                # The client does not read what we send: a slow reader holds an upstream.
-                self._abort_exchange("client send timeout")
-                self._close(abort=True)
-            elif (not self.req_done and not self.connecting and not self.resp_started
+            if (not self.req_done and not self.connecting and not self.resp_started
                   and not (self.read_paused & _RP_UPSTREAM)):
                 # We are waiting for the client's body, not for the upstream.
                 self._detach(reuse=False)
@@ -547,6 +649,9 @@ class ClientConnection(asyncio.Protocol):
         snap = server.runtime.snapshot
         if head.method == b"CONNECT":
             return self._local(405, b"CONNECT is not supported here\n", close=True)
+        if head.path == b"*":  # "OPTIONS *" (the parser allows "*" for OPTIONS only): about
+            # the server itself, RFC 9112 §3.2.4 - answered here, never routed (docs/routing.md)
+            return self._local(200, b"", extra=((b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),))
         if snap is None:
             return self._local(503, b"no configuration yet\n")
         m, stats = server.route(snap, head.host, head.path)

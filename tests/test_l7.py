@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -312,44 +314,217 @@ def test_sigterm_drains_in_flight_request(pods, tmp_path):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def _raise_nofile(need: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE to at least ``need`` (the meshproxy started
+    afterwards inherits it); skip the test when the hard limit does not allow it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def _metric(text: str, line_prefix: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def test_slowloris_1000_connections_do_not_stop_others(pods, tmp_path):
-    """1,000 connections dribbling a head byte by byte: a normal client is still answered within
-    a second, and every slow one gets 408 once the header deadline (from its first byte) passes."""
+    """1,000 connections each dribbling a head byte every 2.5 s, all open at once for several
+    seconds (header timeout 10 s): a normal client keeps getting answers, each within a second,
+    and every slow one gets 408 once the header deadline (from its first byte) passes."""
+    n_slow = 1000
+    period = 2.5
+    _raise_nofile(4096)
     (tmp_path / "m.yaml").write_text(config(pods))
     port = free_port()
     with Meshproxy([str(tmp_path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks",
-                   "--header-timeout", "2") as m:
-        slow = []
-        for _ in range(1000):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.setblocking(False)
-            slow.append(s)
+                   "--header-timeout", "10") as m:
         head = b"GET / HTTP/1.1\r\nHost: site.test\r\nX-Slow: " + b"a" * 100
-        latencies = []
-        t0 = time.monotonic()
-        i = 0
-        while time.monotonic() - t0 < 3.0:
+        slow = []
+        try:
+            t_first = time.monotonic()
+            for _ in range(n_slow):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.setblocking(False)
+                s.send(head[:1])   # the header deadline runs from this byte
+                slow.append(s)
+            sent = [1] * n_slow
+            latencies = []
+            open_seen = 0.0
+            t0 = time.monotonic()
+            next_turn = t0
+            turn = 0
+            turns = 25   # a byte per connection every `period` s: 1/25 of them every 0.1 s
+            last_normal = 0.0
+            while time.monotonic() - t_first < 8.0:   # < the 10 s deadline of the first ones
+                now = time.monotonic()
+                if now >= next_turn:
+                    for i in range(turn % turns, n_slow, turns):
+                        try:
+                            slow[i].send(head[sent[i]:sent[i] + 1])
+                            sent[i] += 1
+                        except OSError:
+                            pass
+                    turn += 1
+                    next_turn += period / turns
+                if now - last_normal >= 0.25:
+                    last_normal = now
+                    t1 = time.monotonic()
+                    assert get(port, "/echo")[0].status == 200
+                    latencies.append(time.monotonic() - t1)
+                    # Open client connections, as the proxy counts them (exported once a second).
+                    v = _metric(m.metrics(), "meshproxy_http_downstream_connections")
+                    open_seen = max(open_seen, v or 0.0)
+                time.sleep(0.01)
+            assert len(latencies) >= 20 and max(latencies) < 1.0, latencies
+            # All 1,000 were open at the same time, and none was answered or closed early.
+            assert open_seen >= n_slow, open_seen
             for s in slow:
+                with pytest.raises(BlockingIOError):
+                    s.recv(100)
+            assert min(sent) >= 3   # each sent a byte every 2.5 s all along
+            # Then each gets 408 and is closed, 10 s after its first byte.
+            answered = 0
+            for s in slow:
+                s.setblocking(True)
+                s.settimeout(max(0.1, t_first + 13.0 - time.monotonic()))
                 try:
-                    s.send(head[i:i + 1])
+                    data = s.recv(100)
                 except OSError:
-                    pass
-            i += 1
+                    data = b""
+                answered += data.startswith(b"HTTP/1.1 408 ")
+            assert answered == n_slow
+            assert time.monotonic() - t_first < 13.5
+            assert m.proc.poll() is None
+            assert get(port, "/echo")[0].status == 200
+        finally:
+            for s in slow:
+                s.close()
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the /metrics text (0.0 when absent); ``labels`` must be all
+    of the sample's labels (in any order: the workers' aggregation sorts them)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric, _, rest = series.partition("{")
+        if metric != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+        if got == labels:
+            return float(value)
+    return 0.0
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def test_metrics_move_as_requests_go(pods, tmp_path):
+    """The L7 metrics of the real process (exported once a second): the duration histogram
+    counts each request once, in the right bucket, under (namespace, ingress, service);
+    active requests and upstream connections by state follow a request in flight; an Ingress
+    whose TLS Secret is missing shows in /debug/snapshot problems and meshproxy_config_problems.
+    With promtool installed, the /metrics text passes `promtool check metrics`."""
+    broken = ingress_yaml("broken-tls", [("broken.test", "/", "Prefix", "svc-a")],
+                          tls=[(["broken.test"], "no-such-secret")])
+    (tmp_path / "m.yaml").write_text(config(pods) + "---\n" + broken)
+    port = free_port()
+    svc = {"namespace": "default", "ingress": "default/site", "service": "svc-a"}
+    hist = "meshproxy_http_request_duration_seconds"
+    with Meshproxy([str(tmp_path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks") as m:
+        # The broken TLS Secret: reported, and the Ingress's route is served anyway.
+        problems = m.snapshot()["problems"]
+        assert any("default/broken-tls" in p and "no-such-secret" in p for p in problems), problems
+        assert _sample(m.metrics(), "meshproxy_config_problems") >= 1
+        assert echo(port, "/x", host="broken.test")["backend"] in ("a1", "a2")
+
+        before = m.metrics()
+        fast = 5
+        for i in range(fast):
+            assert get(port, f"/echo?i={i}")[0].status == 200
+        assert get(port, "/delay?ms=300")[0].status == 200
+        total = fast + 1
+        base = _sample(before, hist + "_count", **svc)
+        text = wait_for(lambda: (lambda t: t if _sample(t, hist + "_count", **svc) >= base + total else None)(m.metrics()),
+                        timeout=5, what="the histogram flushed")
+
+        def delta(name: str, **labels: str) -> float:
+            return _sample(text, name, **labels) - _sample(before, name, **labels)
+
+        assert delta(hist + "_count", **svc) == total
+        assert delta(hist + "_bucket", **svc, le="+Inf") == total
+        assert delta(hist + "_bucket", **svc, le="0.25") == fast       # the 300 ms one is above
+        assert delta(hist + "_bucket", **svc, le="1.0") == total
+        assert 0.3 <= delta(hist + "_sum", **svc) < 0.3 + fast * 0.25
+        assert delta("meshproxy_http_requests_total", **svc, code="2xx") == total
+        # The histogram's labels are exactly namespace, ingress, service (no code).
+        assert not re.search(hist + r"_count\{[^}]*code=", text)
+
+        # A request in flight: active 1, its upstream connection active; afterwards 0 and idle.
+        def up(t: str, state: str) -> float:
+            return _sample(t, "meshproxy_upstream_connections", namespace="default", service="svc-a", state=state)
+
+        result = {}
+        t = threading.Thread(target=lambda: result.update(status=get(port, "/delay?ms=2500")[0].status))
+        t.start()
+        try:
+            during = wait_for(lambda: (lambda x: x if _sample(x, "meshproxy_http_active_requests") == 1 else None)(m.metrics()),
+                              timeout=2.4, what="active requests 1")
+            assert up(during, "active") == 1
+        finally:
+            t.join(10)
+        assert result == {"status": 200}
+        after = wait_for(lambda: (lambda x: x if _sample(x, "meshproxy_http_active_requests") == 0
+                                  and up(x, "active") == 0 else None)(m.metrics()),
+                         timeout=3, what="active requests back to 0")
+        assert up(after, "idle") >= 1   # kept for reuse
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
+def test_metrics_text_passes_promtool(mp):
+    assert get(mp.port, "/echo?promtool=1")[0].status == 200
+    assert get(mp.port, "/", host="nothing.test")[0].status == 404
+    text = wait_for(lambda: (lambda t: t if "meshproxy_http_request_duration_seconds_bucket{" in t else None)(mp.metrics()),
+                    timeout=5, what="metrics")
+    out = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_send_timeout_flag_closes_a_client_that_stops_reading(pods, tmp_path):
+    """`--send-timeout 1`: a client that reads nothing of a 64 MiB response is reset after about
+    a second (not the 60 s route timeout) and counted; other clients are served meanwhile."""
+    (tmp_path / "m.yaml").write_text(config(pods))
+    port = free_port()
+    with Meshproxy([str(tmp_path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks",
+                   "--send-timeout", "1") as m:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        t0 = time.monotonic()
+        s.sendall(b"GET /bytes?n=67108864 HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        latencies = []
+        while time.monotonic() - t0 < 2.5:
             t1 = time.monotonic()
             assert get(port, "/echo")[0].status == 200
             latencies.append(time.monotonic() - t1)
-            time.sleep(0.2)
-        assert max(latencies) < 1.0, latencies
-        # Every slow connection was answered 408 (deadline 2 s from its first byte) and closed.
-        answered = 0
-        for s in slow:
-            s.setblocking(True)
-            s.settimeout(3)
-            try:
-                data = s.recv(100)
-            except OSError:
-                data = b""
-            answered += data.startswith(b"HTTP/1.1 408 ")
-            s.close()
-        assert answered == 1000
-        assert m.proc.poll() is None
+            time.sleep(0.05)
+        assert max(latencies) < 0.5, latencies
+        # By now (1 s, polled every 0.25 s) the proxy has reset it: read what the kernel holds.
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while got < 64 * MiB:
+                d = s.recv(1 << 20)
+                if not d:
+                    break
+                got += len(d)
+        s.close()
+        assert got < 64 * MiB
+        wait_for(lambda: _sample(m.metrics(), "meshproxy_http_send_timeouts_total") == 1, timeout=3,
+                 what="the send timeout counted")

@@ -43,6 +43,7 @@ from backends import (
     ws_send,
 )
 from meshproxy import metrics
+from proc import wait_for
 
 MiB = 1024 * 1024
 CURL = shutil.which("curl")
@@ -497,6 +498,141 @@ def test_max_connections_pauses_accept(pods):
         c.close()
 
 
+def _bulk_config(bulk: Backend) -> str:
+    return service_yaml("bulk", [bulk]) + "---\n" + ingress_yaml("bulk", [("bulk.test", "/", "Prefix", "bulk"),
+                                                                         ("other.test", "/", "Prefix", "bulk")])
+
+
+def _stalled_client(port: int, path: str) -> socket.socket:
+    """A client with a tiny receive buffer that sends one request and then reads nothing."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before connect: sets the window
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: bulk.test\r\n\r\n".encode())
+    return s
+
+
+def _drain_until_closed(s: socket.socket, limit: int) -> tuple[int, bool]:
+    """Read what the kernel still holds: (bytes read, closed before ``limit`` bytes)."""
+    got = 0
+    try:
+        while got < limit:
+            d = s.recv(1 << 20)
+            if not d:
+                return got, True
+            got += len(d)
+    except ConnectionResetError:
+        return got, True
+    except socket.timeout:
+        return got, False
+    return got, False
+
+
+def test_send_timeout_closes_a_client_that_stops_reading():
+    """--send-timeout: a client that takes nothing of a large response while the proxy holds
+    bytes for it is closed after send_timeout (not the 60 s route timeout), the upstream
+    connection it held is closed (a response half read cannot be reused), the close is counted,
+    and other clients are answered meanwhile."""
+    send_timeouts = metrics.http_send_timeouts
+    n = 64 * MiB   # far more than the kernel buffers on the way
+    with Backend("127.0.10.8", name="bulk") as bulk, Proxy(_bulk_config(bulk), send_timeout=1.0) as p:
+        before = send_timeouts._value.get()
+        t0 = time.monotonic()
+        s = _stalled_client(p.port, f"/bytes?n={n}")
+        latencies = []
+        closed_at = None
+        while time.monotonic() - t0 < 5:
+            t1 = time.monotonic()
+            r, data = get(p.port, "/echo", host="other.test")
+            latencies.append(time.monotonic() - t1)
+            assert r.status == 200, data
+            if send_timeouts._value.get() > before:
+                closed_at = time.monotonic() - t0
+                break
+            time.sleep(0.02)
+        assert closed_at is not None, "the stalled client was not closed"
+        # Closed after the send timeout (polled every quarter of it), long before the route's 60 s.
+        assert 0.95 <= closed_at < 1.9, closed_at
+        assert max(latencies) < 0.5, latencies
+        assert send_timeouts._value.get() == before + 1
+        # Its upstream connection was closed, not pooled; the other clients' one is idle.
+        addr = (bulk.host, bulk.port)
+        counts = wait_for(lambda: (lambda c: c if c[0] == 0 else None)(
+            p.call(lambda: list(p.server.pool._counts.get(("default", "bulk"), [0, 0])))),
+            timeout=2, what="no active upstream connection")
+        assert counts[1] == p.call(p.server.pool.idle_count, addr) <= 1
+        # The client finds its connection reset after what its kernel had buffered.
+        got, closed = _drain_until_closed(s, n)
+        s.close()
+        assert closed and got < n, got
+        # The proxy is fine: the same route serves the next request.
+        assert get(p.port, "/bytes?n=100000", host="bulk.test")[0].status == 200
+
+
+def test_send_timeout_spares_a_slow_but_steady_reader():
+    """A client that keeps taking bytes, more slowly than the proxy could send, is not closed:
+    the send timeout runs between two moments of progress, not over the whole response."""
+    send_timeouts = metrics.http_send_timeouts
+    n = 64 * MiB
+    with Backend("127.0.10.8", name="bulk") as bulk, Proxy(_bulk_config(bulk), send_timeout=0.6) as p:
+        before = send_timeouts._value.get()
+        s = _stalled_client(p.port, f"/bytes?n={n}")
+        got = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:   # four send timeouts
+            d = s.recv(16384)
+            assert d, "closed by the proxy"
+            got += len(d)
+            time.sleep(0.05)   # ~300 KiB/s: the proxy's buffers stay full all along
+        assert send_timeouts._value.get() == before
+        assert p.call(lambda: len(p.server.connections)) == 1
+        s.close()
+        assert got < n
+
+
+def test_send_timeout_applies_to_a_closing_connection(pods):
+    """A client that pipelines requests the proxy answers itself (404s) and reads nothing: the
+    proxy stops reading from it once its answers fill the write buffer (they would pile up
+    without bound otherwise), closes it gracefully at the header deadline, and since the
+    buffered answers never go out, aborts it at the send timeout: no connection is held
+    forever by a client that never reads."""
+    send_timeouts = metrics.http_send_timeouts
+    cfg = service_yaml("web", [pods["web1"]]) + "---\n" + ingress_yaml("t", [("example.com", "/", "Prefix", "web")])
+    with Proxy(cfg, send_timeout=1.5, header_timeout=0.3, keepalive_timeout=0.3) as p:
+        before = send_timeouts._value.get()
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(3)
+        s.connect(("127.0.0.1", p.port))
+        req = b"GET /nothing HTTP/1.1\r\nHost: nothing.test\r\n\r\n"
+
+        def flood() -> None:
+            try:
+                s.sendall(req * (32 * MiB // len(req)))
+            except OSError:   # the proxy stopped reading (timeout), then aborted (reset)
+                pass
+
+        t = threading.Thread(target=flood, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        wait_for(lambda: p.call(lambda: [c.writing_paused for c in p.server.connections]) == [True],
+                 timeout=3, what="the proxy's write buffer full")
+        # It read only a bounded part of the flood while its answers were not taken.
+        conn = p.call(lambda: next(iter(p.server.connections)))
+        assert p.call(lambda: conn.read_paused) & 8
+        assert p.call(conn.transport.get_write_buffer_size) < 4 * MiB
+        time.sleep(0.6)   # past the header deadline: closed, but its buffer is still full
+        assert p.call(lambda: (len(p.server.connections), conn.state)) == (1, 4)
+        wait_for(lambda: p.call(lambda: len(p.server.connections)) == 0, timeout=3,
+                 what="the stalled connection aborted")
+        assert time.monotonic() - t0 < 3
+        assert send_timeouts._value.get() == before + 1
+        t.join(5)
+        s.close()
+        assert get(p.port, "/echo")[0].status == 200
+
+
 # -- bodies ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -716,7 +852,6 @@ def test_tls_sni_exact_wildcard_default_and_rotation(pods, certs):
         assert _peer_cert_names(p.tls_port, "a.b.wild.test", ca)[0] == "default.test"
         assert _peer_cert_names(p.tls_port, "unknown.test", ca)[0] == "default.test"
         assert _peer_cert_names(p.tls_port, None, ca)[0] == "default.test"
-        assert _peer_cert_names(p.tls_port, "foo.bar.com", ca)[1] in ("http/1.1", "None")
         # A request over TLS is proxied and marked https.
         ctx = ssl.create_default_context()
         ca.configure_trust(ctx)
@@ -740,6 +875,79 @@ def test_tls_sni_exact_wildcard_default_and_rotation(pods, certs):
             with ctx2.wrap_socket(s, server_hostname="foo.bar.com") as t:
                 der = t.getpeercert(binary_form=True)
         assert der == ssl.PEM_cert_to_DER_cert(certs["foo2"][0].decode())
+
+
+def _alpn_handshake(port: int, ca, protocols: list[str]) -> str | None:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(protocols)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname="foo.bar.com") as t:
+            return t.selected_alpn_protocol()
+
+
+def test_tls_alpn_selects_http11_and_never_h2(pods, certs):
+    """ALPN (docs/l7.md, TLS): the server offers only http/1.1. A client offering h2 and
+    http/1.1 gets http/1.1; a client offering only h2 completes the handshake with no protocol
+    selected (the server does not acknowledge ALPN, RFC 7301 §3.2 allows this; it does not
+    abort with no_application_protocol) and is then served HTTP/1.1."""
+    if not ssl.HAS_ALPN:
+        pytest.skip("this OpenSSL has no ALPN")
+    with Proxy(_tls_config(pods, certs), tls=True) as p:
+        ca = certs["ca"]
+        assert _alpn_handshake(p.tls_port, ca, ["h2", "http/1.1"]) == "http/1.1"
+        assert _alpn_handshake(p.tls_port, ca, ["http/1.1"]) == "http/1.1"
+        assert _alpn_handshake(p.tls_port, ca, ["h2"]) is None
+        # That client is served HTTP/1.1 on the connection.
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        ctx.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="foo.bar.com") as t:
+                t.sendall(b"GET /echo HTTP/1.1\r\nHost: foo.bar.com\r\n\r\n")
+                assert read_response(t)[0] == 200
+
+
+def test_tls_missing_secret_reported_rest_keeps_serving(pods, certs):
+    """An Ingress whose spec.tls names a Secret that does not exist: the problem is in the
+    snapshot's problems (what /debug/snapshot shows, and meshproxy_config_problems counts:
+    see test_l7.py::test_metrics_move_as_requests_go), its hosts get the default certificate,
+    and everything else — its own HTTP routes, other TLS hosts — keeps being served."""
+    cfg = _tls_config(pods, certs) + "---\n" + ingress_yaml(
+        "broken-tls", [("broken.test", "/", "Prefix", "web")], tls=[(["broken.test"], "no-such-secret")])
+    with Proxy(cfg, tls=True, default_tls_secret="default/dflt-tls") as p:
+        ca = certs["ca"]
+        problems = p.snapshot.to_json()["problems"]
+        assert any("default/broken-tls" in x and "default/no-such-secret" in x and "not found" in x
+                   for x in problems), problems
+        assert "broken.test" not in p.snapshot.to_json()["tls"]
+        # The Ingress's route still works (plain HTTP), and over TLS with the default certificate.
+        assert echo(p.port, "/x", host="broken.test")["backend"] == "web1"
+        assert _peer_cert_names(p.tls_port, "broken.test", ca)[0] == "default.test"
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        ctx.check_hostname = False
+        with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="broken.test") as t:
+                t.sendall(b"GET /echo HTTP/1.1\r\nHost: broken.test\r\n\r\n")
+                assert read_response(t)[0] == 200
+        # The other TLS hosts keep their certificates.
+        assert _peer_cert_names(p.tls_port, "foo.bar.com", ca)[0] == "foo.bar.com"
+        assert _peer_cert_names(p.tls_port, "a.wild.test", ca)[0] == "*.wild.test"
+        # The Secret appears: picked up live, the problem is gone.
+        p.update(cfg + "---\n" + tls_secret_yaml("no-such-secret", *certs["foo2"]))
+        assert not any("no-such-secret" in x for x in p.snapshot.to_json()["problems"])
+        der = _peer_der(p.tls_port, "broken.test", ca)
+        assert der == ssl.PEM_cert_to_DER_cert(certs["foo2"][0].decode())
+
+
+def _peer_der(port: int, server_name: str, ca) -> bytes:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname=server_name) as t:
+            return t.getpeercert(binary_form=True)
 
 
 @pytest.mark.skipif(CURL is None, reason="curl not installed")
