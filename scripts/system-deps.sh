@@ -7,6 +7,7 @@ want=()
 command -v curl >/dev/null 2>&1 || want+=(curl)
 command -v dnsmasq >/dev/null 2>&1 || want+=(dnsmasq-base)
 command -v dig >/dev/null 2>&1 || want+=(dnsutils)
+command -v promtool >/dev/null 2>&1 || want+=(prometheus)   # promtool check metrics
 if [ "${MESHPROXY_BENCH_DEPS:-0}" = 1 ]; then
   command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
   command -v haproxy >/dev/null 2>&1 || want+=(haproxy)

@@ -756,6 +756,8 @@ def test_external_traffic_policy_local_and_cluster():
         a = [await w.pod(f"a-{i}") for i in range(2)]
         b = [await w.pod(f"b-{i}") for i in range(2)]
         node_a, node_b = rand_ip("127.0.1"), rand_ip("127.0.1")
+        while node_b == node_a:     # two nodes need two addresses
+            node_b = rand_ip("127.0.1")
         nodes = [node_doc("node-a", node_a), node_doc("node-b", node_b)]
         pods = [pod_doc(p.name, p.ip, p.port, node="node-a") for p in a] + \
                [pod_doc(p.name, p.ip, p.port, node="node-b") for p in b]
