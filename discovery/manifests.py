@@ -568,6 +568,11 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
         ip = ing.get("ip") if isinstance(ing, dict) else None
         if isinstance(ip, str) and _check_ip(ctx, ip, f"status.loadBalancer.ingress[{i}].ip", ing, "ip"):
             lb_ips.append(ip)
+    fields = [(f"spec.ports[{i}].nodePort", _line_of(p, "nodePort")) for i, p in enumerate(raw_ports)
+              if isinstance(p, dict) and "nodePort" in p]
+    if "clusterIP" in spec:
+        fields.append(("spec.clusterIP", _line_of(spec, "clusterIP")))
+    origin = o.Origin(origin.file, origin.line, tuple((k, n) for k, n in fields if n))
     return o.Service(meta=m, origin=origin, type=stype, cluster_ip=cip,
                      selector=MappingProxyType(selector) if selector is not None else None,
                      ports=tuple(ports), session_affinity=affinity, affinity_timeout=timeout,
@@ -854,7 +859,7 @@ def _parse_stream(text: str, file: str, line_offset: int, result: LoadResult) ->
 
 def _shift_lines(result: LoadResult, offset: int) -> None:
     import dataclasses
-    result.objects = [dataclasses.replace(obj, origin=o.Origin(obj.origin.file, obj.origin.line + offset))
+    result.objects = [dataclasses.replace(obj, origin=obj.origin.shifted(offset))
                       for obj in result.objects]
     result.errors = [dataclasses.replace(e, line=e.line + offset) for e in result.errors]
     result.skipped = [_shift_skip(s, offset) for s in result.skipped]
@@ -952,7 +957,8 @@ def validate_set(objs: Iterable[Any], service_cidr: str | None = None) -> list[C
                     k = (p.node_port, p.protocol)
                     if k in node_ports:
                         other = node_ports[k]
-                        errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, f"spec.ports[{i}].nodePort",
+                        errors.append(ConfigError(obj.origin.file, obj.origin.line_of(f"spec.ports[{i}].nodePort"),
+                                                  obj.ref, f"spec.ports[{i}].nodePort",
                                                   f"{p.node_port} is already allocated to {other.ref} ({other.origin})"))
                     else:
                         node_ports[k] = obj
@@ -960,11 +966,11 @@ def validate_set(objs: Iterable[Any], service_cidr: str | None = None) -> list[C
             if ip and ip != "None":
                 if ip in cluster_ips:
                     other = cluster_ips[ip]
-                    errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "spec.clusterIP",
+                    errors.append(ConfigError(obj.origin.file, obj.origin.line_of("spec.clusterIP"), obj.ref, "spec.clusterIP",
                                               f"{ip} is already allocated to {other.ref} ({other.origin})"))
                 else:
                     cluster_ips[ip] = obj
                 if net is not None and ipaddress.ip_address(ip) not in net:
-                    errors.append(ConfigError(obj.origin.file, obj.origin.line, obj.ref, "spec.clusterIP",
+                    errors.append(ConfigError(obj.origin.file, obj.origin.line_of("spec.clusterIP"), obj.ref, "spec.clusterIP",
                                               f"{ip} is not in the service range {net}"))
     return errors

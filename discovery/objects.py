@@ -36,9 +36,21 @@ ANNOTATION_DEFAULT_CLASS = "ingressclass.kubernetes.io/is-default-class"
 class Origin:
     file: str = "<api>"
     line: int = 0
+    # (field path, line) of fields that checks across objects may blame (a duplicate nodePort
+    # or clusterIP), so their messages point at the field rather than at the document.
+    fields: tuple[tuple[str, int], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}"
+
+    def line_of(self, path: str) -> int:
+        for p, line in self.fields:
+            if p == path:
+                return line
+        return self.line
+
+    def shifted(self, offset: int) -> Origin:
+        return Origin(self.file, self.line + offset, tuple((p, n + offset) for p, n in self.fields))
 
 
 @dataclass(frozen=True, slots=True)

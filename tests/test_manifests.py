@@ -160,14 +160,25 @@ def test_duplicate_node_ports_and_cluster_ips_across_files(tmp_path):
         """))
     (tmp_path / "b.yaml").write_text(textwrap.dedent("""\
         apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: unrelated}
+        ---
+        apiVersion: v1
         kind: Service
         metadata: {name: b}
-        spec: {type: NodePort, clusterIP: 127.96.0.5, ports: [{port: 80, nodePort: 30080}]}
+        spec:
+          type: NodePort
+          clusterIP: 127.96.0.5
+          ports:
+          - port: 80
+            nodePort: 30080
         """))
     r = load_paths([str(tmp_path)], "127.96.0.0/16")
     msgs = [str(e) for e in r.errors]
-    assert any("b.yaml:1: Service/default/b: spec.ports[0].nodePort: 30080 is already allocated to Service/default/a" in m for m in msgs), msgs
-    assert any("b.yaml:1: Service/default/b: spec.clusterIP: 127.96.0.5 is already allocated" in m for m in msgs), msgs
+    # The line of the field itself (the second document of the file is parsed on its own and
+    # shifted: the field lines move with it).
+    assert any("b.yaml:13: Service/default/b: spec.ports[0].nodePort: 30080 is already allocated to Service/default/a" in m for m in msgs), msgs
+    assert any("b.yaml:10: Service/default/b: spec.clusterIP: 127.96.0.5 is already allocated" in m for m in msgs), msgs
 
 
 def test_cluster_ip_outside_service_range(tmp_path):
@@ -175,7 +186,7 @@ def test_cluster_ip_outside_service_range(tmp_path):
                                      "spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n")
     r = load_paths([str(tmp_path)], "127.96.0.0/16")
     assert [str(e) for e in r.errors] == [
-        f"{tmp_path}/a.yaml:1: Service/default/a: spec.clusterIP: 10.0.0.1 is not in the service range 127.96.0.0/16"]
+        f"{tmp_path}/a.yaml:4: Service/default/a: spec.clusterIP: 10.0.0.1 is not in the service range 127.96.0.0/16"]
 
 
 def test_duplicate_object_is_an_error(tmp_path):
