@@ -183,6 +183,8 @@ _FRAMING_NAMES = frozenset((b"content-length", b"transfer-encoding"))
 # straight to the pod, past the routing rules - is a plain request with Upgrade removed.
 _TUNNEL_PROTOCOL = b"websocket"
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# The versions the fast paths take (anything else goes the general way).
+_WHOLE_VERSIONS = {b"1.1": 11, b"1.0": 10}
 
 
 class HTTPError(Exception):
@@ -616,6 +618,25 @@ class _Parser:
         return (self._state == _HEAD and self._pos == len(self._buf) and not self._eof
                 and not self._blank_lines)
 
+    def _whole_head(self, data: bytes, line_re):
+        """The first half of both ``parse_whole`` paths: may they run, and does ``data`` start
+        with a complete head whose start line matches ``line_re`` and whose field block passes
+        the strict field checks within the limits? Returns (start-line groups, fields, offset
+        of the blank line) or None (then the general path decides). Consumes nothing."""
+        if not self._whole_ok():
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > self._max_head:
+            return None
+        line_end = data.find(b"\r\n")
+        m = line_re.fullmatch(data, 0, line_end)
+        if m is None:
+            return None
+        headers = _split_fields_fast(data, line_end + 2, end + 2)
+        if headers is None or len(headers) > self._max_headers:
+            return None
+        return m.groups(), headers, end
+
     # ---- helpers
 
     def _error_for(self, status: int, reason: str) -> HTTPError:
@@ -928,24 +949,12 @@ class RequestParser(_Parser):
         next_event calls, a bytearray copy and a generic field pass per request; this is one
         function over the received bytes (measured ~2x faster per request).
         """
-        if not self._whole_ok():
+        whole = self._whole_head(data, _REQUEST_LINE_RE)
+        if whole is None:
             return None
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end + 4 != len(data) or end + 4 > self._max_head:
-            return None
-        line_end = data.find(b"\r\n")
-        m = _REQUEST_LINE_RE.fullmatch(data, 0, line_end)
-        if m is None:
-            return None
-        headers = _split_fields_fast(data, line_end + 2, end + 2)
-        if headers is None or len(headers) > self._max_headers:
-            return None
-        method, target, version_b = m.groups()
-        if version_b == b"1.1":
-            version = 11
-        elif version_b == b"1.0":
-            version = 10
-        else:
+        (method, target, version_b), headers, end = whole
+        version = _WHOLE_VERSIONS.get(version_b)
+        if version is None or end + 4 != len(data):   # a body or a pipelined request follows
             return None
         if target[0] != 47 or method == b"CONNECT":  # origin-form only
             return None
@@ -1205,24 +1214,14 @@ class ResponseParser(_Parser):
         bodies, repeated Content-Length or Connection, a body still to come or bytes after it,
         any error) returns None and goes the general way."""
         method = self._method
-        if method is None or method == b"HEAD" or method == b"CONNECT" or not self._whole_ok():
+        if method is None or method == b"HEAD" or method == b"CONNECT":
             return None
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end + 4 > self._max_head:
+        whole = self._whole_head(data, _STATUS_LINE_RE)
+        if whole is None:
             return None
-        line_end = data.find(b"\r\n")
-        m = _STATUS_LINE_RE.fullmatch(data, 0, line_end)
-        if m is None:
-            return None
-        headers = _split_fields_fast(data, line_end + 2, end + 2)
-        if headers is None or len(headers) > self._max_headers:
-            return None
-        version_b, status_b, reason = m.groups()
-        if version_b == b"1.1":
-            version = 11
-        elif version_b == b"1.0":
-            version = 10
-        else:
+        (version_b, status_b, reason), headers, end = whole
+        version = _WHOLE_VERSIONS.get(version_b)
+        if version is None:
             return None
         status = int(status_b)
         if status < 200 or status > 599 or status == 204 or status == 304:
