@@ -1024,8 +1024,15 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write(out)
                     self._resp_end(conn)
                     return
-            p.feed(data)
             out: list[bytes] = []
+            # Body bytes straight from the read when nothing is buffered (no copies; see
+            # ResponseParser.take_body); the loop below then finds only what followed them.
+            body = p.take_body(data) if self.got_head else None
+            if body is None:
+                p.feed(data)
+            else:
+                self.resp_bytes += len(body)
+                out.append(b"%x\r\n%b\r\n" % (len(body), body) if self.resp_mode == _M_CHUNKED else body)
             while True:
                 try:
                     ev = p.next_event()

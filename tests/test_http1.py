@@ -1256,3 +1256,90 @@ def test_parse_whole_agrees_on_mutations() -> None:
                     data[i % len(data)] = rnd.choice(alphabet)
             took += check(bytes(data))
     assert took > 100  # the fast path was exercised, not only declined
+
+
+# ============================================================================================
+# take_body: body bytes straight from the read. Driving a parser with take_body-or-feed must
+# give exactly the events of plain feeding, for every way the input is cut into reads.
+
+def _drive_take_body(parser, reads):
+    events = []
+    for data in reads:
+        body = parser.take_body(data)
+        if body is None:
+            parser.feed(data)
+        elif body:
+            events.append(body)
+        try:
+            while True:
+                ev = parser.next_event()
+                if ev is NEED_DATA or ev is PAUSED:
+                    break
+                events.append(ev)
+        except HTTPError as exc:
+            return ("error", exc.status)
+    return _merge_bytes(events)
+
+
+def _merge_bytes(events):
+    out = []
+    for ev in events:
+        if isinstance(ev, bytes) and out and isinstance(out[-1], bytes):
+            out[-1] += ev
+        else:
+            out.append(ev)
+    return [(type(e).__name__, e if isinstance(e, bytes) else getattr(e, "status", None)) for e in out]
+
+
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n" + bytes(range(256)) + b"x" * 44,
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"64\r\n" + b"a" * 100 + b"\r\n"
+    + b"3;e=1\r\nbcd\r\n0\r\nX-T: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",    # bad chunk end
+])
+def test_take_body_agrees_with_feed_for_every_cut(data: bytes) -> None:
+    ref_p = ResponseParser()
+    ref_p.set_request_method(b"GET")
+    ref = _drive_take_body(_NoTake(ref_p), [data])
+    cuts = list(range(1, len(data)))
+    for a in cuts[::3]:
+        for b in (a + 1, a + 7, a + 60, a + 150):
+            if b >= len(data):
+                continue
+            p = ResponseParser()
+            p.set_request_method(b"GET")
+            got = _drive_take_body(p, [data[:a], data[a:b], data[b:]])
+            assert got == ref, (a, b)
+    p = ResponseParser()
+    p.set_request_method(b"GET")
+    assert _drive_take_body(p, [data[i:i + 1] for i in range(len(data))]) == ref
+
+
+class _NoTake:
+    """A parser seen through plain feed only (the reference)."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def take_body(self, data):
+        return None
+
+    def feed(self, data):
+        self.p.feed(data)
+
+    def next_event(self):
+        return self.p.next_event()
+
+
+def test_take_body_returns_the_read_itself() -> None:
+    p = ResponseParser()
+    p.set_request_method(b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert isinstance(p.next_event(), ResponseHead)
+    assert p.next_event() is NEED_DATA
+    read = b"0123456"
+    assert p.take_body(read) is read          # no copy
+    assert p.take_body(b"789ab") == b"789"    # the rest is buffered for next_event
+    assert isinstance(p.next_event(), EndOfMessage)
+    assert p.take_body(b"x") is None          # not inside a body
