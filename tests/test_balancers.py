@@ -495,3 +495,19 @@ def test_weighted_tables_go_with_their_tuples():
     assert bal._tables[id(b.usable)].weights is not None
     bal.on_snapshot(FakeSnap())
     assert bal._tables == {}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ingress_conformance_load_balancing_reaches_every_pod(seed):
+    """The Ingress conformance "Load Balancing" feature: 100 sequential requests from one client
+    to a backend of 10 ready pods must be answered by all 10. The L7 default (p2c, requests that
+    finish before the next starts, no affinity) must spread them, not stick to a favourite."""
+    bal, _ = make(seed)
+    b = backend(eps(10), "p2c")
+    seen = set()
+    for _ in range(100):
+        ep = bal.pick(b, "127.0.0.1")
+        bal.acquire(ep)
+        bal.release(ep)
+        seen.add(ep.addr)
+    assert len(seen) == 10
