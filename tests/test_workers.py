@@ -98,3 +98,60 @@ def test_takeover_with_workers_under_load(tmp_path):
         old.stop()
         for p in pods:
             p.stop()
+
+
+def test_readiness_probes_run_once_per_pod_not_once_per_worker(tmp_path):
+    """Probes belong to the control plane: with --workers 2 a pod is probed at its period by one
+    process, not once per worker (issue 6: "one probe per pod per process")."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/ready":
+                hits.append(time.monotonic())
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.10.181", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    cip = "127.96.0.181"
+    (tmp_path / "objs.yaml").write_text(f"""\
+apiVersion: v1
+kind: Pod
+metadata: {{name: probed, labels: {{app: probed}}}}
+spec:
+  containers:
+  - name: c
+    ports: [{{name: http, containerPort: {port}}}]
+    readinessProbe: {{httpGet: {{path: /ready, port: http}}, periodSeconds: 1}}
+status: {{podIP: 127.0.10.181, conditions: [{{type: Ready, status: "True"}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: probed}}
+spec: {{clusterIP: {cip}, selector: {{app: probed}}, ports: [{{name: http, port: {free_port(cip)}, targetPort: http}}]}}
+""")
+    try:
+        with Meshproxy([str(tmp_path)], "--workers", "2") as mp:
+            assert len(children(mp.proc.pid)) == 2
+            wait_for(lambda: len(hits) >= 1, 5, what="first probe")
+            time.sleep(1.0)
+            n0 = len(hits)
+            time.sleep(4.0)
+            n = len(hits) - n0
+            # One prober at periodSeconds 1 (with jitter): about 4 in 4 s; one per worker would
+            # make it about 8.
+            assert 2 <= n <= 6, n
+    finally:
+        srv.shutdown()
+        srv.server_close()
