@@ -139,58 +139,10 @@ def apiserver():
 # meshproxy with --kubeconfig (or, until the CLI has the flag, the same wiring in-process)
 
 
-def _cli_has_kubeconfig() -> bool:
-    from meshproxy.cli import build_parser
-    parser = build_parser()
-    run = parser._subparsers._group_actions[0].choices["run"]   # argparse has no public lookup
-    return any("--kubeconfig" in a.option_strings for a in run._actions)
-
-
-# Used only while `meshproxy run --kubeconfig` is not wired: the real Process with the file
-# source replaced by the Kubernetes source, readiness gated on its first sync.
-_HARNESS = r"""
-import sys, tempfile
-from meshproxy import cli, process
-from discovery.sources.files import Outcome
-from discovery.sources.kubeconfig import load_config
-from discovery.sources.kubernetes import KubernetesSource
-
-argv = sys.argv[1:]
-i = argv.index("--kubeconfig"); kubeconfig = argv[i + 1]; del argv[i:i + 2]
-
-class KubeShim:
-    def __init__(self, proc):
-        self.proc, self.kube = proc, None
-    def load(self):
-        return Outcome(True, [], [], [], 0)
-    reload_now = load
-    def watch(self, on_outcome, coalesce):
-        p = self.proc
-        def emit(events):
-            p.controller.apply_events(events, "kubernetes")
-            p._sync_health()
-        self.kube = KubernetesSource(load_config(kubeconfig), emit)
-        p.extra_ready = self.kube.synced.is_set
-        self.kube.start()
-    async def stop(self):
-        if self.kube is not None:
-            await self.kube.stop()
-
-_init = process.Process.__init__
-def _patched(self, *a, **k):
-    _init(self, *a, **k)
-    self.source = KubeShim(self)
-process.Process.__init__ = _patched
-sys.exit(cli.main(["run", "-f", tempfile.mkdtemp(), *argv]))
-"""
-
-
 class Meshproxy:
     def __init__(self, kubeconfig: str, *args: str) -> None:
         self.admin_port = free_port()
-        self.wired = _cli_has_kubeconfig()
-        base = [sys.executable, "-m", "meshproxy", "run"] if self.wired else [sys.executable, "-c", _HARNESS]
-        self.cmd = [*base, "--kubeconfig", kubeconfig, "--admin-listen", f"127.0.0.1:{self.admin_port}",
+        self.cmd = [sys.executable, "-m", "meshproxy", "run", "--kubeconfig", kubeconfig, "--admin-listen", f"127.0.0.1:{self.admin_port}",
                     "--no-health-checks", *args]
         self.log = tempfile.NamedTemporaryFile(prefix="meshproxy-kube-", suffix=".log", delete=False)
         self.proc: subprocess.Popen | None = None
