@@ -14,6 +14,7 @@ Ingress-related object changed, so a one-pod change costs O(that service), not O
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 from discovery import objects as o
 from discovery.endpoints import Endpoint, EndpointSet
 from l7.router import RouteEntry, RouteTable, check_entry
+from l7.tls import make_context
 
 from .settings import LB_POLICIES, Settings
 
@@ -191,8 +193,23 @@ class SnapshotBuilder:
         self._alloc_cache: tuple | None = None
         self._last: tuple | None = None     # the tables of the last build, patched incrementally
         self._service_cache: dict[tuple[str, str], tuple] = {}
+        self._pem_verdicts: dict[tuple[bytes, bytes], str | None] = {}   # (crt, key) -> why they do not load
 
     # -- pieces -------------------------------------------------------------------------------
+
+    def _pem_problem(self, crt: bytes, key: bytes) -> str | None:
+        """Why a Secret's certificate and key do not make a TLS context (None: they do). Each
+        pair is tried once (about a millisecond) and the verdict kept while it is in use."""
+        pair = (crt, key)
+        if pair not in self._pem_verdicts:
+            if len(self._pem_verdicts) > 1024:
+                self._pem_verdicts.clear()
+            try:
+                make_context(crt, key)
+                self._pem_verdicts[pair] = None
+            except (ssl.SSLError, ValueError, OSError) as exc:
+                self._pem_verdicts[pair] = str(exc) or type(exc).__name__
+        return self._pem_verdicts[pair]
 
     def node_info(self, nodes: list[o.Node]) -> tuple[NodeInfo, list[str]]:
         name = self.settings.node
@@ -374,6 +391,13 @@ class SnapshotBuilder:
                 tls_hosts[""] = (ns, name)
             else:
                 problems.append(f"--default-tls-secret {self.settings.default_tls_secret}: secret not found or not kubernetes.io/tls")
+        for (ns, name), (crt, key) in sorted(used_secrets.items()):
+            why = self._pem_problem(crt, key)
+            if why:
+                # Found here, in the control plane, so that /debug/snapshot and
+                # meshproxy_config_problems show it in every mode (with --workers the TLS
+                # contexts live in the workers); the hosts fall back to the default certificate.
+                problems.append(f"Secret/{ns}/{name}: tls.crt/tls.key do not load ({why}); its hosts get the default certificate")
         table = RouteTable.build(entries, default, default_ing)
         problems.extend(table.conflicts)
         problems.extend(table.skipped)

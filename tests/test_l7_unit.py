@@ -941,6 +941,24 @@ def test_tls_missing_secret_reported_rest_keeps_serving(pods, certs):
         assert der == ssl.PEM_cert_to_DER_cert(certs["foo2"][0].decode())
 
 
+def test_tls_secret_that_does_not_load_is_a_snapshot_problem(pods, certs):
+    """A Secret whose key does not belong to its certificate: the control plane reports it in
+    the snapshot's problems (so /debug/snapshot and meshproxy_config_problems show it whatever
+    the number of workers), the host gets the default certificate, the others are unaffected;
+    a fixed Secret clears the problem."""
+    bad = tls_secret_yaml("mismatch-tls", certs["foo2"][0], certs["wild"][1])
+    ing = ingress_yaml("mismatch", [("foo.bar.com", "/m", "Prefix", "web")], tls=[(["mismatch.test"], "mismatch-tls")])
+    cfg = _tls_config(pods, certs) + "---\n" + bad + "---\n" + ing
+    with Proxy(cfg, tls=True, default_tls_secret="default/dflt-tls") as p:
+        ca = certs["ca"]
+        problems = p.snapshot.to_json()["problems"]
+        assert any(x.startswith("Secret/default/mismatch-tls: tls.crt/tls.key do not load") for x in problems), problems
+        assert _peer_cert_names(p.tls_port, "mismatch.test", ca)[0] == "default.test"
+        assert _peer_cert_names(p.tls_port, "foo.bar.com", ca)[0] == "foo.bar.com"
+        p.update(_tls_config(pods, certs) + "---\n" + tls_secret_yaml("mismatch-tls", *certs["foo2"]) + "---\n" + ing)
+        assert not any("mismatch-tls" in x for x in p.snapshot.to_json()["problems"])
+
+
 def _peer_der(port: int, server_name: str, ca) -> bytes:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
