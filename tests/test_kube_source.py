@@ -1177,9 +1177,12 @@ def test_errors_are_retried_with_backoff_and_logged_once(caplog):
         api.patch_failures = [500, 500, 403, 500]
         with caplog.at_level(logging.DEBUG, logger="meshproxy.sources.ingress_status"):
             async with writer_running(api, addresses=parse_addresses("127.0.0.9")) as (src, writer):
-                await until(lambda: lb_of(api, "ours") is not None, what="status after errors")
-                assert writer.failures == 4 and writer.writes == 1
-                assert src.state()["ingressStatus"]["pending"] == {}
+                # The fake server stores the status before the writer has read its answer:
+                # wait for the writer's own count too.
+                await until(lambda: lb_of(api, "ours") is not None and writer.writes == 1,
+                            what="status after errors")
+                assert writer.failures == 4
+                await until(lambda: src.state()["ingressStatus"]["pending"] == {}, what="nothing pending")
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len([w for w in warnings if "HTTP 500" in w]) == 1, warnings
         [forbidden] = [w for w in warnings if "HTTP 403" in w]
