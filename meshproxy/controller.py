@@ -90,6 +90,11 @@ class Controller:
             return
         self._handle = loop.call_later(self.settings.coalesce_delay, self.rebuild)
 
+    @property
+    def pending(self) -> bool:
+        """Changes applied to the store that no published snapshot holds yet."""
+        return self._pending
+
     # -- output -------------------------------------------------------------------------------
 
     def rebuild(self) -> Snapshot | None:

@@ -51,6 +51,7 @@ class Process:
         self._publish_hook = publish_hook
         self.controller = Controller(settings, self._publish)
         self.extra_ready = lambda: True
+        self._kube_ready = False
         self.on_draining = None   # called at SIGTERM, before --shutdown-delay (workers: tell them)
         self.on_stop = None
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
@@ -113,6 +114,17 @@ class Process:
     def _on_kube_events(self, events) -> None:
         self.controller.apply_events(events, "kubernetes")
         self._sync_health()
+
+    def _kube_synced(self) -> bool:
+        """The API source's initial lists are in force: synced, and the snapshot built from
+        them published (the source says "synced" right after handing over the last list, while
+        the controller's coalesced rebuild is still due). Latched: later changes, which make a
+        rebuild due again, must not turn readiness off."""
+        if self._kube_ready:
+            return True
+        if self.kube is None or (self.kube.synced.is_set() and not self.controller.pending):
+            self._kube_ready = True
+        return self._kube_ready
 
     def _sync_health(self) -> None:
         if self.health is not None:
@@ -182,7 +194,7 @@ class Process:
             self.runtime.subscribe(self.ingress.apply)
         host, port = self.settings.admin_listen
         self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready()
-                                 and (self.kube is None or self.kube.synced.is_set()),
+                                 and self._kube_synced(),
                                  snapshot_json=self._snapshot_json, metrics_text=_metrics_text(),
                                  snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None)
         await self.admin.start()

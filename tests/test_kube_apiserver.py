@@ -189,6 +189,7 @@ class Meshproxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)
 
