@@ -1001,12 +1001,9 @@ class RequestParser(_Parser):
         host = _check_host(hosts)
         if host is None:
             return None
-        if conns is None:
-            tokens = _NO_TOKENS
-        else:
-            tokens = _connection_tokens([conns])
-            if tokens is None:
-                return None
+        tokens = _NO_TOKENS if conns is None else _connection_tokens([conns])
+        if tokens is None:
+            return None
         q = target.find(b"?")
         if q < 0:
             path = target
@@ -1162,12 +1159,9 @@ class RequestParser(_Parser):
             # After a CONNECT head the bytes belong to the tunnel; a body would be ambiguous.
             raise HTTPError(400, "CONNECT request with a body")
 
-        if conns is None:
-            tokens = _NO_TOKENS
-        else:
-            tokens = _connection_tokens(conns)  # type: ignore[assignment]
-            if tokens is None:
-                raise HTTPError(400, "invalid Connection header")
+        tokens = _NO_TOKENS if conns is None else _connection_tokens(conns)
+        if tokens is None:
+            raise HTTPError(400, "invalid Connection header")
         keep_alive = b"close" not in tokens and (version == 11 or b"keep-alive" in tokens)
         upgrade = None
         if (upgrades is not None and version == 11 and b"upgrade" in tokens
@@ -1276,12 +1270,9 @@ class ResponseParser(_Parser):
         n = int(cl)
         if n > MAX_CONTENT_LENGTH or len(data) != end + 4 + n:
             return None
-        if conns is None:
-            tokens = _NO_TOKENS
-        else:
-            tokens = _connection_tokens([conns])
-            if tokens is None:
-                return None
+        tokens = _NO_TOKENS if conns is None else _connection_tokens([conns])
+        if tokens is None:
+            return None
         headers.remove(cl_item)  # framing is reported as content_length only (headers is ours)
         self._state = _DONE
         return (ResponseHead(status, reason or b"", version, headers, n, False,
@@ -1339,12 +1330,9 @@ class ResponseParser(_Parser):
             content_length = _parse_content_length(cls)
             if content_length is None:
                 raise HTTPError(502, "invalid Content-Length")
-        if conns is None:
-            tokens = _NO_TOKENS
-        else:
-            tokens = _connection_tokens(conns)  # type: ignore[assignment]
-            if tokens is None:
-                raise HTTPError(502, "invalid Connection header")
+        tokens = _NO_TOKENS if conns is None else _connection_tokens(conns)
+        if tokens is None:
+            raise HTTPError(502, "invalid Connection header")
 
         head = ResponseHead(
             status, reason or b"", version, headers, content_length, chunked,
