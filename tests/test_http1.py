@@ -1262,10 +1262,12 @@ def test_parse_whole_agrees_on_mutations() -> None:
 # take_body: body bytes straight from the read. Driving a parser with take_body-or-feed must
 # give exactly the events of plain feeding, for every way the input is cut into reads.
 
-def _drive_take_body(parser, reads):
+def _drive_take_body(parser, reads, take=True):
+    """Feed ``reads`` one by one, through ``take_body`` first when ``take`` (else plain feed:
+    the reference); events with adjacent body bytes merged, or ("error", status)."""
     events = []
     for data in reads:
-        body = parser.take_body(data)
+        body = parser.take_body(data) if take else None
         if body is None:
             parser.feed(data)
         elif body:
@@ -1299,42 +1301,24 @@ def _merge_bytes(events):
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",    # bad chunk end
 ])
 def test_take_body_agrees_with_feed_for_every_cut(data: bytes) -> None:
-    ref_p = ResponseParser()
-    ref_p.set_request_method(b"GET")
-    ref = _drive_take_body(_NoTake(ref_p), [data])
-    cuts = list(range(1, len(data)))
-    for a in cuts[::3]:
+    ref = _drive_take_body(_get_response_parser(), [data], take=False)
+    for a in range(1, len(data), 3):
         for b in (a + 1, a + 7, a + 60, a + 150):
             if b >= len(data):
                 continue
-            p = ResponseParser()
-            p.set_request_method(b"GET")
-            got = _drive_take_body(p, [data[:a], data[a:b], data[b:]])
+            got = _drive_take_body(_get_response_parser(), [data[:a], data[a:b], data[b:]])
             assert got == ref, (a, b)
+    assert _drive_take_body(_get_response_parser(), [data[i:i + 1] for i in range(len(data))]) == ref
+
+
+def _get_response_parser() -> ResponseParser:
     p = ResponseParser()
     p.set_request_method(b"GET")
-    assert _drive_take_body(p, [data[i:i + 1] for i in range(len(data))]) == ref
-
-
-class _NoTake:
-    """A parser seen through plain feed only (the reference)."""
-
-    def __init__(self, p):
-        self.p = p
-
-    def take_body(self, data):
-        return None
-
-    def feed(self, data):
-        self.p.feed(data)
-
-    def next_event(self):
-        return self.p.next_event()
+    return p
 
 
 def test_take_body_returns_the_read_itself() -> None:
-    p = ResponseParser()
-    p.set_request_method(b"GET")
+    p = _get_response_parser()
     p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
     assert isinstance(p.next_event(), ResponseHead)
     assert p.next_event() is NEED_DATA
