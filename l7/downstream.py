@@ -111,6 +111,17 @@ _INT0 = b"\0\0\0\0"
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
+def _reset(transport) -> None:
+    """Close with an RST instead of a FIN: the peer must see an error, not an end of stream."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except (OSError, ValueError):  # already gone (ValueError: fd is -1)
+            pass
+    transport.abort()
+
+
 _REASONS = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
     304: b"Not Modified", 308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found",
@@ -557,16 +568,9 @@ class ClientConnection(asyncio.Protocol):
             self._abort_exchange("client send timeout")
         self.state = _CLOSED
         self.writing_paused = False
-        transport = self.transport
-        if transport is not None:
+        if self.transport is not None:
             # Aborted, also when a graceful close is waiting for the buffer to drain.
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-                except (OSError, ValueError):
-                    pass
-            transport.abort()
+            _reset(self.transport)
 
     def _deadline_passed(self) -> None:
         state = self.state
@@ -1374,14 +1378,7 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if abort:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    # RST instead of FIN: the peer must see an error, not an end of stream.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-                except (OSError, ValueError):  # already gone (ValueError: fd is -1)
-                    pass
-            transport.abort()
+            _reset(transport)
         else:
             transport.close()
 
