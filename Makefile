@@ -35,6 +35,7 @@ bench: venv
 lint: venv
 	$(BIN)/python -m pip install -q ruff
 	$(BIN)/ruff check meshproxy l4 l7 discovery bench tests
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,23 +33,17 @@ from bench.procstat import _rss
 
 from discovery import objects as o
 from discovery.health import HealthChecker
+from discovery.signals import Signals
 
 
-class _Count:
-    """A stand-in for the Prometheus counter: the benchmark counts results itself."""
+class _Count(Signals):
+    """The benchmark counts probe results itself."""
 
     def __init__(self) -> None:
         self.values: dict[str, int] = {}
 
-    def labels(self, result: str):
-        counter = self
-
-        class _Child:
-            __slots__ = ()
-
-            def inc(self, n: int = 1) -> None:
-                counter.values[result] = counter.values.get(result, 0) + n
-        return _Child()
+    def probe(self, result: str) -> None:
+        self.values[result] = self.values.get(result, 0) + 1
 
 
 def build_pods(n: int, targets: list[tuple[str, int]], period: float, mix: str) -> dict:
@@ -96,7 +90,7 @@ async def run(args) -> dict:
             flips += 1
 
         counter = _Count()
-        checker = HealthChecker(results, on_change, max_concurrency=args.max_concurrency, probe_counter=counter)
+        checker = HealthChecker(results, on_change, max_concurrency=args.max_concurrency, signals=counter)
         t_sync = time.perf_counter()
         checker.sync(pods)
         sync_ms = (time.perf_counter() - t_sync) * 1000

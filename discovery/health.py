@@ -53,6 +53,7 @@ from typing import Callable, Mapping
 from urllib.parse import quote
 
 from .objects import Pod, Probe
+from .signals import NO_SIGNALS, Signals
 
 __all__ = ["HealthChecker", "ResponseReader", "ProbeError", "build_request", "Thresholds",
            "MAX_BODY", "MAX_HEAD"]
@@ -590,19 +591,15 @@ class HealthChecker:
 
     def __init__(self, results: dict[NsName, bool], on_change: Callable[[str, str], None], *,
                  max_concurrency: int = 256, clock: Callable[[], float] = time.monotonic,
-                 jitter=_random, probe_counter=None) -> None:
+                 jitter=_random, signals: Signals = NO_SIGNALS) -> None:
         """``jitter`` has a ``random()`` in [0, 1) (the ``random`` module, a ``random.Random``);
-        ``probe_counter`` is a labelled Counter (default ``meshproxy.metrics.probes``)."""
+        ``signals.probe(result)`` is told of every probe run (``discovery.signals``)."""
         self.results = results
         self.on_change = on_change
         self.max_concurrency = max(1, max_concurrency)
         self._clock = clock
         self._jitter = jitter
-        if probe_counter is None:
-            from meshproxy import metrics   # imported here: discovery must not need meshproxy to import
-            probe_counter = metrics.probes
-        # Children looked up once: labels() costs a lock and a dict lookup per call.
-        self._count = {r: probe_counter.labels(r) for r in (SUCCESS, FAILURE, TIMEOUT)}
+        self._signal_probe = signals.probe
         self._states: dict[NsName, _PodProbe] = {}
         self._heap: list[tuple[float, int, _PodProbe, int]] = []
         self._stale = 0
@@ -808,7 +805,7 @@ class HealthChecker:
         """One attempt is over: free its slot, count it, apply thresholds, schedule the next."""
         self._release(st, gen)
         self.probes_run += 1
-        self._count[result].inc()
+        self._signal_probe(result)
         if st.gen != gen or self._task is None:
             return                 # restarted or removed while in flight, or stopping: moot
         st.attempts += 1

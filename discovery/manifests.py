@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from . import objects as o
+from .selectors import validate_label_key, validate_label_value
 
 __all__ = ["ConfigError", "LoadResult", "load_paths", "load_text", "parse_document",
            "iter_manifest_files", "validate_set", "SUPPORTED_KINDS", "ingress_path_errors"]
@@ -328,7 +329,6 @@ def _scalar_str(v: Any) -> str:
 
 
 def _check_labels(ctx: _Doc, meta: dict, labels: dict[str, str]) -> None:
-    from .selectors import validate_label_key, validate_label_value
     holder = meta.get("labels")
     for k, v in labels.items():
         msg = validate_label_key(k) or validate_label_value(v)

@@ -37,11 +37,11 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 
-from meshproxy import metrics, sockets
-from meshproxy.runtime import Runtime
-from meshproxy.snapshot import L4Listener, Snapshot
+from meshproxy.core import metrics, sockets
+from meshproxy.core.runtime import Runtime
+from meshproxy.core.snapshot import L4Listener, Snapshot
 
-from . import pump as _pump
+from . import pump
 from .pump import BufferPool, L4Connection, make_poller, reset_socket
 
 __all__ = ["BACKLOG", "L4Manager", "bind_listener"]
@@ -62,7 +62,7 @@ _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 def bind_listener(host: str, port: int) -> socket.socket:
     """A listening, non-blocking TCP socket bound to exactly ``host:port``.
 
-    Made by ``meshproxy.sockets.listen`` (SO_REUSEADDR, SO_REUSEPORT, registered so that
+    Made by ``meshproxy.core.sockets.listen`` (SO_REUSEADDR, SO_REUSEPORT, registered so that
     ``run --takeover`` can hand it to the next process, or taken over from the previous one).
     SO_REUSEADDR lets a restarted process bind while old connections sit in TIME_WAIT;
     SO_REUSEPORT lets several workers and an upgrading process hold the same address."""
@@ -117,7 +117,7 @@ class _Listener:
         # A few accepts per wakeup: drain a burst without starving established connections.
         for _ in range(_ACCEPTS_PER_WAKEUP):
             if limit is not None and len(self.conns) >= limit:
-                self.pause()                  # resumed by L4Manager._forget
+                self.pause()                  # resumed by L4Manager.forget
                 return
             try:
                 client, peer = self.sock.accept()
@@ -182,7 +182,7 @@ class L4Manager:
         self.settings = runtime.settings
         self.balancers = runtime.balancers
         self.loop = asyncio.get_running_loop()
-        self.pool = BufferPool(_pump.USE_SPLICE)
+        self.pool = BufferPool(pump.USE_SPLICE)   # read here: tests flip it
         self.poller = make_poller(self.loop)
         self.listeners: dict[Key, _Listener] = {}
         self.failures: dict[Key, str] = {}
@@ -310,20 +310,20 @@ class L4Manager:
         conn.listener.conns.add(conn)
         conn.idle_since = self.loop.time()
 
-    def _track(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None:
+    def track(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None:
         s = self.by_endpoint.get(key)
         if s is None:
             s = self.by_endpoint[key] = set()
         s.add(conn)
 
-    def _untrack(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None:
+    def untrack(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None:
         s = self.by_endpoint.get(key)
         if s is not None:
             s.discard(conn)
             if not s:
                 del self.by_endpoint[key]
 
-    def _forget(self, conn: L4Connection) -> None:
+    def forget(self, conn: L4Connection) -> None:
         self.conns.discard(conn)
         lst = conn.listener
         lst.conns.discard(conn)
@@ -333,7 +333,7 @@ class L4Manager:
         if not self.conns and self._empty_waiter is not None and not self._empty_waiter.done():
             self._empty_waiter.set_result(None)
 
-    def _labels_for(self, key: tuple[str, str, str]) -> _Labels:
+    def labels_for(self, key: tuple[str, str, str]) -> _Labels:
         lab = self._labels.get(key)
         if lab is None:
             lab = self._labels[key] = _Labels(key)

@@ -55,17 +55,34 @@ import os
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
+
+from discovery.endpoints import Endpoint
+from meshproxy.core.snapshot import Backend
 
 from .proxy_protocol import header as proxy_header
 
-if TYPE_CHECKING:   # pragma: no cover
-    from discovery.endpoints import Endpoint
-    from meshproxy.snapshot import Backend
 
-    from .listeners import L4Manager, _Listener
+class ConnectionOwner(Protocol):
+    """What a connection needs from the manager that accepted it (``l4.listeners.L4Manager``):
+    the runtime, balancers, poller, buffer pool, loop and settings it shares with the other
+    connections, and the registry that drain and metrics work from."""
+
+    runtime: Any
+    balancers: Any
+    poller: Any
+    pool: Any
+    loop: Any
+    settings: Any
+
+    def labels_for(self, key: tuple[str, str, str]) -> Any: ...
+    def track(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None: ...
+    def untrack(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None: ...
+    def forget(self, conn: L4Connection) -> None: ...
+
 
 __all__ = [
+    "ConnectionOwner",
     "MAX_ATTEMPTS",
     "MAX_IN_FLIGHT",
     "USE_EPOLL",
@@ -476,7 +493,7 @@ class L4Connection:
         "up",
     )
 
-    def __init__(self, mgr: L4Manager, listener: _Listener, client: socket.socket,
+    def __init__(self, mgr: ConnectionOwner, listener, client: socket.socket,
                  peer: tuple[str, int]) -> None:
         self.mgr = mgr
         self.listener = listener
@@ -512,7 +529,7 @@ class L4Connection:
             # The listener is being removed (snapshot already swapped, socket not yet closed).
             self._abort()
             return
-        self.labels = mgr._labels_for(lst.backend)
+        self.labels = mgr.labels_for(lst.backend)
         self.labels.connections.inc()
         self.labels.active.inc()
         self.local_only = lst.local_only
@@ -532,7 +549,7 @@ class L4Connection:
             return
         self.endpoint = ep
         mgr.balancers.acquire(ep)
-        mgr._track(self, (backend.key, ep.addr))
+        mgr.track(self, (backend.key, ep.addr))
         try:
             pod = socket.socket(socket.AF_INET6 if ":" in ep.ip else socket.AF_INET,
                                 socket.SOCK_STREAM | _SOCK_NONBLOCK)
@@ -620,7 +637,7 @@ class L4Connection:
         self.pod = None
         mgr.balancers.report_failure(ep, self.backend)
         mgr.balancers.release(ep)
-        mgr._untrack(self, (self.backend.key, ep.addr))
+        mgr.untrack(self, (self.backend.key, ep.addr))
         self.endpoint = None
         self.labels.connect_failures.inc()
         self.tried = self.tried | {ep.addr}
@@ -721,12 +738,12 @@ class L4Connection:
         ep = self.endpoint
         if ep is not None:
             mgr.balancers.release(ep)
-            mgr._untrack(self, (self.backend.key, ep.addr))
+            mgr.untrack(self, (self.backend.key, ep.addr))
             self.endpoint = None
         if labels:
             self.flush_bytes(labels)
             labels.active.dec()
-        mgr._forget(self)
+        mgr.forget(self)
         self.up = self.down = None    # break the conn <-> flow cycles at once
 
     def flush_bytes(self, labels=None) -> None:

@@ -50,7 +50,8 @@ from bisect import bisect_left as _bisect_left
 from typing import Any
 
 
-from meshproxy import metrics, sockets
+from meshproxy.core import metrics, sockets
+from meshproxy.core.routes import normalize_request_path
 
 from .accesslog import AccessLog
 from .headers import IDEMPOTENT_METHODS, ClientInfo, TrustedProxies, request_headers, response_headers
@@ -65,7 +66,7 @@ from .http1 import (
     serialize_response_head,
     serialize_trailers,
 )
-from .router import normalize_request_path
+from .tls import TLSContexts
 from .upstream import UpstreamConnection, UpstreamPool
 
 __all__ = ["IngressServer", "ClientConnection"]
@@ -1517,7 +1518,6 @@ class IngressServer:
             host, port = settings.ingress_listen
             self.listeners.append(_Listener(self, host, port, None))
         if settings.ingress_tls_listen:
-            from .tls import TLSContexts
             self.tls = TLSContexts()
             self._update_tls(self.runtime.snapshot)
             host, port = settings.ingress_tls_listen

@@ -26,51 +26,14 @@ loading.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import ssl
-import tempfile
 from typing import Mapping
+
+from meshproxy.core.tls import base_context, make_context
 
 __all__ = ["TLSContexts", "make_context"]
 
 log = logging.getLogger("meshproxy.l7.tls")
-
-_CIPHERS_TLS12 = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
-
-
-def _base_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(_CIPHERS_TLS12)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
-        ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
-def make_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """A server context holding one certificate chain and its key. Raises ssl.SSLError or
-    ValueError when they do not load (bad PEM, key not matching the certificate)."""
-    ctx = _base_context()
-    tmpdir = tempfile.mkdtemp(prefix="meshproxy-tls-")   # 0700
-    try:
-        fd, path = tempfile.mkstemp(dir=tmpdir, suffix=".pem")   # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(cert_pem.rstrip(b"\n") + b"\n" + key_pem)
-            ctx.load_cert_chain(path)
-        finally:
-            os.unlink(path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return ctx
-
 
 def _norm(name: str) -> str:
     name = name.lower()
@@ -86,7 +49,7 @@ class TLSContexts:
         self._wildcard: dict[str, ssl.SSLContext] = {}
         self._default: ssl.SSLContext | None = None
         self.problems: tuple[str, ...] = ()
-        self.listener_context = _base_context()
+        self.listener_context = base_context()
         self.listener_context.sni_callback = self._sni
         self.builds = 0   # contexts built so far (tests: a rotation rebuilds one)
 

@@ -30,7 +30,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from meshproxy import metrics
+from meshproxy.core import metrics
 
 from .http1 import ResponseParser
 

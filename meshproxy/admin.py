@@ -14,7 +14,8 @@ from typing import Callable
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import metrics
+from .core import metrics
+from .core.sockets import listen
 
 __all__ = ["AdminServer"]
 
@@ -39,7 +40,6 @@ class AdminServer:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        from .sockets import listen
         sock = listen(self.host, self.port, 128)
         self._server = await asyncio.start_server(self._handle, sock=sock)
         self.port = sock.getsockname()[1]

@@ -1,14 +1,27 @@
-"""Command line: ``meshproxy run | validate | get | demo`` (names fixed by DESIGN §2)."""
+"""Command line: ``meshproxy run | validate | get | demo`` (docs/configuration.md).
+
+The process-layer modules (controller, process, workers, demo) are imported inside the
+commands that need them, never at the top: they import prometheus_client, and ``run
+--workers N`` must set up multiprocess metrics before that first import
+(``meshproxy.multiproc``). tests/test_layers.py allows exactly these late imports.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import sys
 from typing import Sequence
 
-from .settings import LB_POLICIES, Settings, parse_hostport
+from discovery.manifests import load_paths
+from discovery.sources.dns import parse_servers
+from discovery.sources.ingress_status import check_publish_settings
+from discovery.store import ADDED, Event
+
+from .core.settings import LB_POLICIES, Settings, parse_hostport
+from .multiproc import prepare_multiprocess_metrics
 
 __all__ = ["main", "build_parser", "settings_from_args"]
 
@@ -160,7 +173,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "watch_ingress_without_class", None) is not None:
         s.watch_ingress_without_class = args.watch_ingress_without_class == "true"
     if getattr(args, "dns_server", None):
-        from discovery.sources.dns import parse_servers
         s.dns_servers = tuple(parse_servers(args.dns_server))
     if s.dns_min_ttl > s.dns_max_ttl:
         raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
@@ -172,11 +184,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "publish_status_address", None):
         s.publish_status_address = tuple(v.strip() for v in args.publish_status_address.split(",") if v.strip())
     if s.publish_status_address or s.publish_service:
-        from discovery.sources.ingress_status import check_publish_settings
         check_publish_settings(s.publish_status_address, s.publish_service)   # ValueError names the bad one
     # The API is the source when asked for, or when there are no files to read.
     s.kube_api = bool(s.kubeconfig) or not s.paths
-    import ipaddress
     for cidr in s.trusted_proxies:
         ipaddress.ip_network(cidr, strict=False)   # ValueError names the bad one
     ipaddress.ip_network(s.service_cidr, strict=False)
@@ -191,7 +201,6 @@ def setup_logging(level: str) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from discovery.manifests import load_paths
     result = load_paths(args.paths, args.service_cidr)
     for err in result.errors:
         print(err, file=sys.stdout)
@@ -202,10 +211,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _offline_snapshot(args: argparse.Namespace):
-    from discovery.manifests import load_paths
-    from discovery.store import ADDED, Event
 
-    from .controller import Controller
+    from .controller import Controller   # late: see the module docstring
     result = load_paths(args.paths, args.service_cidr)
     if result.errors:
         for err in result.errors:
@@ -297,10 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level)
     if settings.workers > 1:
         # Before prometheus_client is imported: worker metrics are summed by the parent.
-        from .workers import prepare_multiprocess_metrics
         prepare_multiprocess_metrics()
-    from .process import run
-    return run(settings)
+        # Imported only now, and only here, for that reason: the process modules import
+        # prometheus_client.
+        from .workers import run_workers
+        return run_workers(settings)
+    from .process import serve
+    return serve(settings)
 
 
 if __name__ == "__main__":

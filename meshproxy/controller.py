@@ -19,9 +19,9 @@ from typing import Callable, Iterable
 
 from discovery.store import Allocator, EndpointIndex, Event, Store
 
-from . import metrics
-from .settings import Settings
-from .snapshot import Snapshot, SnapshotBuilder
+from .core import metrics
+from .core.settings import Settings
+from .core.snapshot import Snapshot, SnapshotBuilder
 
 __all__ = ["Controller"]
 

@@ -18,7 +18,8 @@ import sys
 import tempfile
 import textwrap
 
-from .settings import Settings
+from .core.settings import Settings
+from .process import Process, install_uvloop
 
 __all__ = ["run_demo", "MANIFESTS"]
 
@@ -156,7 +157,6 @@ def _tour(ingress: tuple[str, int]) -> list[tuple[bool, str]]:
 
 
 async def _demo(check: bool, admin: tuple[str, int], ingress: tuple[str, int]) -> int:
-    from .process import Process
     tmp = tempfile.mkdtemp(prefix="meshproxy-demo-")
     with open(os.path.join(tmp, "demo.yaml"), "w") as f:
         f.write(MANIFESTS)
@@ -218,8 +218,7 @@ async def _demo(check: bool, admin: tuple[str, int], ingress: tuple[str, int]) -
 
 
 def run_demo(args) -> int:
-    from .process import _install_uvloop
-    _install_uvloop()
+    install_uvloop()
     admin, ingress = args.admin_listen, args.ingress_listen
     if args.check:
         admin = (admin[0], _free_port(admin[0]))

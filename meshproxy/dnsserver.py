@@ -69,7 +69,7 @@ import dns.rrset
 
 from discovery.objects import Pod, Service
 
-from .snapshot import Snapshot
+from .core.snapshot import Snapshot
 
 __all__ = ["ClusterDNS", "Zone", "build_zone", "dashed", "key_of"]
 

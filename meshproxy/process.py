@@ -16,23 +16,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
-from discovery.sources.files import FileSource, Outcome
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from . import metrics
+from discovery.health import HealthChecker
+from discovery.sources.dns import DnsSource, query_for
+from discovery.sources.files import FileSource, Outcome
+from discovery.sources.ingress_status import attach_status_writer
+from discovery.sources.kubeconfig import KubeConfigError, load_config
+from discovery.sources.kubernetes import KubernetesSource
+
+from . import control
 from .admin import AdminServer
 from .controller import Controller
-from .runtime import Runtime
-from .settings import Settings
+from .core import metrics, sockets
+from .core.runtime import Runtime
+from .core.settings import Settings
+from .dataplane import DataPlane
+from .dnsserver import ClusterDNS
+from .observe import MetricSignals
 
-__all__ = ["run", "Process"]
+__all__ = ["Process", "install_uvloop", "serve"]
 
 log = logging.getLogger("meshproxy")
 
 
-def _install_uvloop() -> None:
+def install_uvloop() -> None:
     try:
         import uvloop
     except ImportError:  # the pure asyncio loop works too, only slower
@@ -56,8 +68,8 @@ class Process:
         self.on_stop = None
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
         self.kube = None
-        self.l4 = None
-        self.ingress = None
+        self.dataplane: DataPlane | None = None
+        self.signals = MetricSignals()
         self.admin: AdminServer | None = None
         self.health = None
         self.control = None
@@ -66,7 +78,6 @@ class Process:
         self.ready = False
         self.stopping = False
         self._stop = asyncio.Event()
-        self._exit_code = 0
 
     def _publish(self, snap) -> None:
         self.runtime.publish(snap)
@@ -96,13 +107,13 @@ class Process:
         meshproxy.dev/dns / dns-srv annotations), then keep it in step with the Services."""
         services = self.controller.store.items("Service")
         if self.dns_source is None:
-            from discovery.sources.dns import DnsSource, query_for
             if not any(query_for(svc) is not None for svc in services.values()):
                 return
             try:
                 self.dns_source = DnsSource(lambda ev: self.controller.apply_events(ev, "dns"),
                                             list(self.settings.dns_servers) or None,
-                                            self.settings.dns_min_ttl, self.settings.dns_max_ttl)
+                                            self.settings.dns_min_ttl, self.settings.dns_max_ttl,
+                                            signals=self.signals)
             except ValueError as exc:
                 log.error("DNS source: %s; DNS-backed services get no endpoints", exc)
                 return
@@ -137,12 +148,11 @@ class Process:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> bool:
-        from . import sockets
         takeover = None
         if self.settings.takeover:
-            path = sockets.control_path(self.settings.admin_listen)
+            path = control.control_path(self.settings.admin_listen)
             try:
-                takeover = sockets.request_takeover(path)
+                takeover = control.request_takeover(path)
             except OSError as exc:
                 print(f"meshproxy: --takeover: no running instance answered on {path} ({exc})", file=sys.stderr)
                 return False
@@ -156,42 +166,32 @@ class Process:
         metrics.config_reloads.labels("ok").inc()
         self.controller.apply_events(outcome.events, "files")
         if self.settings.kube_api:
-            from discovery.sources.kubeconfig import KubeConfigError, load_config
-            from discovery.sources.kubernetes import KubernetesSource
             try:
                 cfg = load_config(self.settings.kubeconfig, self.settings.kube_context)
-                self.kube = KubernetesSource(cfg, self._on_kube_events, self.settings.kube_namespace)
+                self.kube = KubernetesSource(cfg, self._on_kube_events, self.settings.kube_namespace,
+                                             signals=self.signals)
                 # status.loadBalancer of the Ingresses served, once their snapshot is live
-                from discovery.sources.ingress_status import attach_status_writer
                 attach_status_writer(self.kube, self.settings, self.runtime.subscribe)
                 self.kube.start()
             except KubeConfigError as exc:
                 print(f"meshproxy: {exc}", file=sys.stderr)
                 return False
         if self.settings.health_checks:
-            from discovery.health import HealthChecker
             results: dict[tuple[str, str], bool] = {}
-            self.health = HealthChecker(results, self.controller.pod_readiness_changed)
+            self.health = HealthChecker(results, self.controller.pod_readiness_changed, signals=self.signals)
             self.controller.set_probe_results(results)
             self._sync_health()
             self.health.start()
         self._sync_dns()
         if self.settings.dns_listen is not None:
-            from .dnsserver import ClusterDNS
             self.dns_server = ClusterDNS(lambda: self.controller.snapshot, self.settings.cluster_domain,
                                          get_pods=lambda: self.controller.store.items("Pod"))
             await self.dns_server.start(*self.settings.dns_listen)
         self.controller.rebuild()
 
         if self.data_plane:
-            from l4.listeners import L4Manager
-            self.l4 = L4Manager(self.runtime)
-            self.runtime.subscribe(self.l4.apply)
-        if self.data_plane and (self.settings.ingress_listen or self.settings.ingress_tls_listen):
-            from l7.downstream import IngressServer
-            self.ingress = IngressServer(self.runtime)
-            await self.ingress.start()
-            self.runtime.subscribe(self.ingress.apply)
+            self.dataplane = DataPlane(self.runtime)
+            await self.dataplane.start()
         host, port = self.settings.admin_listen
         self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready()
                                  and self._kube_synced(),
@@ -210,7 +210,7 @@ class Process:
             while not self.extra_ready():
                 await asyncio.sleep(0.02)
             takeover.finish()
-        self.control = sockets.ControlServer(sockets.control_path(self.settings.admin_listen),
+        self.control = control.ControlServer(control.control_path(self.settings.admin_listen),
                                              lambda: asyncio.get_running_loop().create_task(self.graceful_stop()))
         try:
             await self.control.start()
@@ -228,8 +228,8 @@ class Process:
         if snap is None:
             return None
         data = snap.to_json()
-        if self.l4 is not None:
-            data["listenerErrors"] = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())}
+        if self.dataplane is not None:
+            data["listenerErrors"] = self.dataplane.listener_errors()
         if self.kube is not None:
             data["kubernetes"] = self.kube.state()
         if self.health is not None and hasattr(self.health, "state"):
@@ -254,17 +254,13 @@ class Process:
                  self.settings.shutdown_delay, self.settings.drain_timeout)
         if self.settings.shutdown_delay:
             await asyncio.sleep(self.settings.shutdown_delay)
-        if self.l4 is not None:
-            await self.l4.stop_accepting()
-        if self.ingress is not None:
-            await self.ingress.stop_accepting()
+        if self.dataplane is not None:
+            await self.dataplane.stop_accepting()
         waits = []
         if self.on_stop is not None:
             waits.append(self.on_stop(self.settings.drain_timeout))
-        if self.l4 is not None:
-            waits.append(self.l4.drain(self.settings.drain_timeout))
-        if self.ingress is not None:
-            waits.append(self.ingress.drain(self.settings.drain_timeout))
+        if self.dataplane is not None:
+            waits.append(self.dataplane.drain(self.settings.drain_timeout))
         await asyncio.gather(*waits, return_exceptions=True)
         self._stop.set()
 
@@ -285,12 +281,8 @@ class Process:
             await self.health.stop()
         if self.admin is not None:
             await self.admin.close()
-        if self.l4 is not None:
-            await self.l4.stop_accepting()
-            await self.l4.drain(0)
-        if self.ingress is not None:
-            await self.ingress.stop_accepting()
-            await self.ingress.drain(0)
+        if self.dataplane is not None:
+            await self.dataplane.close()
 
     async def serve(self) -> int:
         if not await self.start():
@@ -302,15 +294,13 @@ class Process:
         await self._stop.wait()
         await self.close()
         log.info("meshproxy stopped")
-        return self._exit_code
+        return 0
 
 
 def _metrics_text():
     """With workers, /metrics adds up every process's values (prometheus-client multiprocess)."""
-    import os
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     def text() -> bytes:
         reg = CollectorRegistry()
@@ -319,11 +309,9 @@ def _metrics_text():
     return text
 
 
-def run(settings: Settings) -> int:
-    _install_uvloop()
-    if settings.workers > 1:
-        from .workers import run_workers
-        return run_workers(settings)
+def serve(settings: Settings) -> int:
+    """``meshproxy run`` with one process (``--workers 1``)."""
+    install_uvloop()
 
     async def main() -> int:
         return await Process(settings).serve()

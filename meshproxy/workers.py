@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import copyreg
+import dataclasses
 import logging
 import os
 import pickle
@@ -39,9 +40,14 @@ import subprocess
 import sys
 import types
 
-from .settings import Settings
+from prometheus_client import multiprocess
 
-__all__ = ["run_workers", "enable_pickling", "prepare_multiprocess_metrics"]
+from .core.runtime import Runtime
+from .core.settings import Settings
+from .dataplane import DataPlane
+from .process import Process, install_uvloop
+
+__all__ = ["run_workers", "enable_pickling"]
 
 log = logging.getLogger("meshproxy.workers")
 
@@ -55,16 +61,6 @@ def _mapping_proxy(d: dict) -> types.MappingProxyType:
 def enable_pickling() -> None:
     """Snapshots use read-only mappings, which pickle cannot handle by itself."""
     copyreg.pickle(types.MappingProxyType, lambda m: (_mapping_proxy, (dict(m),)))
-
-
-def prepare_multiprocess_metrics() -> str:
-    """Must run before prometheus_client is imported anywhere in this process."""
-    import tempfile
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
-        path = tempfile.mkdtemp(prefix="meshproxy-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
 
 
 def _frame(msg) -> bytes:
@@ -83,9 +79,6 @@ async def _read_frame(reader: asyncio.StreamReader):
 
 
 async def _worker_main(fd: int) -> int:
-    from l4.listeners import L4Manager
-
-    from .runtime import Runtime
     enable_pickling()
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)
@@ -94,14 +87,8 @@ async def _worker_main(fd: int) -> int:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
     runtime = Runtime(settings)
-    l4 = L4Manager(runtime)
-    runtime.subscribe(l4.apply)
-    ingress = None
-    if settings.ingress_listen or settings.ingress_tls_listen:
-        from l7.downstream import IngressServer
-        ingress = IngressServer(runtime)
-        await ingress.start()
-        runtime.subscribe(ingress.apply)
+    dataplane = DataPlane(runtime)
+    await dataplane.start()
     loop = asyncio.get_running_loop()
     # The parent decides when to stop; a Ctrl-C in the terminal reaches the whole group.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
@@ -124,20 +111,13 @@ async def _worker_main(fd: int) -> int:
                 runtime.draining = True
             elif msg[0] == "drain":
                 runtime.draining = True
-                await l4.stop_accepting()
-                if ingress is not None:
-                    await ingress.stop_accepting()
-                await asyncio.gather(l4.drain(msg[1]), *( [ingress.drain(msg[1])] if ingress else []),
-                                     return_exceptions=True)
+                await dataplane.stop_accepting()
+                await dataplane.drain(msg[1])
                 break
             elif msg[0] == "stop":
                 break
     finally:
-        await l4.stop_accepting()
-        await l4.drain(0)
-        if ingress is not None:
-            await ingress.stop_accepting()
-            await ingress.drain(0)
+        await dataplane.close()
     return 0
 
 
@@ -146,7 +126,6 @@ def _keep_identity(prev, snap):
     so the balancers' tables (cached by endpoint-tuple identity) survive the publish."""
     if prev is None:
         return snap
-    import dataclasses
     old = prev.backends
     backends = {}
     for key, b in snap.backends.items():
@@ -156,8 +135,7 @@ def _keep_identity(prev, snap):
 
 
 def worker_entry() -> int:
-    from .process import _install_uvloop
-    _install_uvloop()
+    install_uvloop()
     fd = int(sys.argv[sys.argv.index("--fd") + 1])
     return asyncio.run(_worker_main(fd))
 
@@ -266,14 +244,14 @@ class WorkerPool:
 
 def _remove_dead_metrics(pid: int) -> None:
     try:
-        from prometheus_client import multiprocess
         multiprocess.mark_process_dead(pid)
     except Exception:  # metrics bookkeeping must never stop a restart
         pass
 
 
 def run_workers(settings: Settings) -> int:
-    from .process import Process
+    """``meshproxy run --workers N`` (N > 1)."""
+    install_uvloop()
     enable_pickling()
 
     async def main() -> int:

@@ -56,9 +56,9 @@ import uvloop
 from discovery.manifests import load_text
 from discovery.store import ADDED, DELETED, Allocator, EndpointIndex, Event, Store
 from l7.downstream import IngressServer
-from meshproxy.runtime import Runtime
-from meshproxy.settings import Settings
-from meshproxy.snapshot import SnapshotBuilder
+from meshproxy.core.runtime import Runtime
+from meshproxy.core.settings import Settings
+from meshproxy.core.snapshot import SnapshotBuilder
 
 __all__ = ["Backend", "SockReader", "pattern", "ws_handshake", "ws_send", "ws_recv", "service_yaml",
            "ingress_yaml", "tls_secret_yaml", "ScriptedBackend", "Proxy", "request", "get", "echo", "raw", "read_response"]

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from discovery.endpoints import Endpoint
-from meshproxy.balancers import Balancers, stable_hash
-from meshproxy.settings import LB_POLICIES, Settings
-from meshproxy.snapshot import Backend
+from meshproxy.core.balancers import Balancers, stable_hash
+from meshproxy.core.settings import LB_POLICIES, Settings
+from meshproxy.core.snapshot import Backend
 
 
 class Clock:
@@ -474,7 +474,7 @@ def test_weighted_consistent_hash_is_stable_and_agrees_across_instances(policy):
 
 
 def test_weighted_maglev_table_shares_slots_by_weight():
-    from meshproxy.balancers import _Maglev, _Weights
+    from meshproxy.core.balancers import _Maglev, _Weights
     e = weps(10, 30, 0)
     table = _Maglev(e, _Weights(e).eff).table
     n = Counter(table)

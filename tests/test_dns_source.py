@@ -49,7 +49,8 @@ from discovery.sources.dns import (
     srv_weight,
 )
 from discovery.store import ADDED, DELETED, MODIFIED, Store
-from meshproxy import metrics
+from meshproxy.core import metrics
+from meshproxy.observe import MetricSignals
 
 
 def service(name: str, *, ns: str = "default", annotations: dict | None = None, type: str = "ClusterIP",
@@ -125,8 +126,8 @@ def test_slices_for_srv_carry_port_and_weight():
     assert {(e.ip, e.port, srv_weight(e.pod), e.weight) for e in sets[0].endpoints} == {
         ("10.0.0.1", 8081, 10, 10), ("10.0.0.2", 8082, 30, 30), ("10.0.0.3", 8081, 0, 0)}
     # ... and the snapshot's backend is marked weighted, so the balancers honour the weights
-    from meshproxy.settings import Settings
-    from meshproxy.snapshot import SnapshotBuilder
+    from meshproxy.core.settings import Settings
+    from meshproxy.core.snapshot import SnapshotBuilder
     backends = SnapshotBuilder(Settings())._backends_for(svc, sets, None, [])
     assert backends[0].weighted and {e.weight for e in backends[0].usable} == {0, 10, 30}
     one_port = build_slices(svc, Answer((Target("10.0.0.1", 8081, 10),), 5, "NOERROR"), q)
@@ -327,7 +328,8 @@ def test_servfail_keeps_the_last_good_answer_and_retries_within_min_ttl():
         dns_ = await scripted_server()
         dns_.records[("web.example.", "A")] = (0, ["10.0.0.1", "10.0.0.2"])
         sink = Sink()
-        src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.8, max_ttl=5, timeout=0.5)
+        src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.8, max_ttl=5, timeout=0.5,
+                        signals=MetricSignals())
         src.sync({("default", "web"): service("web", annotations={ANN_DNS: "web.example"})})
         src.start()
         try:
@@ -530,7 +532,7 @@ def test_through_the_controller_to_the_snapshot():
     """The source wired as the lead wires it: emit -> Controller.apply_events(source="dns"),
     sync with the store's Services; the snapshot's backend gets the DNS addresses."""
     from meshproxy.controller import Controller
-    from meshproxy.settings import Settings
+    from meshproxy.core.settings import Settings
     from discovery.store import Event
 
     async def main():
@@ -856,8 +858,8 @@ def test_srv_weights_split_connections_through_the_listener(dnsmasq_bin, tmp_pat
 
     from l4 import L4Manager
     from meshproxy.controller import Controller
-    from meshproxy.runtime import Runtime
-    from meshproxy.settings import Settings
+    from meshproxy.core.runtime import Runtime
+    from meshproxy.core.settings import Settings
     from discovery.store import Event
 
     block = f"127.0.{_random.randint(100, 250)}"

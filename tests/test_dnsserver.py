@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from discovery.manifests import load_text
 from discovery.store import ADDED, DELETED, Allocator, EndpointIndex, Event, Store
 from meshproxy.dnsserver import ClusterDNS, dashed
-from meshproxy.settings import Settings
-from meshproxy.snapshot import SnapshotBuilder
+from meshproxy.core.settings import Settings
+from meshproxy.core.snapshot import SnapshotBuilder
 
 DOMAIN = "cluster.local"
 

@@ -7,8 +7,8 @@ import pytest
 from discovery.endpoints import compute_endpoint_sets
 from discovery.manifests import load_text
 from discovery.store import ADDED, DELETED, MODIFIED, Allocator, EndpointIndex, Event, Store
-from meshproxy.settings import Settings
-from meshproxy.snapshot import SnapshotBuilder
+from meshproxy.core.settings import Settings
+from meshproxy.core.snapshot import SnapshotBuilder
 
 
 def objs(text: str):

@@ -18,6 +18,7 @@ import uvloop
 
 from discovery import objects as o
 from discovery.health import HealthChecker, ProbeError, ResponseReader, Thresholds, build_request
+from discovery.signals import Signals
 
 # -- pure parts ------------------------------------------------------------------------------------
 
@@ -176,19 +177,14 @@ def run_asyncio(coro):
     return asyncio.run(_closing(coro))
 
 
-class Counter:
-    """Stands in for the Prometheus counter so tests see exactly their own probes."""
+class Counter(Signals):
+    """Counts probe results so tests see exactly their own probes."""
 
     def __init__(self) -> None:
         self.values: dict[str, int] = {}
 
-    def labels(self, result):
-        outer = self
-
-        class Child:
-            def inc(self, n=1):
-                outer.values[result] = outer.values.get(result, 0) + n
-        return Child()
+    def probe(self, result):
+        self.values[result] = self.values.get(result, 0) + 1
 
 
 class NoJitter:
@@ -331,7 +327,7 @@ def checker(jitter=NoJitter, **kw):
     results: dict = {}
     rec = Recorder(results)
     counter = Counter()
-    hc = HealthChecker(results, rec, jitter=jitter, probe_counter=counter, **kw)
+    hc = HealthChecker(results, rec, jitter=jitter, signals=counter, **kw)
     _OPEN.append(hc)
     return hc, results, rec, counter
 
@@ -646,7 +642,7 @@ def test_on_change_errors_do_not_stop_probing():
             calls.append(name)
             raise RuntimeError("controller bug")
 
-        hc = HealthChecker(results, broken, jitter=NoJitter, probe_counter=Counter())
+        hc = HealthChecker(results, broken, jitter=NoJitter, signals=Counter())
         _OPEN.append(hc)
         hc.start()
         hc.sync(pods_map(pod("a", http_probe(srv.port)), pod("b", http_probe(srv.port))))

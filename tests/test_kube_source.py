@@ -37,6 +37,8 @@ from discovery.sources.kubernetes import (
     collection_path,
 )
 from discovery.store import ADDED, DELETED, MODIFIED
+from meshproxy.core import metrics
+from meshproxy.observe import MetricSignals
 
 DATA = Path(__file__).parent / "data" / "kube"
 TOKEN = "s3cr3t-token"
@@ -630,15 +632,15 @@ def test_dropped_connection_rewatches_from_last_version_without_duplicates():
 
 def test_dropped_connection_with_compacted_history_relists_and_emits_deletions():
     async def main():
-        from meshproxy import metrics
         api = FakeAPI()
         for n in "abc":
             api.put(PODS, pod(n))
-        async with running(api) as (src, rec):
+        signals = MetricSignals()   # what the process passes: the relist reaches the metric
+        async with running(api, signals=signals) as (src, rec):
             await src.synced.wait()
             await until(lambda: api.watchers, what="watch open")
             rec.take()
-            before = metrics.source_relists.labels("kubernetes")._value.get()
+            before = metrics.REGISTRY.get_sample_value("meshproxy_source_relists_total", {"source": "kubernetes"}) or 0
             api.drop_watches()
             api.delete(PODS, "a")                 # deleted while disconnected
             api.put(PODS, pod("b", ip="127.0.10.7"))   # changed while disconnected
@@ -647,7 +649,7 @@ def test_dropped_connection_with_compacted_history_relists_and_emits_deletions()
             await rec.wait(lambda: len(rec.events) >= 3)
             await asyncio.sleep(0.1)
             assert sorted(rec.take()) == [(ADDED, "Pod", "d"), (DELETED, "Pod", "a"), (MODIFIED, "Pod", "b")]
-            assert metrics.source_relists.labels("kubernetes")._value.get() == before + 1
+            assert metrics.REGISTRY.get_sample_value("meshproxy_source_relists_total", {"source": "kubernetes"}) == before + 1
             st = src.state()["kinds"]["Pod"]
             assert st["relists"] == 1 and st["objects"] == 3
             # Later changes come through the new watch, once.

@@ -32,10 +32,10 @@ from discovery.store import (
 from l4 import L4Manager
 from l4.proxy_protocol import V2_SIGNATURE, header, v1_header, v2_header
 from l4.pump import MAX_IN_FLIGHT
-from meshproxy import metrics
-from meshproxy.runtime import Runtime
-from meshproxy.settings import Settings
-from meshproxy.snapshot import SnapshotBuilder
+from meshproxy.core import metrics
+from meshproxy.core.runtime import Runtime
+from meshproxy.core.settings import Settings
+from meshproxy.core.snapshot import SnapshotBuilder
 
 # -- PROXY protocol byte format (haproxy doc/proxy-protocol.txt) ------------------------------
 

@@ -42,7 +42,7 @@ from backends import (
     ws_recv,
     ws_send,
 )
-from meshproxy import metrics
+from meshproxy.core import metrics
 from proc import wait_for
 
 MiB = 1024 * 1024
@@ -1224,7 +1224,7 @@ def test_repeated_request_head_is_forwarded_like_the_first(proxy, pods):
 
 def test_http_parser_modes():
     from l7.downstream import parser_mode
-    from meshproxy.settings import Settings
+    from meshproxy.core.settings import Settings
     assert parser_mode(Settings(http_parser="strict")) == "strict"
     assert parser_mode(Settings(http_parser="fast")) == "fast"
     with pytest.raises(ValueError):

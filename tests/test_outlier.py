@@ -1,12 +1,12 @@
 """Passive outlier detection: consecutive failures eject, ejections grow and decay, the cap and
-panic mode hold (meshproxy.outlier). Pure logic with a fake clock; no sockets."""
+panic mode hold (meshproxy.core.outlier). Pure logic with a fake clock; no sockets."""
 
 import pytest
 
 from discovery.endpoints import Endpoint
-from meshproxy import metrics
-from meshproxy.outlier import OutlierDetector
-from meshproxy.snapshot import Backend
+from meshproxy.core import metrics
+from meshproxy.core.outlier import OutlierDetector
+from meshproxy.core.snapshot import Backend
 
 
 class Clock:

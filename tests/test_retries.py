@@ -19,7 +19,7 @@ import threading
 import time
 
 from backends import Backend, Proxy, echo, get, ingress_yaml, request, service_yaml
-from meshproxy import metrics
+from meshproxy.core import metrics
 
 
 class StatusPod:

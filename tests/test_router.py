@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from l7.router import (
+from meshproxy.core.routes import (
     RouteEntry,
     RouteMatch,
     RouteTable,

@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 
-from meshproxy.sockets import control_path
+from meshproxy.control import control_path
 from proc import Meshproxy, free_port, wait_for
 from test_chaos import Load, Pod, hold, pod_yaml, services_yaml
 from test_control_plane import graceful_shutdown

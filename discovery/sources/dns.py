@@ -53,6 +53,7 @@ import dns.rdatatype
 import dns.resolver
 
 from ..endpoints import WEIGHT_PREFIX, srv_weight
+from ..signals import NO_SIGNALS, Signals
 from ..objects import EndpointSlice, Meta, Origin, Service, SliceEndpoint, SlicePort
 from ..store import ADDED, DELETED, MODIFIED, Event
 
@@ -359,7 +360,9 @@ class DnsSource:
                  servers: list[tuple[str, int]] | None = None,
                  min_ttl: float = 5.0, max_ttl: float = 300.0, *,
                  timeout: float = 2.0, concurrency: int = 32,
-                 resolver: dns.asyncresolver.Resolver | None = None) -> None:
+                 resolver: dns.asyncresolver.Resolver | None = None,
+                 signals: Signals = NO_SIGNALS) -> None:
+        self.signals = signals
         if not min_ttl > 0 or max_ttl < min_ttl:
             raise ValueError(f"need 0 < min_ttl <= max_ttl (got {min_ttl}, {max_ttl})")
         self._emit = emit
@@ -594,8 +597,7 @@ class DnsSource:
     def _update_up(self) -> None:
         if self._task is None:
             return
-        from meshproxy import metrics   # imported here: discovery must not need meshproxy to import
-        metrics.source_up.labels(self.name).set(1 if self._up() else 0)
+        self.signals.source_up(self.name, self._up())
 
 
 def _annotation_of(svc: Service) -> str:

@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .kubeconfig import KubeConfigError
-from .kubernetes import _NETWORK_ERRORS, ApiError, Backoff, KubernetesSource, NsName
+from .kubernetes import NETWORK_ERRORS, ApiError, Backoff, KubernetesSource, NsName
 
 __all__ = [
     "RBAC_WRITES",
@@ -82,7 +82,7 @@ def _sorted(points: Iterable[Point]) -> Status:
 
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
-_FAILURES = (*_NETWORK_ERRORS, KubeConfigError)   # what a write may meet besides ApiError
+_FAILURES = (*NETWORK_ERRORS, KubeConfigError)   # what a write may meet besides ApiError
 
 
 def _point(text: str) -> Point:

@@ -51,6 +51,7 @@ from urllib.parse import quote, urlencode
 import h11
 
 from ..manifests import parse_document
+from ..signals import NO_SIGNALS, Signals
 from ..store import ADDED, DELETED, MODIFIED, Event
 from .kubeconfig import KubeConfig, KubeConfigError
 
@@ -145,7 +146,7 @@ class _ProtocolError(Exception):
 
 # The failures that mean "this connection / this server is not usable right now": back off and
 # try again. Anything else is a bug and is logged with a traceback (and retried too).
-_NETWORK_ERRORS = (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+NETWORK_ERRORS = (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                    h11.RemoteProtocolError, _ProtocolError, EOFError)
 
 
@@ -442,7 +443,7 @@ class _Client:
             body = await resp.read()
             doc = json.loads(body)
             return doc if isinstance(doc, dict) else {"message": body[:200].decode(errors="replace")}
-        except (ValueError, *_NETWORK_ERRORS):
+        except (ValueError, *NETWORK_ERRORS):
             return None
 
     def close_all(self) -> None:
@@ -509,8 +510,10 @@ class KubernetesSource:
     def __init__(self, config: KubeConfig, emit: Callable[[list[Event]], None], namespace: str | None = None,
                  *, resources: Iterable[Resource] = RESOURCES, watch_timeout: float = 300.0,
                  backoff_base: float = 0.5, backoff_cap: float = 30.0, page_size: int = 500,
-                 unavailable_retry: float = 300.0, rand: random.Random | None = None) -> None:
+                 unavailable_retry: float = 300.0, rand: random.Random | None = None,
+                 signals: Signals = NO_SIGNALS) -> None:
         self.config = config
+        self.signals = signals
         self.emit = emit
         self.namespace = namespace or None
         self.watch_timeout = watch_timeout
@@ -547,12 +550,8 @@ class KubernetesSource:
     def start(self) -> None:
         """Start the list/watch tasks in the running loop. Raises KubeConfigError when the TLS
         settings cannot be loaded (a bad CA file, a key that does not match its certificate)."""
-        from meshproxy import (
-            metrics,  # the process's registry; imported late, discovery stays standalone
-        )
-        self._metrics = metrics
         self._client = _Client(self.config)
-        metrics.source_up.labels(SOURCE).set(0)
+        self.signals.source_up(SOURCE, False)
         loop = asyncio.get_running_loop()
         for k in self.kinds:
             self._tasks.append(loop.create_task(self._run(k), name=f"kube-{k.res.kind}"))
@@ -618,7 +617,7 @@ class KubernetesSource:
                 await self._fail(k, exc)
             except KubeConfigError as exc:     # e.g. the token file vanished
                 await self._fail(k, exc)
-            except _NETWORK_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 await self._fail(k, exc)
             except WatchFailed as exc:
                 await self._fail(k, exc)
@@ -695,7 +694,7 @@ class KubernetesSource:
         k.last_sync = time.time()
         if relist:
             k.relists += 1
-            self._metrics.source_relists.labels(SOURCE).inc()
+            self.signals.source_relisted(SOURCE)
             log.info("%s: relisted %d objects at resourceVersion %s: %d changes", k.res.kind, len(items), rv, len(events))
         else:
             log.debug("%s: listed %d objects at resourceVersion %s", k.res.kind, len(items), rv)
@@ -780,9 +779,8 @@ class KubernetesSource:
             x.phase in ("watching", "unavailable", "listing") and x.synced for x in self.kinds)
         if up != self._up:
             self._up = up
-            metrics = getattr(self, "_metrics", None)
-            if metrics is not None:
-                metrics.source_up.labels(SOURCE).set(1 if up else 0)
+            if self._client is not None:   # started
+                self.signals.source_up(SOURCE, up)
 
     # -- introspection ---------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ from math import gcd
 
 from discovery.endpoints import Endpoint
 
+from .outlier import OutlierDetector
 from .settings import Settings
 from .snapshot import Backend, Snapshot
 
@@ -342,7 +343,6 @@ class Balancers:
         self._tables: dict[int, _Tables] = {}
         self._lc_by_addr: dict[Addr, list[_LeastConn]] = {}
         # Passive outlier detection (Envoy's consecutive-failure ejection, panic mode).
-        from .outlier import OutlierDetector
         self.outlier = OutlierDetector()
         # (backend key, local_only) -> (source tuple, outlier version, filtered tuple): keeps the
         # filtered tuple identical while the ejected set is unchanged, so hash tables stay cached.

@@ -1,9 +1,10 @@
-"""Listening sockets, and handing them to a new process on upgrade (``run --takeover``).
+"""The control socket: handing our listening sockets to a new process on upgrade
+(``run --takeover``).
 
-Every listener of the process (L4, Ingress, admin) is created by ``listen()``, which
-registers it. An upgrade must not lose connections that the kernel has already accepted into
-a listener's queue: with plain SO_REUSEPORT, closing the old process's socket resets what sat
-in its queue. So the old process passes its listening sockets themselves (SCM_RIGHTS over a
+Every listener of the process (L4, Ingress, admin) is created by
+``meshproxy.core.sockets.listen()``, which registers it. An upgrade must not lose connections
+that the kernel has already accepted into a listener's queue: with plain SO_REUSEPORT, closing
+the old process's socket resets what sat in its queue. So the old process passes its listening sockets themselves (SCM_RIGHTS over a
 unix control socket) to the new one; the kernel socket — and its queue — stays open while
 either process holds it. Procedure:
 
@@ -25,63 +26,11 @@ import os
 import socket
 from typing import Callable
 
-__all__ = ["listen", "release", "registered", "adopt_inherited", "unused_inherited",
-           "ControlServer", "request_takeover", "control_path"]
+from .core.sockets import adopt_inherited, registered
 
-log = logging.getLogger("meshproxy.sockets")
+__all__ = ["ControlServer", "Takeover", "control_path", "request_takeover"]
 
-_registry: dict[tuple[str, int], socket.socket] = {}
-_inherited: dict[tuple[str, int], socket.socket] = {}
-
-
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A non-blocking listening TCP socket on exactly (host, port), shared with other
-    processes through SO_REUSEPORT; an inherited one (takeover) when there is one."""
-    sock = _inherited.pop((host, port), None)
-    if sock is None:
-        sock = socket.socket(_family(host), socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if hasattr(socket, "SO_REUSEPORT"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-        except OSError:
-            sock.close()
-            raise
-    else:
-        log.info("using inherited listener %s:%d", host, port)
-    sock.setblocking(False)
-    bound = sock.getsockname()[:2]
-    _registry[(host, bound[1])] = sock
-    return sock
-
-
-def release(sock: socket.socket) -> None:
-    for k, v in list(_registry.items()):
-        if v is sock:
-            del _registry[k]
-
-
-def registered() -> dict[tuple[str, int], socket.socket]:
-    return dict(_registry)
-
-
-def adopt_inherited(socks: dict[tuple[str, int], socket.socket]) -> None:
-    _inherited.update(socks)
-
-
-def unused_inherited() -> list[tuple[str, int]]:
-    """Close inherited sockets nobody asked for (listeners the new configuration dropped)."""
-    gone = list(_inherited)
-    for sock in _inherited.values():
-        sock.close()
-    _inherited.clear()
-    return gone
+log = logging.getLogger("meshproxy.control")
 
 
 def control_path(admin: tuple[str, int]) -> str:

@@ -4,7 +4,7 @@ The controller builds a new ``Snapshot`` off the data path whenever objects or e
 states change and publishes it by swapping one reference. L4 reads it once per accepted
 connection, L7 once per request; neither ever mutates it. Live state that must outlive a
 snapshot (connection counts, affinity pins, health marks) is kept beside it, keyed by
-endpoint address (``meshproxy.balancers``).
+endpoint address (``meshproxy.core.balancers``).
 
 Structural sharing: ``build_snapshot`` reuses the ``Backend`` objects of services whose inputs
 did not change (same Service object, same endpoint sets), and the route table when no
@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 from discovery import objects as o
 from discovery.endpoints import Endpoint, EndpointSet
-from l7.router import RouteEntry, RouteTable, check_entry
-from l7.tls import make_context
+from meshproxy.core.routes import RouteEntry, RouteTable, check_entry
+from meshproxy.core.tls import make_context
 
 from .settings import LB_POLICIES, Settings
 

@@ -1,0 +1,55 @@
+"""Server TLS contexts made from PEM material (a Secret's tls.crt / tls.key).
+
+Settings (Mozilla "intermediate"): TLS 1.2 and 1.3 only, ECDHE key exchange with AEAD ciphers
+for 1.2, no compression, no renegotiation. The control plane uses ``make_context`` to check a
+Secret once when it enters the snapshot; the L7 listener uses the same factory to serve it.
+
+``ssl`` loads a certificate and key only from files: each PEM pair is written to a private
+temporary file (``mkstemp``: mode 0600, in a fresh 0700 directory) and removed right after
+loading.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import tempfile
+
+__all__ = ["base_context", "make_context"]
+
+_CIPHERS_TLS12 = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+def base_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_CIPHERS_TLS12)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def make_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A server context holding one certificate chain and its key. Raises ssl.SSLError or
+    ValueError when they do not load (bad PEM, key not matching the certificate)."""
+    ctx = base_context()
+    tmpdir = tempfile.mkdtemp(prefix="meshproxy-tls-")   # 0700
+    try:
+        fd, path = tempfile.mkstemp(dir=tmpdir, suffix=".pem")   # 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(cert_pem.rstrip(b"\n") + b"\n" + key_pem)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ctx
+

@@ -1,0 +1,53 @@
+"""The data plane of one process: its L4 and L7 listeners, with one lifecycle.
+
+The single process (``meshproxy.process``) and every ``--workers`` child
+(``meshproxy.workers``) run exactly this: ``start`` subscribes the L4 listeners and the
+ingress server to the runtime's snapshots, ``stop_accepting`` closes the listening sockets
+(connections already queued are taken over or refused by the kernel), ``drain`` lets open
+connections finish within a deadline, ``close`` does both at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from l4.listeners import L4Manager
+from l7.downstream import IngressServer
+
+from .core.runtime import Runtime
+
+__all__ = ["DataPlane"]
+
+
+class DataPlane:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        settings = runtime.settings
+        self.l4 = L4Manager(runtime)
+        self.ingress: IngressServer | None = None
+        if settings.ingress_listen or settings.ingress_tls_listen:
+            self.ingress = IngressServer(runtime)
+
+    async def start(self) -> None:
+        self.runtime.subscribe(self.l4.apply)
+        if self.ingress is not None:
+            await self.ingress.start()
+            self.runtime.subscribe(self.ingress.apply)
+
+    async def stop_accepting(self) -> None:
+        await self.l4.stop_accepting()
+        if self.ingress is not None:
+            await self.ingress.stop_accepting()
+
+    async def drain(self, timeout: float) -> None:
+        waits = [self.l4.drain(timeout)]
+        if self.ingress is not None:
+            waits.append(self.ingress.drain(timeout))
+        await asyncio.gather(*waits, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.stop_accepting()
+        await self.drain(0)
+
+    def listener_errors(self) -> dict[str, str]:
+        return {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())}
