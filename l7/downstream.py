@@ -51,7 +51,7 @@ from typing import Any
 
 
 from meshproxy.core import metrics, sockets
-from meshproxy.core.routes import normalize_request_path
+from meshproxy.core.paths import normalize_request_path
 
 from .accesslog import AccessLog
 from .headers import IDEMPOTENT_METHODS, ClientInfo, TrustedProxies, request_headers, response_headers
@@ -668,11 +668,11 @@ class ClientConnection(asyncio.Protocol):
             self.stats = stats
             return self._local(404, b"404 page not found: no Ingress rule matches this host and path\n")
         self.match = m
-        target = m.backend
+        target = m.action
         self.stats = stats
-        if target.ssl_redirect and not self.tls and not self._forwarded_https(head):
+        if target.redirect is not None and not self.tls and not self._forwarded_https(head):
             return self._redirect_https(head)
-        key = target.backend
+        key = target.backends[0].key
         backend = snap.backends.get(key) if key is not None else None
         if backend is None or not backend.usable:
             stats.error("no_endpoints")
@@ -855,7 +855,7 @@ class ClientConnection(asyncio.Protocol):
         self._add_tried(ep)
         # Nothing was sent: another endpoint may always be tried (at least one other, and up
         # to the route's attempts).
-        if self.connect_failures < max(self.target.retries, 2):
+        if self.connect_failures < max(self.target.attempts, 2):
             nxt = server.balancers.pick(self.backend, self.peer_ip, exclude=self.tried,
                                         policy=self.backend.l7_policy)
             if nxt is not None:
@@ -931,7 +931,7 @@ class ClientConnection(asyncio.Protocol):
             return True  # the keep-alive race, not a failing pod: outside the budget
         if kind == "timeout" and self.target.per_try_timeout is None:
             return False  # the route's whole timeout is spent
-        return self.attempts < self.target.retries and self._take_budget()
+        return self.attempts < self.target.attempts and self._take_budget()
 
     def _take_budget(self) -> bool:
         """A slot of the backend's retry budget for this request (Envoy's retry budget): retries
@@ -962,7 +962,7 @@ class ClientConnection(asyncio.Protocol):
         response is read to its end if it is already here (then the connection is pooled when
         keep-alive), else that connection is closed. False: relay the response as is."""
         if (self.sent is None or not self.req_done or self.resp_started
-                or self.attempts >= self.target.retries or self.state != _BUSY
+                or self.attempts >= self.target.attempts or self.state != _BUSY
                 or self.method not in IDEMPOTENT_METHODS):
             return False
         server = self.server
@@ -1252,8 +1252,8 @@ class ClientConnection(asyncio.Protocol):
             server.access_log.log(
                 self.peer_ip, head.method, head.target, head.version, status, self.resp_bytes, dt,
                 f"{ep.ip}:{ep.port}" if ep is not None else "",
-                m.ingress if m is not None else "",
-                f"{m.host or ''}{m.path}" if m is not None else "",
+                m.source.partition(" ")[2] if m is not None else "",
+                m.name if m is not None else "",
                 self.attempts)
 
     def _finish(self) -> None:
@@ -1645,12 +1645,13 @@ class IngressServer:
             self._stats_by_match = {}
         s = self._stats_by_match.get(id(match))
         if s is None:
-            target = match.backend
-            ns, _, _ = match.ingress.partition("/")
-            service = target.backend[1] if target.backend is not None else ""
-            if target.backend is not None:
-                ns = target.backend[0]
-            key = (ns, match.ingress, service)
+            ref = match.action.backends[0] if match.action.backends else None
+            ingress = match.source.partition(" ")[2]
+            ns, _, _ = ingress.partition("/")
+            service = ref.key[1] if ref is not None and ref.key is not None else ""
+            if ref is not None and ref.key is not None:
+                ns = ref.key[0]
+            key = (ns, ingress, service)
             s = self._stats.get(key)
             if s is None:
                 s = self._stats[key] = _RouteStats(*key)

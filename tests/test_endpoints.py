@@ -333,9 +333,9 @@ def test_broken_ingress_backend_affects_only_that_path():
         """)
     snap = Cluster(text).snapshot()
     ok = snap.routes.match("x", "/ok/1")
-    assert ok.backend.backend == ("default", "web", "http") and ok.backend.error is None
-    assert snap.routes.match("x", "/missing").backend.error == "service default/nope not found"
-    assert snap.routes.match("x", "/badport").backend.error == "service default/web has no TCP port 'grpc'"
+    assert ok.action.backends[0].key == ("default", "web", "http") and ok.action.backends[0].error is None
+    assert snap.routes.match("x", "/missing").action.backends[0].error == "service default/nope not found"
+    assert snap.routes.match("x", "/badport").action.backends[0].error == "service default/web has no TCP port 'grpc'"
     assert any("spec.rules[0].http.paths[1]" in p for p in snap.problems)
 
 

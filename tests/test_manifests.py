@@ -427,9 +427,10 @@ def test_path_the_router_cannot_reach_does_not_drop_the_ingress():
     ing, errs, _ = parse_document(doc, "<api>", 0)
     assert ing is not None and not errs
     assert [p.path for p in ing.rules[0].paths] == ["/ok", "/a%25b", "/%2e%2e"]
-    from meshproxy.core.routes import RouteEntry, RouteTable
-    entries = [RouteEntry("a.example", p.path, p.path_type, p.backend.service, "default/i", "") for p in ing.rules[0].paths]
-    table = RouteTable.build(entries, None, "")
+    from meshproxy.core.ingress import ingress_route
+    from meshproxy.core.routes import Action, RouteTable
+    entries = [ingress_route("a.example", p.path, p.path_type, Action(), "default/i") for p in ing.rules[0].paths]
+    table = RouteTable.build(entries)
     assert table.match("a.example", "/ok/x") is not None
     assert table.match("a.example", "/a%25b") is not None
     assert any("%2e%2e" in s for s in table.skipped), table.skipped

@@ -1,4 +1,4 @@
-"""Table tests for l7.router: Ingress (networking.k8s.io/v1) host and path matching.
+"""Table tests for the route table with Ingress rules (meshproxy.core.routes + ingress): Ingress (networking.k8s.io/v1) host and path matching.
 
 Sources of the expected values: the Kubernetes "Ingress" concept page (path-matching examples
 table, hostname wildcards table, multiple matches), the HTTPIngressPath / IngressRule API
@@ -14,15 +14,77 @@ import random
 
 import pytest
 
-from meshproxy.core.routes import (
-    RouteEntry,
-    RouteMatch,
-    RouteTable,
-    check_entry,
-    normalize_request_path,
-)
+from meshproxy.core.ingress import check_path, default_route, ingress_route
+from meshproxy.core.paths import normalize_request_path
+from meshproxy.core.routes import Action, RouteTable
 
 ING = "default/ing"
+
+
+# The tests below are written in Ingress terms (host, path, pathType, backend, ingress, age):
+# ``build`` compiles such entries exactly as the snapshot builder does (meshproxy.core.ingress)
+# and the wrapper hands back, for each match, the entry that won.
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteEntry:
+    host: str | None
+    path: str
+    path_type: str
+    backend: object
+    ingress: str
+    created: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteMatch:
+    backend: object
+    ingress: str
+    host: str | None
+    path: str
+    path_type: str
+
+
+def check_entry(e: RouteEntry) -> str | None:
+    return check_path(e.host, e.path, e.path_type)
+
+
+class Built:
+    def __init__(self, table: RouteTable, tokens: dict) -> None:
+        self.table = table
+        self.tokens = tokens
+        self.conflicts = table.conflicts
+        self.skipped = table.skipped
+
+    def match(self, host, path):
+        r = self.table.match(host, path)
+        if r is None:
+            return None
+        backend, ingress = self.tokens[id(r)]
+        return RouteMatch(backend, ingress, r.host, r.path, r.written_kind or r.path_kind)
+
+    def describe(self):
+        return [{"host": row["host"], "path": row["path"], "pathType": row["pathType"],
+                 "ingress": row["source"].partition(" ")[2], "backend": row["route"]}
+                for row in self.table.describe()]
+
+
+def build(entries, default_backend=None, default_ingress=""):
+    tokens = {}
+    out = []
+    for e in entries:
+        bad = check_entry(e)
+        if bad:
+            raise ValueError(f"Ingress {e.ingress}: {bad}")
+        ent = ingress_route(e.host, e.path, e.path_type, Action(), e.ingress, e.created)
+        ent = dataclasses.replace(ent, route=dataclasses.replace(ent.route, name=str(e.backend)))
+        tokens[id(ent.route)] = (e.backend, e.ingress)
+        out.append(ent)
+    default = None
+    if default_backend is not None:
+        default = dataclasses.replace(default_route(Action(), default_ingress), name=str(default_backend))
+        tokens[id(default)] = (default_backend, default_ingress)
+    return Built(RouteTable.build(out, default=default), tokens)
 
 
 def entry(path, path_type="Prefix", backend=None, *, host=None, ingress=ING, created=""):
@@ -113,20 +175,20 @@ def test_docs_path_table(rules, request_path, winner, host, reverse):
     entries = [entry(path, typ, host=host) for path, typ in rules]
     if reverse:  # order in the Ingress never matters
         entries.reverse()
-    table = RouteTable.build(entries)
+    table = build(entries)
     expected = None if winner is None else f"{winner[1]}:{winner[0]}"
     assert routed(table, "foo.bar.com", request_path) == expected
 
 
 def test_docs_row_prefix_aaa_vs_ccc_uses_default_backend():
-    table = RouteTable.build([entry("/aaa")], default_backend="default-svc", default_ingress="ns/d")
+    table = build([entry("/aaa")], default_backend="default-svc", default_ingress="ns/d")
     assert table.match("x", "/ccc") == RouteMatch("default-svc", "ns/d", None, "", "Default")
     assert routed(table, "x", "/aaa/ccc") == "Prefix:/aaa"
 
 
 def test_match_result_is_the_winning_entry_as_written():
     e = entry("/aaa/bbb/", P, backend=object(), host="Foo.Bar.com", ingress="ns/x")
-    m = RouteTable.build([e]).match("foo.bar.com", "/aaa/bbb/ccc")
+    m = build([e]).match("foo.bar.com", "/aaa/bbb/ccc")
     assert m == RouteMatch(e.backend, "ns/x", "Foo.Bar.com", "/aaa/bbb/", "Prefix")
     assert m.backend is e.backend
 
@@ -156,7 +218,7 @@ HOST_TABLE = [
 
 @pytest.mark.parametrize("rule_host, request_host, matches", HOST_TABLE)
 def test_host_table(rule_host, request_host, matches):
-    table = RouteTable.build([entry("/", host=rule_host, backend="svc")])
+    table = build([entry("/", host=rule_host, backend="svc")])
     assert (table.match(request_host, "/") is not None) is matches
 
 
@@ -174,7 +236,7 @@ def test_host_table(rule_host, request_host, matches):
     ],
 )
 def test_host_case_port_and_trailing_dot_ignored(request_host):
-    table = RouteTable.build([entry("/", host="foo.bar.com", backend="svc")])
+    table = build([entry("/", host="foo.bar.com", backend="svc")])
     assert routed(table, request_host, "/x") == "svc"
 
 
@@ -188,7 +250,7 @@ def test_host_case_port_and_trailing_dot_ignored(request_host):
     ],
 )
 def test_wildcard_host_with_port_case_dot(request_host, expected):
-    table = RouteTable.build([entry("/", host="*.foo.com", backend="wild")])
+    table = build([entry("/", host="*.foo.com", backend="wild")])
     assert routed(table, request_host, "/") == expected
 
 
@@ -206,7 +268,7 @@ def test_wildcard_host_with_port_case_dot(request_host, expected):
     ],
 )
 def test_host_literals_and_non_ascii(request_host, expected):
-    table = RouteTable.build(
+    table = build(
         [
             entry("/", host="bar.com", backend="bar"),
             entry("/", host="k.foo.com", backend="k"),
@@ -217,13 +279,13 @@ def test_host_literals_and_non_ascii(request_host, expected):
 
 
 def test_rule_host_case_and_trailing_dot_normalised():
-    table = RouteTable.build([entry("/", host="Foo.Bar.COM.", backend="svc")])
+    table = build([entry("/", host="Foo.Bar.COM.", backend="svc")])
     assert routed(table, "foo.bar.com", "/") == "svc"
     assert table.describe()[0]["host"] == "foo.bar.com"
 
 
 def test_exact_host_beats_wildcard_beats_hostless():
-    table = RouteTable.build(
+    table = build(
         [
             entry("/", host=None, backend="any"),
             entry("/", host="*.foo.com", backend="wild"),
@@ -262,21 +324,21 @@ def layered():
     ],
 )
 def test_fall_through_to_less_specific_host(layered, request_host, path, expected):
-    assert routed(RouteTable.build(layered), request_host, path) == expected
+    assert routed(build(layered), request_host, path) == expected
 
 
 def test_fall_through_ends_at_default_then_none(layered):
     without_hostless = layered[:2]
-    with_default = RouteTable.build(
+    with_default = build(
         without_hostless, default_backend="dflt", default_ingress="ns/d"
     )
     assert routed(with_default, "bar.foo.com", "/other") == "dflt"
     assert with_default.match("bar.foo.com", "/other").path_type == "Default"
-    assert routed(RouteTable.build(without_hostless), "bar.foo.com", "/other") is None
+    assert routed(build(without_hostless), "bar.foo.com", "/other") is None
 
 
 def test_more_specific_host_wins_over_longer_path_at_less_specific_host():
-    table = RouteTable.build(
+    table = build(
         [
             entry("/", P, host="foo.com", backend="host-root"),
             entry("/very/long/path", P, host=None, backend="hostless-long"),
@@ -292,7 +354,7 @@ def test_more_specific_host_wins_over_longer_path_at_less_specific_host():
 
 
 def test_conformance_host_rules():
-    table = RouteTable.build(
+    table = build(
         [
             entry("/", host="*.foo.com", backend="wildcard-foo-com"),
             entry("/", host="foo.bar.com", backend="foo-bar-com"),
@@ -339,7 +401,7 @@ CONFORMANCE_PATH_RULES = [
     ],
 )
 def test_conformance_path_rules(host, path, service):
-    assert routed(RouteTable.build(CONFORMANCE_PATH_RULES), host, path) == service
+    assert routed(build(CONFORMANCE_PATH_RULES), host, path) == service
 
 
 @pytest.mark.parametrize(
@@ -353,7 +415,7 @@ def test_conformance_path_rules(host, path, service):
     ],
 )
 def test_conformance_default_backend_only(host, path):
-    table = RouteTable.build(
+    table = build(
         [], default_backend="echo-service", default_ingress="ns/default-backend"
     )
     m = table.match(host, normalize_request_path(path))
@@ -361,7 +423,7 @@ def test_conformance_default_backend_only(host, path):
 
 
 def test_empty_table_matches_nothing():
-    table = RouteTable.build([])
+    table = build([])
     assert table.match("foo.com", "/") is None
     assert table.describe() == []
     assert table.conflicts == () and table.skipped == ()
@@ -395,17 +457,17 @@ IS = "ImplementationSpecific"
     ],
 )
 def test_implementation_specific_is_literal_prefix(rule, request_path, matches):
-    table = RouteTable.build([entry(rule, IS, backend="svc")])
+    table = build([entry(rule, IS, backend="svc")])
     assert (routed(table, "h", request_path) == "svc") is matches
 
 
 def test_implementation_specific_reports_its_own_type():
-    m = RouteTable.build([entry("", IS, backend="svc")]).match("h", "/x")
+    m = build([entry("", IS, backend="svc")]).match("h", "/x")
     assert (m.path, m.path_type) == ("", IS)
 
 
 def test_exact_beats_implementation_specific_on_tie():
-    table = RouteTable.build([entry("/foo", IS), entry("/foo", E)])
+    table = build([entry("/foo", IS), entry("/foo", E)])
     assert routed(table, "h", "/foo") == "Exact:/foo"
     assert routed(table, "h", "/foo/x") == "ImplementationSpecific:/foo"
 
@@ -456,7 +518,7 @@ def test_conflict_resolution(rivals, request_path, winner):
     loser = next(r.ingress for r in rivals if r.ingress != winner)
     host = "x.foo.com"  # served by every rival host above, exact "foo.com" aside
     for order in (rivals, rivals[::-1]):  # input order never decides between Ingresses
-        table = RouteTable.build(order)
+        table = build(order)
         req_host = "foo.com" if any(r.host and "*" not in r.host for r in rivals) else host
         assert routed(table, req_host, request_path) == winner
         assert len(table.conflicts) == 1
@@ -465,7 +527,7 @@ def test_conflict_resolution(rivals, request_path, winner):
 
 
 def test_same_path_twice_in_one_ingress_first_wins():
-    table = RouteTable.build([entry("/a", backend="first"), entry("/a", backend="second")])
+    table = build([entry("/a", backend="first"), entry("/a", backend="second")])
     assert routed(table, "h", "/a") == "first"
     assert len(table.conflicts) == 1 and "first one wins" in table.conflicts[0]
 
@@ -482,14 +544,14 @@ def test_same_path_twice_in_one_ingress_first_wins():
     ],
 )
 def test_no_conflict(entries):
-    table = RouteTable.build(entries)
+    table = build(entries)
     assert table.conflicts == ()
     assert len(table.describe()) == 2
 
 
 def test_conflict_across_ingresses_merges_other_paths():
     """Rules of all Ingresses are merged; only the contested slot is decided by age."""
-    table = RouteTable.build(
+    table = build(
         [
             rival("ns/new", NEW, "/api"),
             rival("ns/new", NEW, "/new-only"),
@@ -624,7 +686,7 @@ CANONICAL_EQUIVALENCE = [
 @pytest.mark.parametrize("path_type", [P, E, IS])
 @pytest.mark.parametrize("rule, request_path, matches", CANONICAL_EQUIVALENCE)
 def test_rule_and_request_paths_compared_canonically(rule, request_path, matches, path_type):
-    table = RouteTable.build([entry(rule, path_type, backend="svc")])
+    table = build([entry(rule, path_type, backend="svc")])
     assert (routed(table, "h", request_path) == "svc") is matches
     if path_type != E and matches:
         assert routed(table, "h", request_path + "/sub") == "svc"
@@ -632,14 +694,14 @@ def test_rule_and_request_paths_compared_canonically(rule, request_path, matches
 
 def test_dot_dot_semicolon_cannot_reach_another_prefix():
     """The Tomcat/Spring "..;" bypass: a client allowed /public must not reach /admin."""
-    table = RouteTable.build([entry("/public", backend="pub"), entry("/admin", backend="adm")])
+    table = build([entry("/public", backend="pub"), entry("/admin", backend="adm")])
     assert routed(table, "h", "/public/x;y") == "pub"
     for raw in ("/public/..;/admin", "/public/%2e%2e;/admin", "/public/..%3b/admin", "/public/.;/../admin"):
         assert normalize_request_path(raw) is None, raw
 
 
 def test_match_on_raw_path_compares_exactly_as_sent():
-    table = RouteTable.build([entry("/foo", backend="svc")])
+    table = build([entry("/foo", backend="svc")])
     assert table.match("h", "/foo/bar").backend == "svc"
     assert table.match("h", "/fo%6f") is None  # not canonicalised by match() itself
 
@@ -681,7 +743,7 @@ def test_entries_the_api_would_refuse(bad, message):
     problem = check_entry(bad)
     assert problem is not None and message in problem
     with pytest.raises(ValueError, match=r"Ingress default/ing: "):
-        RouteTable.build([entry("/ok"), bad])
+        build([entry("/ok"), bad])
 
 
 @pytest.mark.parametrize(
@@ -700,7 +762,7 @@ def test_entries_the_api_would_refuse(bad, message):
 )
 def test_entries_the_api_accepts(good):
     assert check_entry(good) is None
-    assert len(RouteTable.build([good]).describe()) == 1
+    assert len(build([good]).describe()) == 1
 
 
 @pytest.mark.parametrize(
@@ -717,13 +779,13 @@ def test_entries_the_api_accepts(good):
     ],
 )
 def test_unreachable_entries_are_skipped_and_reported(path, path_type):
-    table = RouteTable.build([entry(path, path_type, ingress="ns/odd"), entry("/", backend="root")])
+    table = build([entry(path, path_type, ingress="ns/odd"), entry("/", backend="root")])
     assert len(table.skipped) == 1 and "ns/odd" in table.skipped[0]
     assert [r["path"] for r in table.describe()] == ["/"]
 
 
 def test_implementation_specific_double_slash_is_merged():
-    table = RouteTable.build([entry("/a//b", IS, backend="svc")])
+    table = build([entry("/a//b", IS, backend="svc")])
     assert routed(table, "h", "/a/b/c") == "svc"
 
 
@@ -733,7 +795,7 @@ def test_implementation_specific_double_slash_is_merged():
 
 
 def test_describe_lists_winners_in_evaluation_order():
-    table = RouteTable.build(
+    table = build(
         [
             entry("/", P, "root", host=None, ingress="ns/a"),
             entry("/x", E, "wx", host="*.foo.com", ingress="ns/a"),
@@ -773,24 +835,27 @@ def test_describe_stringifies_backends():
         def __str__(self):
             return "default/web:http"
 
-    table = RouteTable.build([entry("/", backend=Backend())])
+    table = build([entry("/", backend=Backend())])
     assert table.describe()[0]["backend"] == "default/web:http"
 
 
 def test_table_is_immutable():
-    table = RouteTable.build([entry("/a", host="foo.com"), entry("/b")])
+    table = build([entry("/a", host="foo.com"), entry("/b")])
+    raw = table.table
     with pytest.raises(dataclasses.FrozenInstanceError):
-        table.conflicts = ("x",)
+        raw.conflicts = ("x",)
     with pytest.raises(TypeError):
-        table._exact_hosts["evil.com"] = table._any_host  # type: ignore[index]
+        raw._exact_hosts["evil.com"] = raw._any_host  # type: ignore[index]
     with pytest.raises(TypeError):
-        table._any_host.prefix["/evil"] = None  # type: ignore[index]
+        raw._any_host.prefix["/evil"] = None  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        raw.match("foo.com", "/a").name = "other"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         table.match("foo.com", "/a").backend = "other"  # type: ignore[misc]
 
 
 def test_build_consumes_any_iterable_once():
-    table = RouteTable.build(entry(p, backend=p) for p in ("/a", "/b"))
+    table = build(entry(p, backend=p) for p in ("/a", "/b"))
     assert routed(table, "h", "/b/c") == "/b"
 
 
@@ -821,7 +886,7 @@ def ten_thousand_entries():
 
 
 def test_ten_thousand_rules():
-    table = RouteTable.build(ten_thousand_entries(), default_backend="dflt")
+    table = build(ten_thousand_entries(), default_backend="dflt")
     assert table.conflicts == () and table.skipped == ()
     assert len(table.describe()) == 10_001
     for i in range(0, 1000, 37):
@@ -850,7 +915,7 @@ def test_ten_thousand_rules():
 
 
 def test_very_deep_and_very_long_paths():
-    table = RouteTable.build([entry("/a", backend="a"), entry("/a/a/a", E, backend="aaa")])
+    table = build([entry("/a", backend="a"), entry("/a/a/a", E, backend="aaa")])
     deep = "/a" * 20_000
     assert routed(table, "h", deep) == "a"
     assert routed(table, "h", "/a/a/a") == "aaa"
@@ -933,7 +998,7 @@ def test_against_reference(seed):
         for n in range(rnd.randint(1, 40))
     ]
     default = rnd.choice([None, "dflt"])
-    table = RouteTable.build(entries, default_backend=default)
+    table = build(entries, default_backend=default)
     req_hosts = ["x.com", "X.COM:80", "y.x.com", "z.x.com.", "w.y.x.com", "q.w.y.x.com", "o", ""]
     for _ in range(200):
         host, path = rnd.choice(req_hosts), rand_path()
@@ -945,7 +1010,7 @@ def test_against_reference(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_match_never_raises(seed):
     rnd = random.Random(seed)
-    table = RouteTable.build(
+    table = build(
         [entry("/", host="*.x.com"), entry("/a", E, host="x.com"), entry("/b")], default_backend="d"
     )
     alphabet = "/.%:[]aA0\\?#\x00 \u00e9\u212a2fF"

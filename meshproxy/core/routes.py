@@ -1,297 +1,324 @@
-"""Ingress route table: host -> path -> backend, built once per snapshot, matched per request.
+"""The route model: what every L7 rule compiles into, and the table requests are matched in.
 
-Semantics follow networking.k8s.io/v1 Ingress (API reference and the "Ingress" concept page);
-docs/routing.md is the user-facing description and the record of every choice made here.
+Ingress rules (``meshproxy.core.ingress``), and the other L7 configuration kinds, compile into
+the same three things:
+
+* a **Route**: where it applies (host, path match, optional conditions on method, headers,
+  query parameters and cookies) and what it does (its ``Action``); its ``name`` is the label
+  metrics and access logs use for it;
+* an **Action**: weighted backend references and the rule's filters - request / response
+  header changes, redirect, rewrite, mirrors, timeouts, retry policy, extension filters;
+* a **RouteTable**: the routes of one listener (or of the Ingress class), grouped by host and
+  indexed by path, built once per snapshot and never mutated.
+
+Precedence is data. Every entry handed to ``RouteTable.build`` carries a ``rank`` (a tuple, lower
+wins) that orders entries competing for the same request; the table keeps candidates in that
+order and the first one whose conditions hold answers. What differs between rule kinds is only
+the rank they compute and two table options: how a ``*.`` host wildcard matches (one label for
+Ingress, any suffix for Gateway API) and whether a host whose paths do not match falls through
+to the less specific hosts (Ingress) or answers 404 (Gateway API).
 
 Invariants this module keeps:
 
-* ``RouteTable.build()`` does all the work; a built table is never mutated (frozen dataclasses,
-  ``MappingProxyType``), so one table can be shared by every worker task and swapped by reference.
-* ``match()`` does no I/O, never raises for any ``str`` input, allocates only the few substrings
-  it probes, and returns precomputed ``RouteMatch`` objects.  Its cost is O(depth of the request
-  path) dictionary probes - it does not depend on the number of rules (see ``_PathLevel``).
-* Host levels are tried most specific first - exact host, then the ``*.`` wildcard covering
-  exactly one label, then rules without host - and a level whose paths do not match falls
-  through to the next one.  ``defaultBackend`` only answers when no level matches; ``None``
-  means "no route" (the proxy answers 404).
-* Within a level: an Exact path matching the whole request path always wins (it is the longest
-  possible match and Exact beats Prefix on equal length); otherwise the longest Prefix whose
-  path elements are a prefix of the request's elements wins.  ImplementationSpecific is Prefix.
-* Rule paths and request paths are compared in one canonical form (``normalize_request_path``):
-  percent-escapes of unreserved characters decoded, other escapes upper-cased, runs of ``/``
-  merged.  Requests with dot-segments (also ``..;param``), encoded ``/`` ``\\`` or NUL, a raw
-  ``\\`` or a broken escape are refused (None -> 400) because backends disagree on what they mean.
-* Two entries for the same slot (host, canonical path, Exact vs Prefix-like) from different
-  Ingresses: the oldest creationTimestamp wins (unknown sorts last), then namespace/name, then
-  input order; every loser is reported in ``RouteTable.conflicts``.
+* ``match()`` does no I/O, never raises for any input, and allocates only the substrings it
+  probes; for path-only tables it returns one of the precomputed ``Route`` objects after
+  O(path depth) dict probes, independent of the number of rules.
+* Within a host: Exact candidates for the whole path first, then RegularExpression candidates
+  where the table says so, then Prefix candidates from the longest matching prefix to the
+  shortest, each group in rank order. So an Exact match always beats a Prefix one, a longer
+  prefix beats a shorter one, and among equal paths the rank (conditions count, age, name,
+  order) decides.
+* Two entries with the same host, path match and conditions: the lower rank wins and the other
+  is reported in ``RouteTable.conflicts``; it can never answer.
+* Paths are compared in one canonical form (``meshproxy.core.paths``).
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from itertools import accumulate
 from types import MappingProxyType
+from typing import Any
+
+from .paths import canonical_rule_path, request_host, rule_host
 
 __all__ = [
-    "DEFAULT_PATH_TYPE",
-    "PATH_TYPES",
+    "EXACT",
+    "PREFIX",
+    "REGEX",
+    "DEFAULT",
+    "Action",
+    "BackendRef",
+    "Conditions",
+    "CookieMatch",
+    "HeaderEdits",
+    "HeaderMatch",
+    "Mirror",
+    "QueryMatch",
+    "Redirect",
+    "Rewrite",
+    "Route",
     "RouteEntry",
-    "RouteMatch",
     "RouteTable",
-    "check_entry",
-    "normalize_request_path",
 ]
 
-PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
-DEFAULT_PATH_TYPE = "Default"  # RouteMatch.path_type when the defaultBackend answered
+# Path match kinds.
+EXACT = "Exact"
+PREFIX = "Prefix"
+REGEX = "RegularExpression"
+DEFAULT = "Default"   # the route that answers when nothing matches (Ingress defaultBackend)
+
+
+# --------------------------------------------------------------------------------------------
+# Conditions beyond host and path
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A request header's value: exactly ``value``, or (``regex`` set) matched by it in full.
+    ``name`` is lower-case bytes. Several fields of the same name are joined by ", " first
+    (RFC 9110 §5.3), which is how a client may legally have split them."""
+
+    name: bytes
+    value: bytes = b""
+    regex: re.Pattern | None = None
+    invert: bool = False
+
+    def test(self, value: bytes | None) -> bool:
+        if value is None:
+            ok = False
+        elif self.regex is not None:
+            ok = self.regex.fullmatch(value.decode("latin-1")) is not None
+        else:
+            ok = value == self.value
+        return ok is not self.invert
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """A query parameter (name compared exactly, the first occurrence counts): its value
+    exactly ``value``, or matched in full by ``regex``."""
+
+    name: str
+    value: str = ""
+    regex: re.Pattern | None = None
+
+    def test(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.regex is not None:
+            return self.regex.fullmatch(value) is not None
+        return value == self.value
+
+
+@dataclass(frozen=True, slots=True)
+class CookieMatch:
+    """A cookie's value: exactly ``value``, or matched in full by ``regex``."""
+
+    name: str
+    value: str = ""
+    regex: re.Pattern | None = None
+
+    def test(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.regex is not None:
+            return self.regex.fullmatch(value) is not None
+        return value == self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Conditions:
+    """Everything a route requires besides host and path; all must hold."""
+
+    method: bytes | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+    cookies: tuple[CookieMatch, ...] = ()
+
+    def holds(self, request: Any) -> bool:
+        """``request`` offers ``method`` (bytes), ``header(name)`` (bytes | None),
+        ``query_param(name)`` and ``cookie(name)`` (str | None); see l7's RequestView."""
+        if self.method is not None and request.method != self.method:
+            return False
+        for h in self.headers:
+            if not h.test(request.header(h.name)):
+                return False
+        for q in self.query:
+            if not q.test(request.query_param(q.name)):
+                return False
+        for c in self.cookies:
+            if not c.test(request.cookie(c.name)):
+                return False
+        return True
+
+    @property
+    def count(self) -> tuple[int, int, int]:
+        """(method, headers, query) counts: what Gateway API precedence compares."""
+        return (1 if self.method is not None else 0, len(self.headers), len(self.query))
+
+
+# --------------------------------------------------------------------------------------------
+# Actions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """Header changes, applied in the order remove, set, add. Names are lower-case bytes; a
+    ``set`` replaces every field of that name, an ``add`` appends one more."""
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    remove: tuple[bytes, ...] = ()
+
+    def apply(self, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        drop = set(self.remove)
+        drop.update(n for n, _ in self.set)
+        if drop:
+            fields = [f for f in fields if f[0].lower() not in drop]
+        else:
+            fields = list(fields)
+        fields.extend(self.set)
+        fields.extend(self.add)
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Answer with a redirect instead of forwarding. Unset parts keep the request's own.
+    ``path_kind``: None (keep), "ReplaceFullPath" or "ReplacePrefixMatch" (the matched prefix
+    is replaced by ``path``)."""
+
+    status: int = 302
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    path_kind: str | None = None
+    path: str = ""
+    # Only on a plain-text listener (Ingress ssl-redirect: an HTTPS request is forwarded).
+    only_plaintext: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Change what is forwarded. ``path_kind``: None, "ReplaceFullPath", "ReplacePrefixMatch",
+    or "RegexReplace" (``path`` is a template with ``$1``.. for the groups of the route's
+    regular expression, as ingress-nginx's rewrite-target)."""
+
+    hostname: str | None = None
+    path_kind: str | None = None
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """Send a copy of the request to ``backend`` (responses ignored) for ``percent`` of them."""
+
+    backend: tuple[str, str, str]
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRef:
+    """One weighted destination of an action. ``key`` is the snapshot's backend key
+    (namespace, service, port); None when the reference is invalid (``error`` says why), in
+    which case the requests that pick it are answered with the action's ``invalid_status``."""
+
+    key: tuple[str, str, str] | None
+    weight: int = 1
+    error: str | None = None
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+
+    def __str__(self) -> str:
+        if self.key is None:
+            return f"<{self.error}>"
+        return f"{self.key[0]}/{self.key[1]}:{self.key[2]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What a matched route does. Timeouts in seconds (None: none); ``attempts`` counts the
+    first try (1 = no retry); ``retry_on``: response statuses an idempotent request is retried
+    on (connect failures and resets before a response are always retryable)."""
+
+    backends: tuple[BackendRef, ...] = ()
+    timeout: float | None = 60.0          # upstream response timeout of one attempt (read gaps)
+    request_timeout: float | None = None  # the whole exchange, all attempts (Gateway timeouts.request)
+    per_try_timeout: float | None = None
+    attempts: int = 2
+    retry_on: frozenset[int] = frozenset((502, 503, 504))
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    # Extension filters in order (fault injection, ...): objects with the l7 filter interface.
+    filters: tuple[Any, ...] = ()
+    invalid_status: int = 503             # a picked backend reference is invalid
+    # Cumulative weights for the pick (computed): empty when every weight is 0.
+    _cumulative: tuple[int, ...] = field(init=False, default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        weights = [max(0, b.weight) for b in self.backends]
+        object.__setattr__(self, "_cumulative", tuple(accumulate(weights)) if sum(weights) else ())
+
+    def pick_backend(self, rand: float) -> BackendRef | None:
+        """The backend reference for one request; ``rand`` in [0, 1). None when there is none
+        (no references, or every weight is 0)."""
+        cum = self._cumulative
+        if not cum:
+            return None
+        if len(cum) == 1:
+            return self.backends[0]
+        return self.backends[bisect_right(cum, int(rand * cum[-1]))]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Route:
+    """One path match of one rule, with its action (a rule with several matches gives several
+    routes sharing one action). ``name`` labels it in metrics and access logs; ``source`` names
+    the object it came from ("Ingress default/web"). ``path`` is as written; ``regex`` is the
+    compiled form of a RegularExpression path (``regex_prefix``: matched from the start only and
+    the rest of the path may follow, as nginx's ``~*`` locations; else a full match)."""
+
+    name: str
+    source: str
+    host: str | None
+    path_kind: str
+    path: str
+    action: Action
+    conditions: Conditions | None = None
+    regex: re.Pattern | None = None
+    regex_prefix: bool = False
+    written_kind: str = ""    # the kind as the source object wrote it, when it differs (display)
+
+    def matched_prefix(self, path: str) -> str:
+        """The part of ``path`` (canonical) this route's Prefix match covers ("" for "/")."""
+        if self.path_kind != PREFIX:
+            return path if self.path_kind == EXACT else ""
+        canon = canonical_rule_path(self.path) or "/"
+        key = canon.rstrip("/")
+        return path[: len(key)]
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r}, {self.path_kind} {self.path!r})"
 
 
 @dataclass(frozen=True, slots=True)
 class RouteEntry:
-    """One path of one rule of one Ingress: the input of ``RouteTable.build``."""
+    """Input of ``RouteTable.build``: a route, the host it is reached by (as written: None or ""
+    for any host, "*.example.com" for a wildcard), and its rank among competitors (lower
+    wins)."""
 
-    host: str | None  # as written: None/"" = any host; "foo.com"; "*.foo.com"
-    path: str  # "/..." ; "" allowed for ImplementationSpecific (means "/")
-    path_type: str  # "Exact" | "Prefix" | "ImplementationSpecific"
-    backend: object  # opaque to the router, handed back on match
-    ingress: str  # "namespace/name"
-    created: str = ""  # metadata.creationTimestamp (RFC 3339), "" if unknown
-
-
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
-    """The entry that won (as written in its Ingress); path_type "Default" for defaultBackend."""
-
-    backend: object
-    ingress: str
     host: str | None
-    path: str
-    path_type: str
-
-
-# --------------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------------
-
-# RFC 3986 section 2.3 unreserved characters: their percent-encoded form is equivalent to the
-# character itself (section 6.2.2.2), so the canonical form decodes them.
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-# Characters a path may carry unencoded (pchar minus pct-encoded, plus "/"), RFC 3986 section 3.3.
-_PATH_SAFE = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
-# Printable ASCII that RFC 3986 does not allow in a path but clients do send raw (h11 accepts any
-# VCHAR in the request-target); it can only mean its percent-encoded form, so we encode it.
-_ENCODE_RAW = frozenset('"<>^`{|}')
-_HEX = frozenset("0123456789abcdefABCDEF")
-# Escapes that decode to a character backends disagree about: "/" (Envoy's
-# path_with_escaped_slashes_action exists because of it), "\" (a separator on Windows servers)
-# and NUL (C string truncation).  Requests carrying them are refused rather than guessed at.
-_REFUSED_ESCAPES = frozenset({"2F", "5C", "00"})
-# The common case - only safe characters, no escapes, no "//", no "/." - is returned as is.
-_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
-
-
-def normalize_request_path(path: str) -> str | None:
-    """Return the canonical routing key of a request path, or None when it must get a 400.
-
-    ``path`` is the request-target's path (origin-form); a "?" and what follows is ignored.
-    Canonical form (RFC 3986 section 6.2.2 syntax-based normalisation, plus slash merging):
-
-    * percent-encoded unreserved characters are decoded (``/%61pi`` -> ``/api``), other escapes
-      keep their encoding with upper-case hex (``%3a`` -> ``%3A``);
-    * raw ``" < > ^ ` { | }`` are percent-encoded (their only meaning);
-    * runs of "/" are merged into one (what nginx does, and httpd since CVE-2019-0220), so
-      ``//admin`` cannot slip past a rule for ``/admin``.
-
-    Refused (None): a path not starting with "/", control characters, space, DEL or non-ASCII,
-    a raw "\\" or "#", a "%" not followed by two hex digits, ``%2F`` ``%5C`` ``%00``, and any
-    "." or ".." segment (also when spelt with ``%2E``, and with path parameters: ``..;x``,
-    ``.;``, ``%2e%2e;``, ``..%3B``).  Legitimate clients remove dot-segments
-    before sending (RFC 3986 section 5.2.4); a proxy that routes ``/public/../admin`` one way
-    while the backend resolves it another is a classic access-control bypass.
-
-    The function is idempotent, and a rule path goes through it too (``_canonical_rule_path``)
-    so both sides of a comparison are in the same form.
-    """
-    q = path.find("?")
-    if q >= 0:
-        path = path[:q]
-    if _PLAIN_PATH.fullmatch(path) and "//" not in path and "/." not in path:
-        return path
-    if not path.startswith("/"):
-        return None
-    segments = path.split("/")
-    out: list[str] = []
-    for seg in segments[1:]:
-        seg = _canonical_segment(seg)
-        if seg is None or _is_dot_segment(seg):
-            return None
-        out.append(seg)
-    # Merge slashes: drop empty segments except the last one, which carries a trailing "/".
-    last = out.pop()
-    out = [s for s in out if s]
-    out.append(last)
-    return "/" + "/".join(out)
-
-
-def _is_dot_segment(seg: str) -> bool:
-    """``.`` or ``..``, also with path parameters: the part before the first ``;`` (or its
-    escape ``%3B``) is a dot-segment.  Tomcat, Jetty and Spring strip ``;params`` from each
-    segment before resolving dot-segments, so ``/public/..;/admin`` reaches ``/admin`` there
-    while a prefix rule for ``/public`` would match it here (the classic ``..;`` bypass).
-    ``seg`` is canonical: escaped unreserved characters (``%2e``) are decoded already."""
-    if seg[:1] != ".":
-        return False
-    name = seg.partition(";")[0]
-    p = name.find("%3B")
-    if p >= 0:
-        name = name[:p]
-    return name == "." or name == ".."
-
-
-def _canonical_segment(seg: str) -> str | None:
-    """Canonical form of one path segment (no "/" inside), or None if it must be refused."""
-    n = len(seg)
-    parts: list[str] = []
-    i = 0
-    while i < n:
-        c = seg[i]
-        if c == "%":
-            hi = seg[i + 1 : i + 3]
-            if len(hi) != 2 or hi[0] not in _HEX or hi[1] not in _HEX:
-                return None
-            hi = hi.upper()
-            if hi in _REFUSED_ESCAPES:
-                return None
-            ch = chr(int(hi, 16))
-            parts.append(ch if ch in _UNRESERVED else "%" + hi)
-            i += 3
-            continue
-        if c in _PATH_SAFE:
-            parts.append(c)
-        elif c in _ENCODE_RAW:
-            parts.append("%%%02X" % ord(c))
-        else:  # control, space, DEL, non-ASCII, "\", "#"
-            return None
-        i += 1
-    return "".join(parts)
-
-
-def _canonical_rule_path(path: str) -> str | None:
-    """Canonical form of a path as written in an Ingress, None if no request can ever match it.
-
-    The API allows characters a URL path may not carry ("it can contain characters disallowed
-    from the conventional path part of a URL"): those mean their UTF-8 percent-encoding, a "%"
-    that does not start a valid escape means a literal "%", "?" and "#" mean %3F / %23 (a
-    request path cannot hold them raw).  The result then goes through normalize_request_path.
-    """
-    if path == "":
-        return "/"  # ImplementationSpecific with no path: everything
-    out: list[str] = []
-    for i, c in enumerate(path):
-        if c == "%":
-            esc = path[i + 1 : i + 3]
-            if len(esc) == 2 and esc[0] in _HEX and esc[1] in _HEX:
-                out.append(c)
-            else:
-                out.append("%25")
-        elif c in _PATH_SAFE:
-            out.append(c)
-        else:
-            out.extend("%%%02X" % b for b in c.encode("utf-8"))
-    return normalize_request_path("".join(out))
-
-
-# --------------------------------------------------------------------------------------------
-# Validation of entries (what the API server would refuse)
-# --------------------------------------------------------------------------------------------
-
-_DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
-_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
-# k8s.io/kubernetes pkg/apis/networking/validation: Exact and Prefix paths must not contain
-# these (directory traversal and encoded slashes); ImplementationSpecific is not checked.
-_API_INVALID_SEQUENCES = ("//", "/./", "/../", "%2f", "%2F")
-_API_INVALID_SUFFIXES = ("/..", "/.")
-
-
-def _rule_host(host: str | None) -> str:
-    """Rule host as a table key: "" for any host, lower-case, without a trailing dot."""
-    if not host:
-        return ""
-    h = host.lower()
-    return h[:-1] if h.endswith(".") else h
-
-
-def check_entry(entry: RouteEntry) -> str | None:
-    """Why the API server would refuse this entry (None when it is acceptable).
-
-    For the config validator, which adds file/line; ``RouteTable.build`` raises ValueError
-    with the same text.  Hosts are checked after lower-casing (we compare case-insensitively).
-    """
-    if entry.path_type not in PATH_TYPES:
-        return f"pathType: unsupported value {entry.path_type!r} (one of {', '.join(PATH_TYPES)})"
-    path = entry.path
-    if entry.path_type == "ImplementationSpecific":
-        if path and not path.startswith("/"):
-            return f"path {path!r}: must be an absolute path"
-    else:
-        if not path.startswith("/"):
-            return f"path {path!r}: must be an absolute path"
-        for seq in _API_INVALID_SEQUENCES:
-            if seq in path:
-                return f"path {path!r}: must not contain {seq!r}"
-        for suffix in _API_INVALID_SUFFIXES:
-            if path.endswith(suffix):
-                return f"path {path!r}: cannot end with {suffix!r}"
-    host = _rule_host(entry.host)
-    if host:
-        if not (entry.host or "").isascii():  # lower() folds e.g. KELVIN SIGN to "k"
-            return f"host {entry.host!r}: must be a DNS name"
-        name = host[2:] if host.startswith("*.") else host
-        if len(host) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
-            what = "a wildcard ('*.' then a DNS name)" if "*" in host else "a DNS name"
-            return f"host {entry.host!r}: must be {what}"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Precedence between entries competing for the same slot
-# --------------------------------------------------------------------------------------------
-
-
-def _age_key(created: str) -> tuple[int, float]:
-    """Older first; unknown or unparseable timestamps sort after every known one."""
-    if created:
-        try:
-            dt = datetime.fromisoformat(created.strip().upper())
-        except ValueError:
-            return (1, 0.0)
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return (0, dt.timestamp())
-    return (1, 0.0)
-
-
-def _name_key(ingress: str) -> tuple[str, str]:
-    namespace, _, name = ingress.partition("/")
-    return (namespace, name)
-
-
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    entry: RouteEntry
-    rank: tuple[tuple[int, float], tuple[str, str], int]  # (age, namespace/name, input order)
-
-
-def _loss_reason(winner: _Candidate, loser: _Candidate) -> str:
-    if winner.rank[0] != loser.rank[0]:
-        if loser.entry.created:
-            return "older Ingress wins"
-        return "Ingress without creationTimestamp loses"
-    if winner.entry.ingress != loser.entry.ingress:
-        return "same age, namespace/name order"
-    return "listed twice in the same Ingress, first one wins"
+    route: Route
+    rank: tuple = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,214 +327,262 @@ def _loss_reason(winner: _Candidate, loser: _Candidate) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _PathLevel:
-    """The paths of one host level.
+class _VirtualHost:
+    """The routes of one host key.
 
-    ``exact`` maps a canonical path to its match.  ``prefix`` maps a canonical prefix without
-    its trailing "/" ("/" becomes "") to its match; a request probes the element-boundary
-    prefixes of its own path, longest first, so the first hit is the longest match.  Probing
-    starts at the longest prefix key present (``longest``), which bounds the work for a deep
-    or very long path by the rules that exist, not by what the client sent.
+    ``exact`` maps a canonical path to its candidates; ``prefix`` maps a canonical prefix
+    without its trailing "/" ("/" becomes "") to its candidates; a request probes the
+    element-boundary prefixes of its own path, longest first. Probing starts at the longest
+    key present (``longest``), which bounds the work for a deep or long path by the rules that
+    exist, not by what the client sent. ``regex`` holds RegularExpression routes in rank order.
+    ``plain``: no candidate has conditions and there are no regex routes, so the first candidate
+    found is the answer and ``lookup`` needs no request.
     """
 
-    exact: Mapping[str, RouteMatch]
-    prefix: Mapping[str, RouteMatch]
-    longest: int  # length of the longest key in ``prefix``; -1 when there is none
+    exact: Mapping[str, tuple[Route, ...]]
+    prefix: Mapping[str, tuple[Route, ...]]
+    longest: int
+    regex: tuple[Route, ...]
+    plain: bool
 
-    def lookup(self, path: str) -> RouteMatch | None:
-        m = self.exact.get(path)
-        if m is not None:
-            return m  # nothing can beat it: see the module docstring
+    def lookup(self, path: str, request: Any, regex_first: bool) -> Route | None:
+        routes = self.exact.get(path)
+        if routes is not None:
+            for r in routes:
+                if r.conditions is None or (request is not None and r.conditions.holds(request)):
+                    return r
+        if regex_first and self.regex:
+            r = self._regex(path, request)
+            if r is not None:
+                return r
         limit = self.longest
-        if limit < 0:
-            return None
-        prefix = self.prefix
-        key = path[:-1] if path.endswith("/") else path
-        if len(key) > limit:
-            # Longest element-boundary prefix not longer than any key: key[cut] is a "/".
-            cut = key.rfind("/", 0, limit + 1)
-            key = key[:cut] if cut > 0 else ""
-        while True:
-            m = prefix.get(key)
-            if m is not None:
-                return m
-            if not key:
-                return None
-            cut = key.rfind("/")
-            key = key[:cut] if cut > 0 else ""
+        if limit >= 0:
+            prefix = self.prefix
+            key = path[:-1] if path.endswith("/") else path
+            if len(key) > limit:
+                # Longest element-boundary prefix not longer than any key: key[cut] is a "/".
+                cut = key.rfind("/", 0, limit + 1)
+                key = key[:cut] if cut > 0 else ""
+            while True:
+                routes = prefix.get(key)
+                if routes is not None:
+                    for r in routes:
+                        if r.conditions is None or (request is not None and r.conditions.holds(request)):
+                            return r
+                if not key:
+                    break
+                cut = key.rfind("/")
+                key = key[:cut] if cut > 0 else ""
+        if not regex_first and self.regex:
+            return self._regex(path, request)
+        return None
+
+    def _regex(self, path: str, request: Any) -> Route | None:
+        for r in self.regex:
+            m = r.regex.match(path) if r.regex_prefix else r.regex.fullmatch(path)
+            if m is not None and (r.conditions is None or (request is not None and r.conditions.holds(request))):
+                return r
+        return None
 
 
-def _request_host(host: str) -> str:
-    """Host header -> lookup key: port removed, lower case, one trailing dot removed.
-
-    A non-ASCII value gives "" (it can match no rule host; ``str.lower`` would otherwise fold
-    e.g. KELVIN SIGN to "k").  ``[v6]:port`` keeps the brackets.
-    """
-    if not host:
-        return ""
-    if host[0] == "[":
-        end = host.find("]")
-        if end > 0:
-            host = host[: end + 1]
-    else:
-        colon = host.rfind(":")
-        if colon >= 0:
-            host = host[:colon]
-    if host.endswith("."):
-        host = host[:-1]
-    if not host.isascii():
-        return ""
-    return host.lower()
+def _slot_key(path_kind: str, canonical: str, conditions: Conditions | None) -> tuple:
+    return (path_kind, canonical, conditions)
 
 
 @dataclass(frozen=True, slots=True, eq=False, repr=False)
 class RouteTable:
-    """Merged Ingress rules of one snapshot.  Build with ``RouteTable.build``."""
+    """Routes grouped by host, built with ``RouteTable.build``; see the module docstring."""
 
-    _exact_hosts: Mapping[str, _PathLevel]
-    _wildcard_hosts: Mapping[str, _PathLevel]  # key: suffix after "*."
-    _any_host: _PathLevel | None
-    _default: RouteMatch | None
+    _exact_hosts: Mapping[str, _VirtualHost]
+    _wildcard_hosts: Mapping[str, _VirtualHost]   # key: suffix after "*."
+    _wildcard_lengths: tuple[int, ...]            # suffix-mode: key lengths, longest first
+    _any_host: _VirtualHost | None
+    _default: Route | None
     _rows: tuple[Mapping[str, object], ...]
+    label_wildcards: bool = True    # "*." covers exactly one label (Ingress) or any suffix
+    host_fallthrough: bool = True   # a host whose routes do not match falls to less specific ones
+    regex_first: bool = False       # RegularExpression candidates before Prefix ones
+    plain: bool = True              # no route has conditions or a regex: match(host, path) decides
     conflicts: tuple[str, ...] = ()
-    skipped: tuple[str, ...] = ()  # entries no request can reach (e.g. path with "%2F")
+    skipped: tuple[str, ...] = ()   # routes no request can reach (e.g. a path with "%2F")
 
     @classmethod
-    def build(
-        cls,
-        entries: Iterable[RouteEntry],
-        default_backend: object | None = None,
-        default_ingress: str = "",
-    ) -> RouteTable:
-        """Merge entries into a table.  Raises ValueError for an entry ``check_entry`` refuses."""
-        # slots[(level, host key)][(is_exact, canonical key)] -> candidates
-        slots: dict[tuple[int, str], dict[tuple[bool, str], list[_Candidate]]] = {}
+    def build(cls, entries: Iterable[RouteEntry], *, default: Route | None = None,
+              label_wildcards: bool = True, host_fallthrough: bool = True,
+              regex_first: bool = False) -> RouteTable:
+        """Group, order and index ``entries``. Entries are taken as valid (the compilers check
+        their objects first); a path no request can match is reported in ``skipped``."""
+        # slots[(level, host key)][slot key] -> [(rank, index, route)]
+        slots: dict[tuple[int, str], dict[tuple, list[tuple[tuple, int, Route]]]] = {}
         skipped: list[str] = []
-        for index, entry in enumerate(entries):
-            problem = check_entry(entry)
-            if problem is not None:
-                raise ValueError(f"Ingress {entry.ingress}: {problem}")
-            host = _rule_host(entry.host)
+        for index, e in enumerate(entries):
+            host = rule_host(e.host)
             if not host:
                 level_key = (2, "")
             elif host.startswith("*."):
                 level_key = (1, host[2:])
             else:
                 level_key = (0, host)
-            canonical = _canonical_rule_path(entry.path)
-            if canonical is None:
-                skipped.append(
-                    f"Ingress {entry.ingress}: host {host or '*'} {entry.path_type} "
-                    f"{entry.path!r}: no request path can match it (dot-segment, encoded "
-                    f"'/', '\\' or NUL); ignored"
-                )
-                continue
-            is_exact = entry.path_type == "Exact"
-            key = canonical if is_exact else canonical.rstrip("/")
-            rank = (_age_key(entry.created), _name_key(entry.ingress), index)
-            slots.setdefault(level_key, {}).setdefault((is_exact, key), []).append(
-                _Candidate(entry, rank)
-            )
+            r = e.route
+            if r.path_kind == REGEX:
+                canonical = r.path
+            else:
+                canonical = canonical_rule_path(r.path)
+                if canonical is None:
+                    skipped.append(f"{r.source}: host {host or '*'} {r.path_kind} {r.path!r}: no request "
+                                   f"path can match it (dot-segment, encoded '/', '\\' or NUL); ignored")
+                    continue
+                if r.path_kind == PREFIX:
+                    canonical = canonical.rstrip("/")
+            slots.setdefault(level_key, {}).setdefault(_slot_key(r.path_kind, canonical, r.conditions), []).append(
+                (e.rank, index, r))
 
         conflicts: list[str] = []
-        levels: dict[tuple[int, str], _PathLevel] = {}
+        hosts: dict[tuple[int, str], _VirtualHost] = {}
         rows: list[dict[str, object]] = []
+        plain_table = True
         for level_key in sorted(slots):
             level, host = level_key
-            shown_host = None if level == 2 else ("*." + host if level == 1 else host)
-            exact: dict[str, RouteMatch] = {}
-            prefix: dict[str, RouteMatch] = {}
-            # Precedence order (longest first, Exact before Prefix) is also describe()'s order.
-            ordered = sorted(
-                slots[level_key].items(), key=lambda kv: (-len(kv[0][1]), not kv[0][0], kv[0][1])
-            )
-            for (is_exact, key), candidates in ordered:
-                candidates.sort(key=lambda c: c.rank)
-                winner = candidates[0]
-                for loser in candidates[1:]:
-                    e = loser.entry
-                    conflicts.append(
-                        f"host {shown_host or '*'} {e.path_type} {e.path!r}: Ingress {e.ingress} "
-                        f"ignored, Ingress {winner.entry.ingress} wins "
-                        f"({_loss_reason(winner, loser)})"
-                    )
-                e = winner.entry
-                m = RouteMatch(e.backend, e.ingress, e.host, e.path, e.path_type)
-                (exact if is_exact else prefix)[key] = m
-                rows.append(
-                    {
-                        "host": shown_host,
-                        "path": e.path,
-                        "pathType": e.path_type,
-                        "ingress": e.ingress,
-                        "backend": str(e.backend),
-                    }
-                )
-            levels[level_key] = _PathLevel(
-                MappingProxyType(exact),
-                MappingProxyType(prefix),
-                max(map(len, prefix), default=-1),
-            )
-
-        default = None
-        if default_backend is not None:
-            default = RouteMatch(default_backend, default_ingress, None, "", DEFAULT_PATH_TYPE)
-            rows.append(
-                {
-                    "host": None,
-                    "path": "",
-                    "pathType": DEFAULT_PATH_TYPE,
-                    "ingress": default_ingress,
-                    "backend": str(default_backend),
-                }
-            )
+            shown = None if level == 2 else ("*." + host if level == 1 else host)
+            exact: dict[str, list[tuple[tuple, int, Route]]] = {}
+            prefix: dict[str, list[tuple[tuple, int, Route]]] = {}
+            regex: list[tuple[tuple, int, Route]] = []
+            for (kind, canonical, _cond), cands in slots[level_key].items():
+                cands.sort(key=lambda c: (c[0], c[1]))
+                winner = cands[0]
+                for loser in cands[1:]:
+                    lr = loser[2]
+                    conflicts.append(f"host {shown or '*'} {lr.path_kind} {lr.path!r}: {lr.source} ignored, "
+                                     f"{winner[2].source} wins ({_loss_reason(winner, loser)})")
+                target = exact if kind == EXACT else prefix if kind == PREFIX else None
+                if target is None:
+                    regex.append(winner)
+                else:
+                    target.setdefault(canonical, []).append(winner)
+            def ordered(cands: list) -> tuple[Route, ...]:
+                cands.sort(key=lambda c: (c[0], c[1]))
+                return tuple(c[2] for c in cands)
+            ex = {k: ordered(v) for k, v in exact.items()}
+            px = {k: ordered(v) for k, v in prefix.items()}
+            rx = ordered(regex)
+            plain = not rx and all(r.conditions is None for rs in (*ex.values(), *px.values()) for r in rs)
+            plain_table = plain_table and plain
+            hosts[level_key] = _VirtualHost(MappingProxyType(ex), MappingProxyType(px),
+                                            max(map(len, px), default=-1), rx, plain)
+            # describe(): evaluation order within the host (longest first, Exact before Prefix).
+            listed = [(k, EXACT, rs) for k, rs in ex.items()] + [(k, PREFIX, rs) for k, rs in px.items()]
+            listed.sort(key=lambda t: (-len(t[0]), t[1] != EXACT, t[0]))
+            if regex_first:
+                listed = [t for t in listed if t[1] == EXACT] + [("", REGEX, rx)] + [t for t in listed if t[1] != EXACT]
+            else:
+                listed.append(("", REGEX, rx))
+            for _k, _kind, rs in listed:
+                for r in rs:
+                    rows.append(_row(shown, r))
+        if default is not None:
+            rows.append(_row(None, default))
+        wild = {h: v for (lvl, h), v in hosts.items() if lvl == 1}
         return cls(
-            MappingProxyType({h: lv for (lvl, h), lv in levels.items() if lvl == 0}),
-            MappingProxyType({h: lv for (lvl, h), lv in levels.items() if lvl == 1}),
-            levels.get((2, "")),
+            MappingProxyType({h: v for (lvl, h), v in hosts.items() if lvl == 0}),
+            MappingProxyType(wild),
+            tuple(sorted({len(h) for h in wild}, reverse=True)),
+            hosts.get((2, "")),
             default,
             tuple(MappingProxyType(r) for r in rows),
-            tuple(conflicts),
-            tuple(skipped),
+            label_wildcards, host_fallthrough, regex_first, plain_table,
+            tuple(conflicts), tuple(skipped),
         )
 
-    def match(self, host: str, path: str) -> RouteMatch | None:
+    @classmethod
+    def empty(cls) -> RouteTable:
+        return cls.build(())
+
+    def match(self, host: str, path: str, request: Any = None) -> Route | None:
         """Route one request.
 
-        ``host``: the raw Host header value (any case, maybe ":port", maybe a trailing dot).
-        ``path``: the canonical path from ``normalize_request_path`` (a raw path still works,
-        it is then compared exactly as sent).  None: no rule and no defaultBackend -> 404.
-
-        Cost: at most three host levels, each one dict probe for Exact plus one per path
-        element for Prefix - O(path depth), independent of the number of rules.
+        ``host``: the raw Host / :authority value (any case, maybe ":port", maybe a trailing
+        dot). ``path``: the canonical path from ``normalize_request_path``. ``request``: what
+        conditions are tested against (see ``Conditions.holds``); may be None for a ``plain``
+        table. None: no route and no default -> 404.
         """
-        h = _request_host(host)
+        h = request_host(host)
+        rf = self.regex_first
+        fall = self.host_fallthrough
         if h:
-            level = self._exact_hosts.get(h)
-            if level is not None:
-                m = level.lookup(path)
-                if m is not None:
-                    return m
-            dot = h.find(".")
-            if dot > 0:  # "*.foo.com" covers exactly one non-empty label
-                level = self._wildcard_hosts.get(h[dot + 1 :])
-                if level is not None:
-                    m = level.lookup(path)
-                    if m is not None:
-                        return m
-        level = self._any_host
-        if level is not None:
-            m = level.lookup(path)
-            if m is not None:
-                return m
+            vh = self._exact_hosts.get(h)
+            if vh is not None:
+                r = vh.lookup(path, request, rf)
+                if r is not None or not fall:
+                    return r if r is not None else self._default
+            if self._wildcard_hosts:
+                if self.label_wildcards:
+                    dot = h.find(".")
+                    if dot > 0:  # "*.foo.com" covers exactly one non-empty label
+                        vh = self._wildcard_hosts.get(h[dot + 1:])
+                        if vh is not None:
+                            r = vh.lookup(path, request, rf)
+                            if r is not None or not fall:
+                                return r if r is not None else self._default
+                else:
+                    # "*.foo.com" covers any name ending in ".foo.com"; the longest suffix wins.
+                    for n in self._wildcard_lengths:
+                        if len(h) > n + 1 and h[-n - 1] == ".":
+                            vh = self._wildcard_hosts.get(h[-n:])
+                            if vh is not None:
+                                r = vh.lookup(path, request, rf)
+                                if r is not None or not fall:
+                                    return r if r is not None else self._default
+        vh = self._any_host
+        if vh is not None:
+            r = vh.lookup(path, request, rf)
+            if r is not None:
+                return r
         return self._default
+
+    def routes(self) -> Iterable[Route]:
+        """Every route that can answer, default last (for metrics, describe, pools)."""
+        seen: set[int] = set()
+        for vh in (*self._exact_hosts.values(), *self._wildcard_hosts.values(),
+                   *((self._any_host,) if self._any_host is not None else ())):
+            for rs in (*vh.exact.values(), *vh.prefix.values(), vh.regex):
+                for r in rs:
+                    if id(r) not in seen:
+                        seen.add(id(r))
+                        yield r
+        if self._default is not None:
+            yield self._default
 
     def describe(self) -> list[dict]:
         """JSON-able rows in evaluation order: exact hosts, wildcards, any host, default."""
         return [dict(r) for r in self._rows]
 
+    def __len__(self) -> int:
+        return len(self._rows)
+
     def __repr__(self) -> str:
-        return (
-            f"RouteTable(routes={len(self._rows)}, hosts={len(self._exact_hosts)}, "
-            f"wildcards={len(self._wildcard_hosts)}, conflicts={len(self.conflicts)})"
-        )
+        return (f"RouteTable(routes={len(self._rows)}, hosts={len(self._exact_hosts)}, "
+                f"wildcards={len(self._wildcard_hosts)}, conflicts={len(self.conflicts)})")
+
+
+def _row(host: str | None, r: Route) -> dict[str, object]:
+    row: dict[str, object] = {"host": host, "path": r.path, "pathType": r.written_kind or r.path_kind, "route": r.name,
+                              "source": r.source,
+                              "backend": ", ".join(str(b) for b in r.action.backends) or "-"}
+    if r.conditions is not None:
+        c = r.conditions
+        if c.method is not None:
+            row["method"] = c.method.decode()
+        if c.headers:
+            row["headers"] = [h.name.decode() for h in c.headers]
+        if c.query:
+            row["query"] = [q.name for q in c.query]
+    if r.action.redirect is not None:
+        row["redirect"] = r.action.redirect.status
+    return row
+
+
+def _loss_reason(winner: tuple, loser: tuple) -> str:
+    """Why ``winner`` (rank, index, route) beat ``loser`` for the same slot."""
+    if winner[2].source == loser[2].source:
+        return "listed twice in the same object, first one wins"
+    return "the older one wins, then namespace/name order"

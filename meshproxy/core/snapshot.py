@@ -22,12 +22,13 @@ from typing import Any, Mapping
 
 from discovery import objects as o
 from discovery.endpoints import Endpoint, EndpointSet
-from meshproxy.core.routes import RouteEntry, RouteTable, check_entry
-from meshproxy.core.tls import make_context
+from .ingress import backend_action, check_path, default_route, ingress_route
+from .routes import Action, RouteTable
+from .tls import make_context
 
 from .settings import LB_POLICIES, Settings
 
-__all__ = ["Backend", "L4Listener", "RouteTarget", "NodeInfo", "Snapshot", "SnapshotBuilder",
+__all__ = ["Backend", "L4Listener", "NodeInfo", "Snapshot", "SnapshotBuilder",
            "parse_duration"]
 
 log = logging.getLogger("meshproxy.snapshot")
@@ -95,23 +96,6 @@ class L4Listener:
     backend: tuple[str, str, str]
     scope: str                            # "cluster" (ClusterIP), "node" (NodePort), "external" (LB / externalIPs)
     local_only: bool                      # traffic policy Local for this scope
-
-
-@dataclass(frozen=True, slots=True)
-class RouteTarget:
-    """What one Ingress path (or default backend) points at, with that Ingress's settings."""
-    ingress: str                          # namespace/name
-    backend: tuple[str, str, str] | None  # None when broken (see error)
-    error: str | None = None
-    timeout: float = 60.0
-    retries: int = 2                      # attempts in all (1 = no retry)
-    per_try_timeout: float | None = None
-    ssl_redirect: bool = False
-
-    def __str__(self) -> str:
-        if self.backend is None:
-            return f"<{self.error}>"
-        return f"{self.backend[0]}/{self.backend[1]}:{self.backend[2]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,31 +278,31 @@ class SnapshotBuilder:
         cls = classes.get(name)
         return cls is not None and cls.controller == o.INGRESS_CONTROLLER
 
-    def _target(self, ing: o.Ingress, be: o.IngressBackend, services: Mapping[tuple[str, str], o.Service],
-                settings_for: dict, problems: list[str], where: str) -> RouteTarget:
-        ref = f"{ing.namespace}/{ing.name}"
-        base = settings_for
+    def _action(self, ing: o.Ingress, be: o.IngressBackend, services: Mapping[tuple[str, str], o.Service],
+                settings_for: dict, problems: list[str], where: str) -> Action:
+        key, err = None, None
         if be.service is None:
             err = f"resource backend {be.resource} is not supported"
+        else:
+            svc = services.get((ing.namespace, be.service))
+            if svc is None:
+                err = f"service {ing.namespace}/{be.service} not found"
+            else:
+                for sp in svc.ports:
+                    if sp.protocol == "TCP" and ((be.port_number is not None and sp.port == be.port_number)
+                                                 or (be.port_name is not None and sp.name == be.port_name)):
+                        key = (svc.namespace, svc.name, sp.name or str(sp.port))
+                        break
+                else:
+                    want = be.port_number if be.port_number is not None else repr(be.port_name)
+                    err = f"service {ing.namespace}/{be.service} has no TCP port {want}"
+        if err is not None:
             problems.append(f"{ing.ref}: {where}: {err}")
-            return RouteTarget(ref, None, err, **base)
-        svc = services.get((ing.namespace, be.service))
-        if svc is None:
-            err = f"service {ing.namespace}/{be.service} not found"
-            problems.append(f"{ing.ref}: {where}: {err}")
-            return RouteTarget(ref, None, err, **base)
-        for sp in svc.ports:
-            if sp.protocol == "TCP" and ((be.port_number is not None and sp.port == be.port_number)
-                                         or (be.port_name is not None and sp.name == be.port_name)):
-                return RouteTarget(ref, (svc.namespace, svc.name, sp.name or str(sp.port)), None, **base)
-        want = be.port_number if be.port_number is not None else repr(be.port_name)
-        err = f"service {ing.namespace}/{be.service} has no TCP port {want}"
-        problems.append(f"{ing.ref}: {where}: {err}")
-        return RouteTarget(ref, None, err, **base)
+        return backend_action(key, err, **settings_for)
 
     def _ingress_settings(self, ing: o.Ingress, problems: list[str]) -> dict:
         ann = ing.meta.annotations
-        out: dict[str, Any] = {"timeout": self.settings.upstream_timeout, "retries": 2,
+        out: dict[str, Any] = {"timeout": self.settings.upstream_timeout, "attempts": 2,
                                "per_try_timeout": None, "ssl_redirect": False}
         try:
             if ANN_TIMEOUT in ann:
@@ -332,7 +316,7 @@ class SnapshotBuilder:
                 n = int(ann[ANN_RETRIES])
                 if not 0 <= n <= 10:
                     raise ValueError
-                out["retries"] = n + 1
+                out["attempts"] = n + 1
             except ValueError:
                 problems.append(f"{ing.ref}: annotation {ANN_RETRIES}: {ann[ANN_RETRIES]!r} is not 0-10")
         if ann.get(ANN_SSL_REDIRECT, "").lower() == "true":
@@ -346,7 +330,7 @@ class SnapshotBuilder:
         if self._routes_cache is not None and self._routes_cache[0] == sig:
             return self._routes_cache[1:]
         problems: list[str] = []
-        entries: list[RouteEntry] = []
+        entries = []
         served = [i for i in ingresses if self._ingress_served(i, classes)]
         # Oldest first, then namespace/name: the order in which conflicts are resolved.
         served.sort(key=lambda i: (i.meta.creation_timestamp or "\uffff", i.namespace, i.name))
@@ -357,22 +341,21 @@ class SnapshotBuilder:
         for ing in served:
             st = self._ingress_settings(ing, problems)
             if ing.default_backend is not None:
-                t = self._target(ing, ing.default_backend, services, st, problems, "spec.defaultBackend")
+                t = self._action(ing, ing.default_backend, services, st, problems, "spec.defaultBackend")
                 if default is None:
-                    default, default_ing = t, f"{ing.namespace}/{ing.name}"
+                    default, default_ing = default_route(t, f"{ing.namespace}/{ing.name}"), f"{ing.namespace}/{ing.name}"
                 else:
                     problems.append(f"{ing.ref}: spec.defaultBackend: ignored, {default_ing} (older) defines one")
             for ri, rule in enumerate(ing.rules):
                 for pi, p in enumerate(rule.paths):
                     where = f"spec.rules[{ri}].http.paths[{pi}]"
-                    t = self._target(ing, p.backend, services, st, problems, where)
-                    entry = RouteEntry(rule.host, p.path, p.path_type, t,
-                                       f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp)
-                    bad = check_entry(entry)
+                    bad = check_path(rule.host, p.path, p.path_type)
                     if bad:   # e.g. an Ingress from the API server that files would have refused
                         problems.append(f"{ing.ref}: {where}: {bad}; path not served")
                         continue
-                    entries.append(entry)
+                    t = self._action(ing, p.backend, services, st, problems, where)
+                    entries.append(ingress_route(rule.host, p.path, p.path_type, t,
+                                                 f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp))
             for t in ing.tls:
                 if not t.secret_name:
                     continue
@@ -398,7 +381,7 @@ class SnapshotBuilder:
                 # meshproxy_config_problems show it in every mode (with --workers the TLS
                 # contexts live in the workers); the hosts fall back to the default certificate.
                 problems.append(f"Secret/{ns}/{name}: tls.crt/tls.key do not load ({why}); its hosts get the default certificate")
-        table = RouteTable.build(entries, default, default_ing)
+        table = RouteTable.build(entries, default=default)
         problems.extend(table.conflicts)
         problems.extend(table.skipped)
         names = tuple(f"{i.namespace}/{i.name}" for i in served)
