@@ -54,6 +54,7 @@ __all__ = [
     "BackendRef",
     "Conditions",
     "CookieMatch",
+    "Fault",
     "HeaderEdits",
     "HeaderMatch",
     "Mirror",
@@ -224,6 +225,18 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True)
+class Fault:
+    """Injected faults for load testing (the ``FaultInjection`` extension filter): for
+    ``delay_percent`` of requests wait ``delay`` seconds before forwarding; for ``abort_percent``
+    answer ``abort_status`` without forwarding. Percentages in [0, 100]."""
+
+    delay: float = 0.0
+    delay_percent: float = 0.0
+    abort_status: int = 0
+    abort_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class BackendRef:
     """One weighted destination of an action. ``key`` is the snapshot's backend key
     (namespace, service, port); None when the reference is invalid (``error`` says why), in
@@ -258,7 +271,9 @@ class Action:
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
     mirrors: tuple[Mirror, ...] = ()
-    # Extension filters in order (fault injection, ...): objects with the l7 filter interface.
+    fault: Fault | None = None
+    # Further extension filters in order (rule kinds may add their own): objects with the l7
+    # filter interface, see l7/filters.py.
     filters: tuple[Any, ...] = ()
     invalid_status: int = 503             # a picked backend reference is invalid
     # Cumulative weights for the pick (computed): empty when every weight is 0.

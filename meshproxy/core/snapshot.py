@@ -28,7 +28,7 @@ from .tls import make_context
 
 from .settings import LB_POLICIES, Settings
 
-__all__ = ["Backend", "L4Listener", "NodeInfo", "Snapshot", "SnapshotBuilder",
+__all__ = ["Backend", "HTTPListener", "L4Listener", "NodeInfo", "Snapshot", "SnapshotBuilder",
            "parse_duration"]
 
 log = logging.getLogger("meshproxy.snapshot")
@@ -99,6 +99,21 @@ class L4Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTPListener:
+    """An address the L7 server serves with its own route table: a Gateway listener (or several
+    Gateway listeners on one address and port, their routes merged), or a Service port handled
+    per request in the mesh. ``name`` says what it is ("Gateway ns/name", "Service ns/name:port")
+    for logs and /debug; ``tls_hosts`` maps an SNI host ("" = default, "*.x" wildcards) to the
+    Secret key in ``Snapshot.secrets`` whose certificate answers it (empty for plain text)."""
+    host: str
+    port: int
+    name: str
+    routes: RouteTable
+    tls: bool = False
+    tls_hosts: Mapping[str, tuple[str, str]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     name: str
     address: str | None
@@ -119,6 +134,9 @@ class Snapshot:
     secrets: Mapping[tuple[str, str], tuple[bytes, bytes]]   # TLS secrets in use: (cert PEM, key PEM)
     problems: tuple[str, ...]             # things that do not work, for logs and /debug/snapshot
     allocated: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # L7 listeners other than --ingress-listen / --ingress-tls-listen (which serve ``routes``):
+    # Gateway listeners and mesh Service ports, by (address, port).
+    http_listeners: Mapping[tuple[str, int], HTTPListener] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict:
         services = []
