@@ -1,19 +1,23 @@
-"""Upstream side of the L7 proxy: keep-alive connections to pods, pooled per endpoint.
+"""HTTP/1.1 to pods: keep-alive connections, pooled per endpoint, driven by an exchange.
 
 An ``UpstreamConnection`` is an ``asyncio.Protocol`` owned either by the pool (idle) or by one
-client connection for the duration of one request (active). It does no HTTP decisions itself:
-it forwards its transport callbacks to its owner (``l7.downstream.ClientConnection``), which
-parses responses with the connection's own ``ResponseParser`` (one per connection, reused
-across its responses with ``start_next``).
+exchange (``l7.exchange``) for the duration of one request. It is a thin shell: it serializes
+what the exchange sends (``send_head`` / ``send_data`` / ``send_end``, queued and written by
+``flush`` in one write), parses the pod's response with its own ``ResponseParser`` (reused
+across responses with ``start_next``) and reports what it finds (``response_whole``,
+``response_head``, ``response_data``, ``response_end``, ``upstream_failed``). It makes no
+decision of its own.
 
 Invariants:
 
-* A connection is in exactly one state: connecting, active (``client`` set), idle (in
-  ``_idle[addr]``, ``client`` None) or closed. Only ``release`` puts one into the pool and only
-  ``take`` takes one out; a closed or closing transport is never handed out.
+* A connection is in exactly one state: connecting, active (``exchange`` set), idle (in
+  ``_idle[addr]``, ``exchange`` None) or closed. Only ``release`` puts one into the pool and
+  only ``take`` takes one out; a closed or closing transport is never handed out.
 * An idle connection keeps reading: a FIN or RST from the pod removes it from the pool at
   once, and bytes arriving while no request is outstanding close it (the pod broke the
   protocol; nothing can be trusted on that connection any more).
+* One read is handled per ``data_received`` and then control goes back to the loop: the
+  parser's work per call is bounded by the read size, however the pod frames its bytes.
 * The pool is bounded per endpoint (``settings.upstream_pool_size`` idle connections; the
   most recently used is reused first, so surplus ones age out), idle connections are closed
   after ``settings.upstream_idle_timeout``, and ``apply(snapshot)`` closes idle connections to
@@ -28,74 +32,225 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
 
 from meshproxy.core import metrics
 
-from .http1 import ResponseParser
+from .http1 import LAST_CHUNK, PAUSED, EndOfMessage, HTTPError, ResponseHead, ResponseParser, serialize_trailers
 
-__all__ = ["UpstreamConnection", "UpstreamPool"]
+__all__ = ["HTTP1", "UpstreamConnection", "UpstreamPool", "request_head_bytes"]
 
 log = logging.getLogger("meshproxy.l7")
 
 _CONNECTING, _ACTIVE, _IDLE, _CLOSED = range(4)
 
+# What an exchange checks before reusing serialized head bytes (``UpstreamConnection.kind``).
+HTTP1 = "http/1.1"
+
+_CHUNKED_FIELD = b"Transfer-Encoding: chunked\r\n"
+_FIELD_JOIN = b": ".join   # ("Name", "value") -> b"Name: value": one C call per field
+
+
+def request_head_bytes(method: bytes, target: bytes, fields, content_length: int | None,
+                       chunked: bool) -> bytes:
+    """``http1.serialize_request_head`` without its output validation (same bytes: see
+    test_l7_unit.py::test_fast_serializers_match_http1). Safe because every input was validated
+    by the request parser (method, target, each field) or is built by us from validated parts
+    (forwarding fields, route header edits checked when the route was compiled); the check
+    costs more than the rest of the head building."""
+    if chunked:
+        framing = _CHUNKED_FIELD
+    elif content_length is not None:
+        framing = b"Content-Length: %d\r\n" % content_length
+    else:
+        framing = b""
+    if fields:
+        return b"".join((method, b" ", target, b" HTTP/1.1\r\n",
+                         b"\r\n".join(map(_FIELD_JOIN, fields)), b"\r\n", framing, b"\r\n"))
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", framing, b"\r\n"))
+
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "addr", "labels", "counts", "transport", "parser", "client", "state",
-                 "idle_since", "reused", "received", "reading_paused", "requests")
+    __slots__ = ("pool", "addr", "labels", "counts", "transport", "parser", "exchange", "state",
+                 "idle_since", "reused", "received", "reading_paused", "requests", "pending",
+                 "chunked", "got_head", "tunnel", "kind")
 
     def __init__(self, pool: UpstreamPool, addr: tuple[str, int], labels: tuple[str, str]) -> None:
         self.pool = pool
         self.addr = addr
         self.labels = labels
-        self.counts = pool._counts_for(labels)   # [active, idle]
+        self.counts = pool.counts_for(labels)   # [active, idle]
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser(pool.max_head, pool.max_headers)
-        self.client = None            # the ClientConnection this connection serves, or None
+        self.exchange = None          # the exchange this connection serves, or None
         self.state = _CONNECTING
         self.idle_since = 0.0
         self.reused = False           # served a request before the current one
         self.received = False         # got a byte for the current request
         self.reading_paused = False
         self.requests = 0             # requests started on this connection
+        self.pending: list[bytes] = []
+        self.chunked = False          # the current request body goes out chunked
+        self.got_head = False         # the final response head of the current request arrived
+        self.tunnel = False
+        self.kind = HTTP1
 
-    # -- asyncio callbacks: forwarded to the owner ---------------------------------------------
+    # -- what the exchange sends -----------------------------------------------------------------
+
+    def begin(self, exchange) -> None:
+        """Serve ``exchange`` (the connection is active, fresh or taken from the pool)."""
+        self.exchange = exchange
+        self.received = False
+        self.got_head = False
+        self.requests += 1
+        self.parser.set_request_method(exchange.method)
+
+    def send_head(self, method: bytes, target: bytes, fields, content_length: int | None,
+                  chunked: bool, cached: bytes | None) -> bytes:
+        data = cached if cached is not None else request_head_bytes(method, target, fields, content_length, chunked)
+        self.chunked = chunked
+        self.pending.append(data)
+        return data
+
+    def send_data(self, data: bytes) -> None:
+        if self.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self.pending.append(data)
+
+    def send_end(self, trailers) -> None:
+        if self.chunked:
+            self.pending.append(serialize_trailers(trailers) if trailers else LAST_CHUNK)
+
+    def flush(self) -> None:
+        pending = self.pending
+        if pending and self.state != _CLOSED:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self.pending = []
+
+    def tunnel_write(self, data: bytes) -> None:
+        if self.state != _CLOSED:
+            self.transport.write(data)
+
+    def discard_rest(self) -> bool:
+        """The exchange drops this response: read it to its end if it is already here. True
+        when it ended cleanly (the connection may be pooled then)."""
+        p = self.parser
+        try:
+            for _ in range(1 << 20):   # bounded: one event per buffered piece
+                ev = p.next_event()
+                if type(ev) is bytes:
+                    continue
+                # PAUSED: the fast path returned the whole response already.
+                return ev.__class__ is EndOfMessage or ev is PAUSED
+        except HTTPError:
+            pass
+        return False
+
+    # -- asyncio callbacks -----------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        client = self.client
-        if client is not None:
-            client.upstream_data(self, data)
-        else:
+        ex = self.exchange
+        if ex is None:
             # No request outstanding: the pod sent something we never asked for.
             log.debug("upstream %s:%d sent %d unsolicited bytes; closing", *self.addr, len(data))
             self.abort()
+            return
+        try:
+            if self.tunnel:
+                ex.response_data(self, data)
+                return
+            self.received = True
+            p = self.parser
+            if not self.got_head and ex.ctx.fast_parse:
+                # Fast path: the read is exactly one complete Content-Length response (see
+                # ResponseParser.parse_whole); declined -> the general path, nothing consumed.
+                whole = p.parse_whole(data)
+                if whole is not None:
+                    self.got_head = True
+                    if not ex.response_whole(self, whole[0], whole[1]):
+                        self.abort()
+                    return
+            # Body bytes straight from the read when nothing is buffered (no copies; see
+            # ResponseParser.take_body); the loop below then finds only what followed them.
+            body = p.take_body(data) if self.got_head else None
+            if body is None:
+                p.feed(data)
+            else:
+                ex.response_data(self, body)
+            while ex.up is self:
+                try:
+                    ev = p.next_event()
+                except HTTPError as exc:
+                    log.debug("L7: bad response from %s:%d: %s", self.addr[0], self.addr[1], exc)
+                    ex.upstream_failed(self, "protocol")
+                    return
+                t = type(ev)
+                if t is bytes:
+                    ex.response_data(self, ev)
+                elif t is ResponseHead:
+                    status = ev.status
+                    if status >= 200:
+                        self.got_head = True
+                    elif status == 101:
+                        self.got_head = self.tunnel = True
+                    ex.response_head(self, ev)
+                    if self.tunnel:
+                        return   # the rest of the bytes belong to the tunnel (start_tunnel)
+                elif t is EndOfMessage:
+                    ex.response_end(self, ev.trailers)
+                    return
+                else:
+                    break
+            ex.response_batch(self)
+        except Exception as exc:  # noqa: BLE001 - no exception may escape a protocol callback
+            ex.internal_error(exc)
 
     def eof_received(self) -> bool:
-        client = self.client
-        if client is not None:
-            return client.upstream_eof(self)
+        ex = self.exchange
+        if ex is None:
+            return False
+        try:
+            if self.tunnel:
+                return ex.upstream_eof(self)
+            if not self.got_head:
+                # Closed before a (final) response head: nothing of the response went out, so
+                # this is retryable like a reset. On a reused pooled connection with not a
+                # byte received it is the keep-alive race: the pod closed it as we reused it.
+                ex.upstream_failed(self, "eof", stale=self.reused and not self.received)
+                return False
+            self.parser.feed_eof()
+            # A close-delimited body ends here; a body cut short raises HTTPError.
+            self.data_received(b"")
+            if ex.up is self:
+                ex.upstream_failed(self, "eof")
+        except Exception as exc:  # noqa: BLE001
+            ex.internal_error(exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.pool._lost(self)
-        client = self.client
-        if client is not None:
-            self.client = None
-            client.upstream_lost(self, exc)
+        self.pool.lost(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            try:
+                if self.tunnel:
+                    ex.tunnel_closed()
+                else:
+                    ex.upstream_failed(self, "reset", stale=self.reused and not self.received)
+            except Exception as e:  # noqa: BLE001
+                ex.internal_error(e)
 
     def pause_writing(self) -> None:
-        client = self.client
-        if client is not None:
-            client.upstream_pause_writing()
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_paused()
 
     def resume_writing(self) -> None:
-        client = self.client
-        if client is not None:
-            client.upstream_resume_writing()
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_resumed()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -109,12 +264,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
+    def write_eof(self) -> bool:
+        """Half-close towards the pod (tunnels). False when the transport cannot."""
+        t = self.transport
+        if self.state == _CLOSED or t is None or not t.can_write_eof():
+            return False
+        t.write_eof()
+        return True
+
     def abort(self) -> None:
         """Close at once (no reuse); connection_lost follows."""
-        self.client = None
+        self.exchange = None
+        self.pending = []
         if self.transport is not None and self.state != _CLOSED:
             self.transport.abort()
-        self.pool._lost(self)
+        self.pool.lost(self)
 
 
 class UpstreamPool:
@@ -141,7 +305,7 @@ class UpstreamPool:
 
     # -- lookups -------------------------------------------------------------------------------
 
-    def _counts_for(self, labels: tuple[str, str]) -> list[int]:
+    def counts_for(self, labels: tuple[str, str]) -> list[int]:
         c = self._counts.get(labels)
         if c is None:
             c = self._counts[labels] = [0, 0]
@@ -162,23 +326,23 @@ class UpstreamPool:
             return conn
         return None
 
-    def connect(self, addr: tuple[str, int], labels: tuple[str, str],
-                done: Callable[[UpstreamConnection | None, BaseException | None], None]) -> None:
-        """Open a new connection; ``done(conn, None)`` (conn active, owned by the callback) or
-        ``done(None, exc)`` is called from the event loop, never synchronously."""
+    def connect(self, addr: tuple[str, int], labels: tuple[str, str], exchange, token: int) -> None:
+        """Open a new connection; ``exchange.connected(token, conn, None)`` (conn active, owned
+        by the exchange) or ``exchange.connected(token, None, exc)`` is called from the event
+        loop, never synchronously."""
         conn = UpstreamConnection(self, addr, labels)
-        task = self.loop.create_task(self._connect(conn, done))
+        task = self.loop.create_task(self._connect(conn, exchange, token))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, conn: UpstreamConnection, done) -> None:
+    async def _connect(self, conn: UpstreamConnection, exchange, token: int) -> None:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.loop.create_connection(lambda: conn, conn.addr[0], conn.addr[1])
         except (OSError, TimeoutError) as exc:
             # OSError: refused / unreachable / reset during connect; TimeoutError: our deadline.
             conn.state = _CLOSED
-            done(None, exc)
+            self._report(exchange, token, None, exc)
             return
         except asyncio.CancelledError:
             conn.state = _CLOSED
@@ -187,24 +351,31 @@ class UpstreamPool:
             raise
         self.connects += 1
         if conn.state == _CLOSED:  # lost already (reset right after connect)
-            done(None, ConnectionResetError("connection lost right after connect"))
+            self._report(exchange, token, None, ConnectionResetError("connection lost right after connect"))
             return
         conn.state = _ACTIVE
         conn.counts[0] += 1
         # (TCP_NODELAY: uvloop and asyncio set it on every TCP transport already.)
-        done(conn, None)
+        self._report(exchange, token, conn, None)
+
+    @staticmethod
+    def _report(exchange, token: int, conn, exc) -> None:
+        try:
+            exchange.connected(token, conn, exc)
+        except Exception as e:  # noqa: BLE001 - the exchange logs and answers; the task must not die
+            exchange.internal_error(e)
 
     def release(self, conn: UpstreamConnection) -> None:
         """The owner is done with an active connection that may be reused (the response was
         complete and keep-alive, the whole request was sent): pool it, or close it."""
         if conn.state != _ACTIVE:
             return
-        conn.client = None
+        conn.exchange = None
         conn.counts[0] -= 1
         live = self._live
         stack = self._idle.get(conn.addr)
         if (self._closed or conn.transport.is_closing() or (live is not None and conn.addr not in live)
-                or (stack is not None and len(stack) >= self.max_idle) or not self.max_idle):
+                or (stack is not None and len(stack) >= self.max_idle) or not self.max_idle or conn.tunnel):
             conn.state = _CLOSED
             conn.transport.close()
             return
@@ -226,11 +397,8 @@ class UpstreamPool:
         else:
             stack.append(conn)
 
-    def discard(self, conn: UpstreamConnection) -> None:
-        """The owner is done with an active connection that must not be reused."""
-        conn.abort()
-
-    def _lost(self, conn: UpstreamConnection) -> None:
+    def lost(self, conn: UpstreamConnection) -> None:
+        """``conn`` is closed (by us or the pod): forget it."""
         state = conn.state
         if state == _CLOSED:
             return
@@ -267,7 +435,7 @@ class UpstreamPool:
         limit = now - self.idle_timeout
         for stack in list(self._idle.values()):
             while stack and stack[0].idle_since <= limit:
-                stack[0].abort()   # _lost removes it from the stack
+                stack[0].abort()   # lost() removes it from the stack
 
     def idle_count(self, addr: tuple[str, int] | None = None) -> int:
         if addr is not None:

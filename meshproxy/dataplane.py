@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from l4.listeners import L4Manager
-from l7.downstream import IngressServer
+from l7.server import IngressServer
 
 from .core.runtime import Runtime
 

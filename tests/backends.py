@@ -55,7 +55,7 @@ import uvloop
 
 from discovery.manifests import load_text
 from discovery.store import ADDED, DELETED, Allocator, EndpointIndex, Event, Store
-from l7.downstream import IngressServer
+from l7.server import IngressServer
 from meshproxy.core.runtime import Runtime
 from meshproxy.core.settings import Settings
 from meshproxy.core.snapshot import SnapshotBuilder
@@ -583,10 +583,12 @@ class Proxy:
                     total += t.get_write_buffer_size()
                 if c.parser is not None:
                     total += len(c.parser.trailing)
-                total += c.pending_bytes
-                up = c.upstream
-                if up is not None and up.transport is not None and not up.transport.is_closing():
-                    total += up.transport.get_write_buffer_size() + len(up.parser.trailing)
+                ex = c.exchange
+                if ex is not None:
+                    total += ex.pending_bytes
+                    up = ex.up
+                    if up is not None and up.transport is not None and not up.transport.is_closing():
+                        total += up.transport.get_write_buffer_size() + len(up.parser.trailing)
             self.max_buffered = max(self.max_buffered, total)
             self.loop.call_later(interval, sample)
 

@@ -61,6 +61,9 @@ http_active = Gauge("meshproxy_http_active_requests", "Requests in progress.", r
 http_send_timeouts = Counter("meshproxy_http_send_timeouts_total",
                              "Client connections closed because they read nothing of their response for --send-timeout.",
                              registry=REGISTRY)
+http_interim_floods = Counter("meshproxy_http_interim_floods_total",
+                              "Upstream attempts failed (502) for sending more interim (1xx) responses than allowed.",
+                              registry=REGISTRY)
 http_no_route = Counter("meshproxy_http_no_route_total", "Requests that matched no Ingress rule.", registry=REGISTRY)
 http_bad_requests = Counter("meshproxy_http_bad_requests_total", "Requests refused before routing, by status.",
                             ["code"], registry=REGISTRY)

@@ -1,0 +1,422 @@
+"""The L7 data plane of one process: listeners, and what every exchange shares.
+
+``IngressServer(runtime)`` binds ``--ingress-listen`` / ``--ingress-tls-listen`` (serving the
+Ingress route table, ``snapshot.routes``) and every ``snapshot.http_listeners`` entry (Gateway
+listeners and mesh Service ports, each with its own route table), reconciled on each publish
+like the L4 listeners. It is also the context each ``l7.exchange.Exchange`` works in: the
+snapshot in force, balancers, the upstream pool, retry budgets, route lookup with its cache,
+metrics and the access log.
+
+Route lookup is cached per snapshot and route table for short (host, path) keys when the table
+is "plain" (no route has conditions): the same few hosts and paths come again and again, and
+normalisation + matching is the costliest part of routing. Tables with conditions (methods,
+headers, query parameters) are matched per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from urllib.parse import unquote_plus
+
+from meshproxy.core import metrics, sockets
+from meshproxy.core.paths import normalize_request_path
+
+from .accesslog import AccessLog
+from .downstream import ClientConnection
+from .headers import TrustedProxies
+from .stats import RouteStats
+from .tls import TLSContexts
+from .upstream import UpstreamPool
+
+__all__ = ["IngressServer", "Listener", "PARSER_MODES", "parser_mode"]
+
+log = logging.getLogger("meshproxy.l7")
+
+PARSER_MODES = ("auto", "strict", "fast")
+# Route decisions cached per snapshot and table: at most this many, keys (host + path) at most
+# this long, so a client sending endless distinct paths costs a bounded amount of memory.
+_ROUTE_CACHE_SIZE = 4096
+_ROUTE_CACHE_KEY_MAX = 512
+_BAD_PATH = (None, None)
+
+
+def parser_mode(settings) -> str:
+    """``Settings.http_parser``; "auto" defers to $MESHPROXY_HTTP_PARSER (so test suites can be
+    run under each mode) and means "fast" when that is unset. "strict": the general parser
+    only; "fast": its ``parse_whole`` fast paths for complete simple messages in one read."""
+    mode = getattr(settings, "http_parser", "auto") or "auto"
+    if mode == "auto":
+        mode = os.environ.get("MESHPROXY_HTTP_PARSER", "auto") or "auto"
+    if mode not in PARSER_MODES:
+        raise ValueError(f"http_parser: {mode!r} is not one of auto, strict, fast")
+    return "fast" if mode == "auto" else mode
+
+
+class RequestView:
+    """What route conditions look at (``meshproxy.core.routes.Conditions.holds``), computed
+    lazily from a request head: only tables with conditions build one."""
+
+    __slots__ = ("head", "method", "_query", "_cookies")
+
+    def __init__(self, head) -> None:
+        self.head = head
+        self.method = head.method
+        self._query: dict[str, str] | None = None
+        self._cookies: dict[str, str] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        vals = [v for n, v in self.head.headers if n.lower() == name]
+        if not vals:
+            if name == b"host":
+                return self.head.host
+            return None
+        return vals[0] if len(vals) == 1 else b", ".join(vals)
+
+    def query_param(self, name: str) -> str | None:
+        q = self._query
+        if q is None:
+            q = self._query = {}
+            for part in self.head.query.decode("latin-1").split("&"):
+                if not part:
+                    continue
+                k, _, v = part.partition("=")
+                q.setdefault(unquote_plus(k), unquote_plus(v))
+        return q.get(name)
+
+    def cookie(self, name: str) -> str | None:
+        c = self._cookies
+        if c is None:
+            c = self._cookies = {}
+            for n, v in self.head.headers:
+                if n.lower() == b"cookie":
+                    for part in v.decode("latin-1").split(";"):
+                        k, eq, val = part.strip().partition("=")
+                        if eq:
+                            c.setdefault(k, val)
+        return c.get(name)
+
+
+class Listener:
+    """One listening socket, with accept paused (not refused) at ``--max-connections``.
+
+    The socket is bound once; serving it is an asyncio server over a ``dup()`` of it, so
+    pausing closes only that server while the kernel keeps queueing connections in the
+    backlog of the original socket until we resume. ``http`` is the HTTPListener whose routes
+    it serves (None: the Ingress table of the snapshot in force).
+    """
+
+    def __init__(self, server: IngressServer, host: str, port: int, ssl_ctx, http=None) -> None:
+        self.server = server
+        self.tls = ssl_ctx is not None
+        self.ssl_ctx = ssl_ctx
+        self.http = http
+        self.count = 0
+        self.limit = server.settings.max_connections
+        self.aserver = None
+        self.paused = False
+        self.stopped = False
+        self._starting = False
+        # SO_REUSEADDR|SO_REUSEPORT, and the inherited socket on `run --takeover`.
+        sock = sockets.listen(host, port, 1024)
+        self.sock = sock
+        self.host = host
+        self.port = port = sock.getsockname()[1]
+        self.port_b = b"%d" % port
+        # "host:port" the clients reach (the default Host for requests without one); for a
+        # wildcard address it depends on the connection.
+        wildcard = host in ("", "0.0.0.0", "::")
+        self.local_host = None if wildcard else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
+    async def start(self) -> None:
+        if self.stopped or self.aserver is not None or self._starting:
+            return
+        self._starting = True
+        try:
+            kwargs = {}
+            if self.ssl_ctx is not None:
+                kwargs["ssl"] = self.ssl_ctx
+                kwargs["ssl_handshake_timeout"] = self.server.settings.header_timeout
+            self.aserver = await self.server.loop.create_server(
+                self._factory, sock=self.sock.dup(), backlog=1024, **kwargs)
+        finally:
+            self._starting = False
+        if self.stopped or self.paused:
+            self._stop_server()
+
+    def _factory(self) -> ClientConnection:
+        return ClientConnection(self.server, self)
+
+    def opened(self) -> None:
+        # Counted in connection_made (after a TLS handshake): a failed handshake never
+        # reaches the protocol, so counting in the factory would leak.
+        self.count += 1
+        if self.limit and self.count >= self.limit and not self.paused:
+            self.paused = True
+            self._stop_server()
+
+    def closed(self) -> None:
+        self.count -= 1
+        if self.paused and not self.stopped and (not self.limit or self.count < self.limit):
+            self.paused = False
+            if self.aserver is None:
+                self.server.loop.create_task(self.start())
+
+    def _stop_server(self) -> None:
+        srv = self.aserver
+        if srv is not None:
+            self.aserver = None
+            srv.close()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._stop_server()
+        try:
+            sockets.release(self.sock)
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class IngressServer:
+    """The L7 data plane of one process (see the module docstring)."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.settings = settings = runtime.settings
+        self.balancers = runtime.balancers
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool: UpstreamPool | None = None
+        self.connections: set[ClientConnection] = set()
+        self.listeners: list[Listener] = []
+        self.http_listeners: dict[tuple[str, int], Listener] = {}
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        self.parser_mode = parser_mode(settings)
+        # The parse_whole fast paths (same strictness, see docs/http.md) unless "strict".
+        self.fast_parse = self.parser_mode != "strict"
+        self.access_log = AccessLog(settings.access_log) if settings.access_log else None
+        self.tls: TLSContexts | None = None
+        self.tls_port = 0
+        self.via: bytes | None = None   # b"1.1 meshproxy" to add Via (off by default)
+        self.active = 0
+        self.draining = False
+        # Retry budgets by backend key: [active requests, retries in flight]; entries at
+        # [0, 0] are pruned once a second. Overflows: retries refused by a budget.
+        self.budgets: dict[tuple[str, str, str], list[int]] = {}
+        self.retry_budget_overflows = 0
+        self.interim_floods = 0
+        self.no_route_stats = RouteStats("", "", "")
+        self._stats: dict[tuple[str, str, str], RouteStats] = {}
+        self._stats_by_route: dict[int, RouteStats] = {}
+        self._stats_snap = None
+        self._route_snap = None
+        self._route_caches: dict[int, dict] = {}
+        self._ticker: asyncio.TimerHandle | None = None
+        self._secrets_seen = None
+        self.now = None   # the loop's clock, set in start()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = loop = asyncio.get_running_loop()
+        self.now = loop.time
+        settings = self.settings
+        self.pool = UpstreamPool(loop, settings)
+        if self.runtime.snapshot is not None:
+            self.pool.apply(self.runtime.snapshot)
+        if settings.ingress_listen:
+            host, port = settings.ingress_listen
+            self.listeners.append(Listener(self, host, port, None))
+        if settings.ingress_tls_listen:
+            self.tls = TLSContexts()
+            self._update_tls(self.runtime.snapshot)
+            host, port = settings.ingress_tls_listen
+            lst = Listener(self, host, port, self.tls.listener_context)
+            self.tls_port = lst.port
+            self.listeners.append(lst)
+        for lst in self.listeners:
+            await lst.start()
+        self._ticker = loop.call_later(1.0, self._tick)
+
+    @property
+    def ports(self) -> list[int]:
+        """Bound ports, plain listener first (tests bind port 0)."""
+        return [lst.port for lst in self.listeners]
+
+    def apply(self, snapshot) -> None:
+        """A new snapshot is in force: drop idle pooled connections to endpoints that left,
+        rebuild TLS contexts whose Secret changed, bind / close the HTTP listeners it wants."""
+        if self.pool is not None:
+            self.pool.apply(snapshot)
+        if self.tls is not None:
+            self._update_tls(snapshot)
+        if snapshot is not None and (snapshot.http_listeners or self.http_listeners):
+            self._reconcile_http(snapshot)
+
+    def _reconcile_http(self, snapshot) -> None:
+        wanted = snapshot.http_listeners
+        for key in [k for k in self.http_listeners if k not in wanted]:
+            self.http_listeners.pop(key).stop()
+        for key, spec in wanted.items():
+            lst = self.http_listeners.get(key)
+            if lst is not None and lst.tls == spec.tls:
+                lst.http = spec   # same socket, new routes: new requests use them
+                continue
+            if lst is not None:
+                self.http_listeners.pop(key).stop()
+            ssl_ctx = None
+            if spec.tls:
+                ctxs = TLSContexts()
+                ctxs.update(spec.tls_hosts, snapshot.secrets)
+                ssl_ctx = ctxs.listener_context
+            try:
+                lst = Listener(self, spec.host, spec.port, ssl_ctx, spec)
+            except OSError as exc:
+                log.error("L7: cannot listen on %s:%d for %s: %s", spec.host, spec.port, spec.name, exc)
+                continue
+            self.http_listeners[key] = lst
+            self.loop.create_task(lst.start())
+
+    def _update_tls(self, snapshot) -> None:
+        if snapshot is None:
+            return
+        seen = (snapshot.tls_hosts, snapshot.secrets)
+        if self._secrets_seen is not None and self._secrets_seen[0] is seen[0] and self._secrets_seen[1] is seen[1]:
+            return
+        self._secrets_seen = seen
+        self.tls.update(snapshot.tls_hosts, snapshot.secrets)
+
+    async def stop_accepting(self) -> None:
+        for lst in self.listeners:
+            lst.stop()
+        for lst in self.http_listeners.values():
+            lst.stop()
+
+    async def drain(self, timeout: float) -> None:
+        """Finish requests in flight (their responses carry ``Connection: close``), close idle
+        connections, and after ``timeout`` close whatever is left."""
+        self.draining = True
+        grace = min(1.0, timeout / 4)
+        deadline = self.loop.time() + max(0.0, timeout)
+        for conn in list(self.connections):
+            conn.close_if_idle(grace)
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                conn.close_if_idle(grace)
+        for conn in list(self.connections):
+            conn.close_now()
+        if self.pool is not None:
+            self.pool.close()
+        # Let the loop run the connection_lost callbacks of what was just closed.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        self._tick_metrics()
+        if self.access_log is not None:
+            self.access_log.close()
+
+    # -- housekeeping ------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        try:
+            self._tick_metrics()
+            budgets = self.budgets
+            for key in [k for k, v in budgets.items() if not v[0] and not v[1]]:
+                del budgets[key]
+            if self.pool is not None:
+                self.pool.sweep()
+            if self.access_log is not None:
+                self.access_log.flush()
+        except Exception:  # noqa: BLE001 - housekeeping must keep running
+            log.exception("L7: housekeeping failed")
+        self._ticker = self.loop.call_later(1.0, self._tick)
+
+    def state(self) -> dict:
+        """For /debug and tests: retry budgets in use and overflows so far."""
+        return {
+            "active": self.active,
+            "retry_budget_overflows": self.retry_budget_overflows,
+            "retry_budgets": {"/".join(k): {"active": a, "retries_in_flight": r}
+                              for k, (a, r) in self.budgets.items()},
+        }
+
+    def _tick_metrics(self) -> None:
+        for stats in self._stats.values():
+            stats.flush()
+        self.no_route_stats.flush()
+        metrics.http_active.set(self.active)
+        metrics.http_downstream_connections.set(len(self.connections))
+        if self.pool is not None:
+            self.pool.export_metrics()
+
+    # -- what exchanges call -----------------------------------------------------------------------
+
+    def bad_request(self, status: int) -> None:
+        metrics.http_bad_requests.labels(str(status)).inc()
+
+    def no_route(self) -> None:
+        metrics.http_no_route.inc()
+
+    def interim_flood(self) -> None:
+        self.interim_floods += 1
+        metrics.http_interim_floods.inc()
+
+    def count_local(self, status: int) -> None:
+        """A request answered by the shell outside any exchange (bad input, timeouts)."""
+        self.no_route_stats.done(status, 0.0)
+
+    def route(self, snap, table, head, exchange):
+        """(route, stats) for a request; (None, stats) no route (404); (None, None) the path
+        is refused (400). See the module docstring for the cache."""
+        if snap is not self._route_snap:
+            self._route_snap = snap
+            self._route_caches = {}
+        host = head.host
+        path = head.path
+        if table.plain:
+            cache = self._route_caches.get(id(table))
+            if cache is None:
+                cache = self._route_caches[id(table)] = {}
+            key = (host, path)
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
+            npath = normalize_request_path(path.decode("latin-1"))
+            if npath is None:
+                hit = _BAD_PATH
+            else:
+                r = table.match(host.decode("latin-1"), npath)
+                hit = (r, self.route_stats(snap, r)) if r is not None else (None, self.no_route_stats)
+            if len(host) + len(path) <= _ROUTE_CACHE_KEY_MAX:
+                if len(cache) >= _ROUTE_CACHE_SIZE:
+                    cache.clear()
+                cache[key] = hit
+            return hit
+        npath = normalize_request_path(path.decode("latin-1"))
+        if npath is None:
+            return _BAD_PATH
+        r = table.match(host.decode("latin-1"), npath, RequestView(head))
+        return (r, self.route_stats(snap, r)) if r is not None else (None, self.no_route_stats)
+
+    def route_stats(self, snap, route) -> RouteStats:
+        if snap is not self._stats_snap:
+            self._stats_snap = snap
+            self._stats_by_route = {}
+        s = self._stats_by_route.get(id(route))
+        if s is None:
+            ref = route.action.backends[0] if route.action.backends else None
+            source = route.source.partition(" ")[2]
+            ns = source.partition("/")[0]
+            service = ""
+            if ref is not None and ref.key is not None:
+                ns, service = ref.key[0], ref.key[1]
+            key = (ns, source, service)
+            s = self._stats.get(key)
+            if s is None:
+                s = self._stats[key] = RouteStats(*key)
+            self._stats_by_route[id(route)] = s
+        return s
