@@ -208,10 +208,10 @@ class _RouteStats:
     __slots__ = ("labels", "codes", "duration", "errors", "retries", "counts", "bounds",
                  "buckets", "seconds", "dirty")
 
-    def __init__(self, namespace: str, ingress: str, service: str) -> None:
-        self.labels = (namespace, ingress, service)
+    def __init__(self, namespace: str, ingress: str, service: str, route: str = "") -> None:
+        self.labels = (namespace, ingress, service, route)
         self.codes: list[Any] = [None] * 6
-        self.duration = metrics.http_duration.labels(namespace, ingress, service)
+        self.duration = metrics.http_duration.labels(namespace, ingress, service, route)
         self.errors: dict[str, Any] = {}
         self.retries = None
         self.counts = [0] * 6          # requests by status class since the last flush
@@ -1498,7 +1498,7 @@ class IngressServer:
         self.budgets: dict[tuple[str, str, str], list[int]] = {}
         self.retry_budget_overflows = 0
         self.no_route_stats = _RouteStats("", "", "")
-        self._stats: dict[tuple[str, str, str], _RouteStats] = {}
+        self._stats: dict[tuple[str, str, str, str], _RouteStats] = {}
         self._stats_by_match: dict[int, _RouteStats] = {}
         self._stats_snap = None
         self._route_snap = None
@@ -1651,7 +1651,7 @@ class IngressServer:
             service = ref.key[1] if ref is not None and ref.key is not None else ""
             if ref is not None and ref.key is not None:
                 ns = ref.key[0]
-            key = (ns, ingress, service)
+            key = (ns, ingress, service, match.name)
             s = self._stats.get(key)
             if s is None:
                 s = self._stats[key] = _RouteStats(*key)
