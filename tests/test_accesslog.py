@@ -239,7 +239,7 @@ def test_a_full_disk_counts_lost_lines_and_goes_on():
     before = metrics.access_log_dropped.labels("write_error")._value.get()
     log = AccessLog("/dev/full", "text", interval=0.01)
     try:
-        for i in range(10):
+        for _ in range(10):
             log.log(http())
         assert log.flush()
     finally:
