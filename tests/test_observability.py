@@ -398,3 +398,47 @@ def test_request_id_is_generated_sent_to_the_pod_and_returned(pods, tmp_path):
         r, body, conn = request(m.port, "GET", "/echo?rid=2", "shop.test", headers={"X-Request-Id": "mine-42"})
         conn.close()
         assert {k.lower(): v for k, v in json.loads(body)["headers"]}["x-request-id"] == "mine-42"
+
+
+# -- deploy/grafana-dashboard.json -------------------------------------------------------------------------
+
+def test_dashboard_queries_parse_and_use_only_metrics_and_labels_that_exist(tmp_path):
+    """Every panel query is valid PromQL (``promtool check rules`` parses it as a recording rule)
+    and names only metrics meshproxy exports, with labels those metrics have."""
+    import yaml
+
+    from meshproxy.core import metrics
+    promtool = requires("promtool")
+    with open(os.path.join(ROOT, "deploy", "grafana-dashboard.json"), encoding="utf-8") as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    labels: dict[str, set] = {}
+    for fam in metrics.REGISTRY.collect():
+        names = {fam.name}
+        if fam.type == "counter":
+            names = {fam.name + "_total"}
+        elif fam.type == "histogram":
+            names = {fam.name + "_bucket", fam.name + "_count", fam.name + "_sum"}
+        for n in names:
+            labels[n] = set()
+    for name in list(labels):
+        base = re.sub(r"_(bucket|count|sum)$", "", name)
+        for m in (getattr(metrics, a) for a in dir(metrics)):
+            if getattr(m, "_name", None) in (base, name.removesuffix("_total")):
+                labels[name] = set(m._labelnames) | ({"le"} if name.endswith("_bucket") else set())
+    for e in exprs:
+        for name, sel in re.findall(r"(meshproxy_[a-z0-9_]+)(\{[^}]*\})?", e):
+            assert name in labels, (name, e)
+            for lab in re.findall(r"(\w+)\s*(?:=~|!=|=)", sel):
+                assert lab in labels[name], (lab, name, e)
+        for lab in re.findall(r"by \(([^)]*)\)", e):
+            for x in (v.strip() for v in lab.split(",")):
+                assert any(x in labels[n] for n in re.findall(r"meshproxy_[a-z0-9_]+", e)), (x, e)
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:q{i}", "expr": e.replace("$__rate_interval", "1m").replace("$namespace", ".*")}
+        for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
