@@ -125,6 +125,52 @@ def test_json_access_log_for_requests_and_l4_connections(pods, tmp_path):
     assert tcp["client"] == "127.0.0.1" and tcp["response_flags"] is None
 
 
+def test_l4_connections_that_fail_are_logged_with_their_flags(pods, tmp_path):
+    """A Service whose only pod refuses connections: the client is reset, the line says UF
+    (connect failure) and names the endpoint tried; a Service without endpoints says UH."""
+    log = tmp_path / "access.json"
+    dead_port = free_port("127.0.13.9")
+    ip_dead, ip_none = _cluster_ip(), _cluster_ip()
+    extra = f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: gone, namespace: default, labels: {{app: gone}}}}
+spec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {dead_port}}}]}}]}}
+status: {{podIP: 127.0.13.9, conditions: [{{type: Ready, status: "True"}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: gone, namespace: default}}
+spec: {{clusterIP: {ip_dead}, selector: {{app: gone}}, ports: [{{name: tcp, port: 80, targetPort: http}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec: {{clusterIP: {ip_none}, selector: {{app: nobody}}, ports: [{{name: tcp, port: 80, targetPort: 80}}]}}
+"""
+    m = start(pods, tmp_path, log=str(log), fmt="json")
+    with open(tmp_path / "m.yaml", "a") as f:
+        f.write(extra)
+    with m:
+        for ip in (ip_dead, ip_none):
+            def refused(ip=ip):
+                try:
+                    l4_roundtrip(ip)
+                except ConnectionResetError:
+                    return True
+                except OSError:
+                    return False
+                return True            # closed without data: also how a rejected client can look
+            wait_for(refused, what=f"a reset from {ip}")
+        recs = wait_for(lambda: (lambda x: x if {r["upstream_service"] for r in x} >= {"default/gone:tcp", "default/empty:tcp"}
+                                 else None)([json.loads(x) for x in lines_of(log)]), what="both lines")
+    gone = next(r for r in recs if r["upstream_service"] == "default/gone:tcp")
+    assert gone["response_flags"] == "UF" and gone["upstream_host"] == f"127.0.13.9:{dead_port}"
+    assert gone["attempts"] == 1 and gone["bytes_sent"] == 0
+    empty = next(r for r in recs if r["upstream_service"] == "default/empty:tcp")
+    assert empty["response_flags"] == "UH" and empty["upstream_host"] is None and empty["attempts"] == 0
+
+
 def test_template_access_log_to_stdout(pods, tmp_path):
     fmt = "tpl %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %UPSTREAM_HOST% %ROUTE_NAME% %PROTOCOL% %BYTES_SENT%"
     with start(pods, tmp_path, log="-", fmt=fmt) as m:
