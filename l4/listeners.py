@@ -74,10 +74,12 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 class _Labels:
     """Prometheus children of one backend, resolved once instead of per event."""
-    __slots__ = ("active", "connect_failures", "connections", "no_endpoints", "rx", "tx")
+    __slots__ = ("active", "connect_failures", "connections", "duration", "no_endpoints", "rx", "service", "tx")
 
     def __init__(self, key: tuple[str, str, str]) -> None:
+        self.service = f"{key[0]}/{key[1]}:{key[2]}"     # as the access log names it
         self.connections = metrics.l4_connections.labels(*key)
+        self.duration = metrics.l4_duration.labels(*key)
         self.active = metrics.l4_active.labels(*key)
         self.rx = metrics.l4_bytes.labels(*key, "rx")
         self.tx = metrics.l4_bytes.labels(*key, "tx")

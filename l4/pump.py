@@ -38,7 +38,9 @@ Invariants:
 - accounting: the endpoint is acquired in the balancer from the pick (connect attempts
   included, so least-connections sees in-flight connects) and released exactly once;
   ``l4_active`` goes up at accept and down once in ``_finish``; byte counters are added at
-  close or every ``_BYTES_FLUSH``;
+  close or every ``_BYTES_FLUSH``; ``_finish`` also observes the connection's duration and,
+  with ``--access-log``, hands one ``TcpRecord`` to the process's log (a queue append: the
+  line is formatted and written on the log's own thread);
 - liveness: ``busy`` is set on every read; the manager's periodic sweep turns it into
   ``idle_since`` and enforces idle timeouts and drain deadlines — nothing is scheduled per
   read;
@@ -58,6 +60,13 @@ import struct
 from typing import Any, Protocol
 
 from discovery.endpoints import Endpoint
+from meshproxy.core.logformat import (
+    FLAG_NO_HEALTHY_UPSTREAM,
+    FLAG_NO_ROUTE,
+    FLAG_UPSTREAM_CONNECT_FAILURE,
+    FLAG_UPSTREAM_RETRY_LIMIT,
+    TcpRecord,
+)
 from meshproxy.core.snapshot import Backend
 
 from .proxy_protocol import header as proxy_header
@@ -480,16 +489,21 @@ class L4Connection:
         "deadline",
         "down",
         "endpoint",
+        "flags",
         "idle_since",
         "labels",
+        "last_ep",
         "listener",
         "local_only",
         "mgr",
         "peer",
         "pod",
+        "rx_total",
         "state",
+        "t0",
         "timer",
         "tried",
+        "tx_total",
         "up",
     )
 
@@ -512,6 +526,12 @@ class L4Connection:
         self.deadline: float | None = None
         self.timer = None
         self.tried: frozenset[tuple[str, int]] = frozenset()
+        # For the duration histogram and the access log: accept time, bytes moved (the flows'
+        # counters restart at every metrics flush), the last endpoint tried, response flags.
+        self.t0 = mgr.loop.time()
+        self.rx_total = self.tx_total = 0
+        self.last_ep: Endpoint | None = None
+        self.flags = ""
 
     def describe(self) -> str:
         b = self.backend
@@ -527,6 +547,7 @@ class L4Connection:
         lst = snap.l4.get(self.listener.key) if snap is not None else None
         if lst is None:
             # The listener is being removed (snapshot already swapped, socket not yet closed).
+            self.flags = FLAG_NO_ROUTE
             self._abort()
             return
         self.labels = mgr.labels_for(lst.backend)
@@ -541,13 +562,14 @@ class L4Connection:
         backend = self.backend
         ep = mgr.balancers.pick(backend, self.peer[0], self.local_only, self.tried) if backend else None
         if ep is None:
+            self.flags = FLAG_UPSTREAM_CONNECT_FAILURE if self.tried else FLAG_NO_HEALTHY_UPSTREAM
             self.labels.no_endpoints.inc()
             if self.tried:
                 log.info("l4: %s: no endpoint took the connection after %d attempt(s)",
                          self.describe(), len(self.tried))
             self._abort()
             return
-        self.endpoint = ep
+        self.endpoint = self.last_ep = ep
         mgr.balancers.acquire(ep)
         mgr.track(self, (backend.key, ep.addr))
         try:
@@ -643,6 +665,7 @@ class L4Connection:
         self.tried = self.tried | {ep.addr}
         log.debug("l4: %s:%d: connect failed: %s", ep.ip, ep.port, err)
         if len(self.tried) >= MAX_ATTEMPTS:
+            self.flags = FLAG_UPSTREAM_CONNECT_FAILURE + "," + FLAG_UPSTREAM_RETRY_LIMIT
             self.labels.no_endpoints.inc()
             log.info("l4: %s: %d connect attempts failed, last to %s:%d: %s",
                      self.describe(), len(self.tried), ep.ip, ep.port, err)
@@ -736,13 +759,23 @@ class L4Connection:
         self.labels = False           # marks "finished": runs once
         mgr = self.mgr
         ep = self.endpoint
+        attempts = len(self.tried) + (ep is not None)   # failed connects + the one in use, if any
         if ep is not None:
             mgr.balancers.release(ep)
             mgr.untrack(self, (self.backend.key, ep.addr))
             self.endpoint = None
+        dt = mgr.loop.time() - self.t0
         if labels:
             self.flush_bytes(labels)
             labels.active.dec()
+            labels.duration.observe(dt)
+        access_log = mgr.runtime.access_log
+        if access_log is not None:
+            ep = self.last_ep
+            access_log.log(TcpRecord(
+                self.peer[0], self.peer[1], f"{self.listener.key[0]}:{self.listener.key[1]}",
+                labels.service if labels else "", f"{ep.ip}:{ep.port}" if ep is not None else "",
+                self.rx_total, self.tx_total, dt, attempts, self.flags))
         mgr.forget(self)
         self.up = self.down = None    # break the conn <-> flow cycles at once
 
@@ -751,10 +784,15 @@ class L4Connection:
         labels = labels or self.labels
         if not labels:
             return
-        for flow, counter in ((self.up, labels.rx), (self.down, labels.tx)):
-            if flow is not None and flow.count:
-                counter.inc(flow.count)
-                flow.count = 0
+        up, down = self.up, self.down
+        if up is not None and up.count:
+            labels.rx.inc(up.count)
+            self.rx_total += up.count
+            up.count = 0
+        if down is not None and down.count:
+            labels.tx.inc(down.count)
+            self.tx_total += down.count
+            down.count = 0
 
     def buffered(self) -> int:
         """Bytes in flight inside the proxy (pipes / buffers), for tests and debug."""

@@ -207,7 +207,7 @@ class IngressServer:
         self.retry_budget_overflows = 0
         self.interim_floods = 0
         self.no_route_stats = RouteStats("", "", "")
-        self._stats: dict[tuple[str, str, str], RouteStats] = {}
+        self._stats: dict[tuple[str, str, str, str], RouteStats] = {}
         self._stats_by_route: dict[int, RouteStats] = {}
         self._stats_snap = None
         self._route_snap = None
@@ -414,7 +414,7 @@ class IngressServer:
             service = ""
             if ref is not None and ref.key is not None:
                 ns, service = ref.key[0], ref.key[1]
-            key = (ns, source, service)
+            key = (ns, source, service, route.name)
             s = self._stats.get(key)
             if s is None:
                 s = self._stats[key] = RouteStats(*key)

@@ -38,10 +38,10 @@ class RouteStats:
     __slots__ = ("labels", "codes", "duration", "errors", "retries", "counts", "bounds",
                  "buckets", "seconds", "dirty")
 
-    def __init__(self, namespace: str, ingress: str, service: str) -> None:
-        self.labels = (namespace, ingress, service)
+    def __init__(self, namespace: str, ingress: str, service: str, route: str = "") -> None:
+        self.labels = (namespace, ingress, service, route)
         self.codes: list[Any] = [None] * 6
-        self.duration = metrics.http_duration.labels(namespace, ingress, service)
+        self.duration = metrics.http_duration.labels(namespace, ingress, service, route)
         self.errors: dict[str, Any] = {}
         self.retries = None
         self.counts = [0] * 6          # requests by status class since the last flush

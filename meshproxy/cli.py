@@ -1,6 +1,6 @@
-"""Command line: ``meshproxy run | validate | get | demo`` (docs/configuration.md).
+"""Command line: ``meshproxy run | validate | get | top | stat | demo`` (docs/configuration.md).
 
-The process-layer modules (controller, process, workers, demo) are imported inside the
+The process-layer modules (controller, process, workers, demo, top) are imported inside the
 commands that need them, never at the top: they import prometheus_client, and ``run
 --workers N`` must set up multiprocess metrics before that first import
 (``meshproxy.multiproc``). tests/test_layers.py allows exactly these late imports.
@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import sys
+import urllib.parse
 from typing import Sequence
 
 from discovery.manifests import load_paths
@@ -20,6 +21,7 @@ from discovery.sources.dns import parse_servers
 from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
+from .core.logformat import FormatError, compile_format
 from .core.settings import LB_POLICIES, Settings, parse_hostport
 from .multiproc import prepare_multiprocess_metrics
 
@@ -76,7 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="admin server: /healthz /readyz /metrics /debug/snapshot (default 127.0.0.1:9901)")
     run.add_argument("--workers", type=int, default=1, help="data-plane processes sharing the listeners (default 1)")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    run.add_argument("--access-log", metavar="PATH|-", help="one line per HTTP request to PATH or stdout (-)")
+    obs = run.add_argument_group("observability (docs/observability.md)")
+    obs.add_argument("--access-log", metavar="PATH|-",
+                     help="one line per HTTP request and L4 connection to PATH or stdout (-); SIGUSR1 reopens PATH")
+    obs.add_argument("--access-log-format", metavar="text|json|TEMPLATE", default=None,
+                     help="text (default), json (one object per line) or a template of Envoy-style operators, "
+                          "e.g. '%%START_TIME%% %%REQ(:METHOD)%% %%REQ(X-REQUEST-ID)%% %%RESPONSE_CODE%% %%DURATION%%'")
+    obs.add_argument("--access-log-buffer", type=int, default=None, metavar="N",
+                     help="records waiting for the log writer before new ones are dropped and counted (default 16384)")
+    obs.add_argument("--otlp-endpoint", metavar="URL", default=None,
+                     help="export trace spans over OTLP/HTTP to URL/v1/traces (tracing is off without it)")
+    obs.add_argument("--trace-sampling", type=float, default=None, metavar="RATIO",
+                     help="share of traces started here that are recorded, 0..1 (default 1); incoming "
+                          "traceparent headers keep their caller's decision")
     run.add_argument("--config", metavar="FILE", help="YAML file with the same settings as these flags (flag names without dashes)")
     run.add_argument("--lb-policy", choices=LB_POLICIES, default=None, help="default L4 balancing policy (default random)")
     run.add_argument("--l7-lb-policy", choices=LB_POLICIES, default=None, help="default L7 balancing policy (default p2c)")
@@ -120,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--check", action="store_true", help="run the tour itself and exit 0/1")
     demo.add_argument("--admin-listen", type=_hostport, default=("127.0.0.1", 9901), metavar="HOST:PORT")
     demo.add_argument("--ingress-listen", type=_hostport, default=("127.0.0.1", 8080), metavar="HOST:PORT")
+    for name, helptext in (("top", "live table of the busiest routes and backends of a running instance"),
+                           ("stat", "the same once, as plain tables")):
+        t = sub.add_parser(name, help=helptext)
+        t.add_argument("--admin", type=_hostport, default=("127.0.0.1", 9901), metavar="HOST:PORT",
+                       help="admin address of the running instance (default 127.0.0.1:9901)")
+        t.add_argument("--interval" if name == "top" else "--window", type=_positive_float, default=2.0 if name == "top" else 5.0,
+                       dest="interval", metavar="SECONDS",
+                       help="time between the two reads of /metrics that rates come from (default %(default)s)")
+        t.add_argument("-n", "--limit", type=int, default=None, help="rows per table (default: what fits, or 20)")
+        if name == "top":
+            t.add_argument("--iterations", type=int, default=None, metavar="N",
+                           help="refresh N times, then exit (default: until q / Ctrl-C on a terminal, once otherwise)")
+        else:
+            t.add_argument("-o", "--output", choices=("table", "json"), default="table")
     return parser
 
 
@@ -135,6 +163,8 @@ _FLAG_FIELDS = {
     "cluster_domain": "cluster_domain", "http_parser": "http_parser",
     "kubeconfig": "kubeconfig", "context": "kube_context", "namespace": "kube_namespace",
     "publish_service": "publish_service",
+    "access_log_format": "access_log_format", "access_log_buffer": "access_log_buffer",
+    "otlp_endpoint": "otlp_endpoint", "trace_sampling": "trace_sampling",
 }
 
 
@@ -192,7 +222,32 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ipaddress.ip_network(s.service_cidr, strict=False)
     if s.workers < 1:
         raise ValueError("--workers must be at least 1")
+    _check_observability(s)
     return s
+
+
+def _check_observability(s: Settings) -> None:
+    """Values a ConfigMap holds as strings are converted; errors name the flag."""
+    try:
+        s.trace_sampling = float(s.trace_sampling)
+    except (TypeError, ValueError):
+        raise ValueError(f"--trace-sampling: {s.trace_sampling!r} is not a number") from None
+    if not 0.0 <= s.trace_sampling <= 1.0:
+        raise ValueError(f"--trace-sampling: {s.trace_sampling:g} is outside 0..1")
+    try:
+        s.access_log_buffer = int(s.access_log_buffer)
+    except (TypeError, ValueError):
+        raise ValueError(f"--access-log-buffer: {s.access_log_buffer!r} is not a number") from None
+    if s.access_log_buffer < 1:
+        raise ValueError("--access-log-buffer must be at least 1")
+    try:
+        compile_format(str(s.access_log_format))
+    except FormatError as exc:
+        raise ValueError(f"--access-log-format: {exc}") from None
+    if s.otlp_endpoint is not None:
+        u = urllib.parse.urlsplit(str(s.otlp_endpoint))
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError(f"--otlp-endpoint: {s.otlp_endpoint!r}: expected http(s)://HOST[:PORT][/PATH]")
 
 
 def setup_logging(level: str) -> None:
@@ -292,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_validate(args)
     if args.command == "get":
         return _cmd_get(args)
+    if args.command in ("top", "stat"):
+        from .top import run_top      # late: see the module docstring
+        return run_top(args)
     if args.command == "demo":
         from .demo import run_demo
         setup_logging("warning")

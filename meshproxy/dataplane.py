@@ -5,6 +5,10 @@ The single process (``meshproxy.process``) and every ``--workers`` child
 ingress server to the runtime's snapshots, ``stop_accepting`` closes the listening sockets
 (connections already queued are taken over or refused by the kernel), ``drain`` lets open
 connections finish within a deadline, ``close`` does both at once.
+
+The access log (``--access-log``) belongs to the data plane of its process: opened here, put
+on the runtime for L4 and L7, reopened by ``reopen_logs`` (SIGUSR1) and closed last in
+``close``, after the connections whose records it still takes.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import asyncio
 
 from l4.listeners import L4Manager
+from l7.accesslog import AccessLog as L7AccessLog
 from l7.server import IngressServer
 
+from .core.accesslog import AccessLog
 from .core.runtime import Runtime
 
 __all__ = ["DataPlane"]
@@ -23,10 +29,19 @@ class DataPlane:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         settings = runtime.settings
+        self.access_log: AccessLog | None = None
+        if settings.access_log:
+            self.access_log = runtime.access_log = AccessLog(settings.access_log, settings.access_log_format,
+                                                             settings.access_log_buffer)
         self.l4 = L4Manager(runtime)
         self.ingress: IngressServer | None = None
         if settings.ingress_listen or settings.ingress_tls_listen:
             self.ingress = IngressServer(runtime)
+            if self.access_log is not None and self.ingress.access_log is not None:
+                # Until the exchange logs to runtime.access_log itself: its own text-only log
+                # gives way to the process's, which has the chosen format.
+                self.ingress.access_log.close()
+                self.ingress.access_log = L7AccessLog(self.access_log)
 
     async def start(self) -> None:
         self.runtime.subscribe(self.l4.apply)
@@ -48,6 +63,14 @@ class DataPlane:
     async def close(self) -> None:
         await self.stop_accepting()
         await self.drain(0)
+        if self.access_log is not None:
+            self.access_log.close()
+            self.runtime.access_log = None
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the access log opens its path anew (logrotate moved the file)."""
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def listener_errors(self) -> dict[str, str]:
         return {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())}

@@ -9,7 +9,9 @@ Lifecycle:
 - SIGTERM: ``/readyz`` answers 503 at once, listeners close after ``--shutdown-delay``,
   keep-alive responses carry ``Connection: close``, and the process exits when open
   connections are done or ``--drain-timeout`` has passed;
-- SIGINT: stop at once.
+- SIGINT: stop at once;
+- SIGUSR1: the access log reopens its file (after logrotate moved it); with ``--workers`` the
+  parent passes it on to every worker, each of which has its own file descriptor.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Process:
         self._kube_ready = False
         self.on_draining = None   # called at SIGTERM, before --shutdown-delay (workers: tell them)
         self.on_stop = None
+        self.on_reopen_logs = None   # SIGUSR1 with --workers: pass it on to them
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
         self.kube = None
         self.dataplane: DataPlane | None = None
@@ -144,6 +147,12 @@ class Process:
     def reload(self) -> None:
         log.info("SIGHUP: reloading configuration")
         self._on_outcome(self.source.reload_now())
+
+    def reopen_logs(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.reopen_logs()
+        if self.on_reopen_logs is not None:
+            self.on_reopen_logs()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -289,6 +298,7 @@ class Process:
             return 1
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.graceful_stop()))
         loop.add_signal_handler(signal.SIGINT, self.stop_now)
         await self._stop.wait()

@@ -10,7 +10,8 @@ length + pickle. Parent -> worker: ``("settings", Settings)`` once, then ``("sna
 Snapshot)`` on every publish, ``("draining",)`` at SIGTERM (responses carry ``Connection:
 close`` from then on while the listeners still accept during ``--shutdown-delay``),
 ``("drain", seconds)`` once that delay has passed (close the listeners, finish the open
-connections, exit), ``("stop",)``. Worker ->
+connections, exit), ``("reopen",)`` at SIGUSR1 (reopen the access log: each worker has its own
+descriptor of the file), ``("stop",)``. Worker ->
 parent: ``("ready", pid)`` once its listeners for the first snapshot are bound.
 
 Metrics: with workers, prometheus-client runs in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
@@ -79,6 +80,11 @@ async def _read_frame(reader: asyncio.StreamReader):
 
 
 async def _worker_main(fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    # First of all: SIGUSR1 would otherwise end the process (a logrotate script may signal the
+    # whole process group); until the data plane exists there is no log to reopen.
+    reopen = [lambda: None]
+    loop.add_signal_handler(signal.SIGUSR1, lambda: reopen[0]())
     enable_pickling()
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)
@@ -89,7 +95,7 @@ async def _worker_main(fd: int) -> int:
     runtime = Runtime(settings)
     dataplane = DataPlane(runtime)
     await dataplane.start()
-    loop = asyncio.get_running_loop()
+    reopen[0] = dataplane.reopen_logs
     # The parent decides when to stop; a Ctrl-C in the terminal reaches the whole group.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     loop.add_signal_handler(signal.SIGTERM, lambda: None)
@@ -109,6 +115,8 @@ async def _worker_main(fd: int) -> int:
                     told_ready = True
             elif msg[0] == "draining":
                 runtime.draining = True
+            elif msg[0] == "reopen":
+                dataplane.reopen_logs()
             elif msg[0] == "drain":
                 runtime.draining = True
                 await dataplane.stop_accepting()
@@ -220,6 +228,13 @@ class WorkerPool:
             if w.writer is not None and not w.writer.is_closing():
                 w.writer.write(data)
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: every worker reopens its access log."""
+        data = _frame(("reopen",))
+        for w in self.workers:
+            if w.writer is not None and not w.writer.is_closing():
+                w.writer.write(data)
+
     def all_ready(self) -> bool:
         return all(w.ready for w in self.workers)
 
@@ -260,6 +275,7 @@ def run_workers(settings: Settings) -> int:
         proc.extra_ready = pool.all_ready
         proc.on_draining = pool.start_draining
         proc.on_stop = pool.stop
+        proc.on_reopen_logs = pool.reopen_logs
         await pool.start()
         try:
             return await proc.serve()

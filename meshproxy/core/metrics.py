@@ -1,8 +1,11 @@
 """Every Prometheus metric meshproxy exports, defined once, on one registry.
 
 Names follow ``meshproxy_<area>_<what>_<unit>``, counters end in ``_total``, and labels are
-bounded: namespace / service / port / ingress / code class — never a pod IP, a client address
-or a raw path, which would grow without limit.
+bounded: namespace / service / port / ingress / route / code class — never a pod IP, a client
+address, a request id or a raw path, which would grow without limit. ``route`` names a rule as
+it is written in its object (an Ingress rule as ``host/path``), so there are
+as many values as rules in the configuration, whatever the clients send. The value is the
+matched route's ``name`` (``meshproxy.core.routes.Route``).
 
 With ``--workers N`` every worker process keeps its own values; the control plane's
 ``/metrics`` adds them up (``meshproxy.workers``), so this module must stay importable in a
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["REGISTRY"]  # plus the metric objects below
+__all__ = ["REGISTRY", "L4_DURATION_BUCKETS", "HTTP_DURATION_BUCKETS"]  # plus the metric objects below
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -48,14 +51,21 @@ l4_no_endpoints = Counter("meshproxy_l4_no_endpoints_total", "Connections closed
 l4_listener_errors = Counter("meshproxy_l4_listener_errors_total", "Listeners that could not be bound.",
                              _SVC, registry=REGISTRY)
 l4_listeners = Gauge("meshproxy_l4_listeners", "Bound L4 listeners.", registry=REGISTRY, multiprocess_mode="livesum")
+# L4 connections live from milliseconds (a health check) to hours (a database session).
+L4_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+l4_duration = Histogram("meshproxy_l4_connection_duration_seconds", "Time from accept to close of L4 connections.",
+                        _SVC, buckets=L4_DURATION_BUCKETS, registry=REGISTRY)
 
 # -- L7 ------------------------------------------------------------------------------------------
-_HTTP = ("namespace", "ingress", "service")
+# Golden metrics: per route (the rule that matched) and per backend Service (namespace + service
+# of the same series): requests by status class, and latency. Success rate is derived:
+# 1 - rate(code="5xx") / rate(all).
+_HTTP = ("namespace", "ingress", "service", "route")
+HTTP_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 http_requests = Counter("meshproxy_http_requests_total", "HTTP requests answered, by status class.",
                         _HTTP + ("code",), registry=REGISTRY)
 http_duration = Histogram("meshproxy_http_request_duration_seconds", "Time from request head to response end.",
-                          _HTTP, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                          registry=REGISTRY)
+                          _HTTP, buckets=HTTP_DURATION_BUCKETS, registry=REGISTRY)
 http_active = Gauge("meshproxy_http_active_requests", "Requests in progress.", registry=REGISTRY,
                     multiprocess_mode="livesum")
 http_send_timeouts = Counter("meshproxy_http_send_timeouts_total",
@@ -75,7 +85,14 @@ upstream_errors = Counter("meshproxy_upstream_errors_total", "Upstream failures 
                           ["namespace", "service", "kind"], registry=REGISTRY)
 http_retries = Counter("meshproxy_http_retries_total", "Retried upstream attempts.", ["namespace", "service"], registry=REGISTRY)
 
+# -- access log -------------------------------------------------------------------------------
+access_log_lines = Counter("meshproxy_access_log_lines_total", "Access-log lines written.", registry=REGISTRY)
+access_log_dropped = Counter("meshproxy_access_log_dropped_total",
+                             "Access-log lines lost: queue_full (the writer could not keep up: slow disk) or write_error.",
+                             ["reason"], registry=REGISTRY)
+
 # -- health ------------------------------------------------------------------------------------
 probes = Counter("meshproxy_health_probes_total", "Readiness probes run, by result.", ["result"], registry=REGISTRY)
 outlier_ejections = Counter("meshproxy_outlier_ejections_total", "Endpoints ejected by passive outlier detection.",
                             ["namespace", "service"], registry=REGISTRY)
+

@@ -19,7 +19,7 @@ __all__ = ["Runtime"]
 
 
 class Runtime:
-    __slots__ = ("settings", "snapshot", "balancers", "draining", "_subscribers", "drain_deadline")
+    __slots__ = ("settings", "snapshot", "balancers", "draining", "_subscribers", "drain_deadline", "access_log")
 
     def __init__(self, settings: Settings, snapshot: Snapshot | None = None) -> None:
         self.settings = settings
@@ -29,6 +29,9 @@ class Runtime:
         self.draining = False
         self.drain_deadline: float | None = None
         self._subscribers: list[Callable[[Snapshot], None]] = []
+        # The process's access log (meshproxy.core.accesslog.AccessLog), set by the data plane
+        # when --access-log is given; L4 and L7 log their records to it.
+        self.access_log = None
 
     def subscribe(self, fn: Callable[[Snapshot], None]) -> None:
         self._subscribers.append(fn)

@@ -40,7 +40,11 @@ class Settings:
     admin_listen: tuple[str, int] = ("127.0.0.1", 9901)
     workers: int = 1
     log_level: str = "info"
-    access_log: str | None = None
+    access_log: str | None = None          # PATH or "-" (stdout); off when None
+    access_log_format: str = "text"        # text | json | a template with %OPERATORS%
+    access_log_buffer: int = 16384         # records queued for the writer thread before new ones are dropped
+    otlp_endpoint: str | None = None       # OTLP/HTTP base URL: spans go to <it>/v1/traces; tracing off when None
+    trace_sampling: float = 1.0            # share of traces started here that are recorded (0..1)
     service_cidr: str = "127.96.0.0/16"
     node_port_range: tuple[int, int] = (30000, 32767)
     lb_policy: str = "random"              # L4 default (kube-proxy picks at random)
