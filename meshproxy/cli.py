@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import re
 import sys
 from typing import Sequence
 
@@ -248,6 +249,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ipaddress.ip_network(s.service_cidr, strict=False)
     if s.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if not re.fullmatch(r"[a-z0-9._-]{1,255}", s.trust_domain):
+        raise ValueError(f"--trust-domain {s.trust_domain!r}: lowercase letters, digits, '.', '-', '_' (a SPIFFE trust domain)")
     if s.identity_dir and s.identity_issuer:
         raise ValueError("--identity-dir and --identity-issuer are two sources of one identity: give one")
     if s.identity_issuer and not s.identity_issuer.startswith("https://"):

@@ -212,6 +212,9 @@ class CertificateAuthority:
         serverAuth + clientAuth), never outliving the CA."""
         now = now or utcnow()
         ca_cert = self.chain[0]
+        if not ca_cert.not_valid_before_utc <= now < ca_cert.not_valid_after_utc:
+            raise IssuerError(503, f"the CA (serial {ca_cert.serial_number:x}) is not valid now: "
+                              f"{iso8601(ca_cert.not_valid_before_utc)} - {iso8601(ca_cert.not_valid_after_utc)}", "ca_expired")
         not_after = min(now + datetime.timedelta(seconds=ttl), ca_cert.not_valid_after_utc)
         return (x509.CertificateBuilder()
                 # No subject: the identity is the URI SAN, which is then critical (RFC 5280 4.2.1.6).
