@@ -58,7 +58,7 @@ from .core.sockets import listen
 from .core.tls import load_cert_chain
 
 __all__ = ["CertificateAuthority", "IssuerError", "ReviewResult", "TokenReviewer", "IssuerServer",
-           "serve_issuer", "DEFAULT_SVID_TTL"]
+           "serve_issuer", "init_ca", "DEFAULT_SVID_TTL"]
 
 log = logging.getLogger("meshproxy.issuer")
 
@@ -532,6 +532,24 @@ def serve_issuer(args) -> int:
     except OSError as exc:
         print(f"meshproxy identity serve: {exc}", file=sys.stderr)
         return 1
+
+
+def init_ca(args) -> int:
+    """``meshproxy identity init-ca``: a new root in ``--ca-dir`` (refuses to overwrite one)."""
+    for name in ("ca.pem", "ca_key.pem"):
+        if os.path.exists(os.path.join(args.ca_dir, name)):
+            print(f"meshproxy identity init-ca: {os.path.join(args.ca_dir, name)} exists; not overwriting a CA",
+                  file=sys.stderr)
+            return 1
+    try:
+        ca = CertificateAuthority.from_dir(args.ca_dir, args.trust_domain)
+    except (IdentityError, OSError) as exc:
+        print(f"meshproxy identity init-ca: {exc}", file=sys.stderr)
+        return 1
+    cert = ca.chain[0]
+    print(f"{args.ca_dir}/ca.pem: root CA for {args.trust_domain}, serial {cert.serial_number:x}, "
+          f"valid until {iso8601(cert.not_valid_after_utc)}; {args.ca_dir}/ca_key.pem: its key (0600)")
+    return 0
 
 
 def _duration(seconds: float) -> str:

@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -21,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from proc import Meshproxy, http_get, wait_for
 
-from meshproxy.core.identity import (IdentityError, IdentityStore, SpiffeId, client_context, is_tls_client_hello,
-                                     load_svid, make_csr, peer_identity, server_context, xfcc_value)
+from meshproxy.core.identity import (IdentityError, IdentityStore, SpiffeId, is_tls_client_hello,
+                                     load_svid, make_csr, peer_identity, xfcc_value)
 from meshproxy.identity_sources import IdentityDirSource, own_identity
 from meshproxy.issuer import CertificateAuthority
 
@@ -510,3 +512,11 @@ def _identity(mp: Meshproxy) -> dict:
     assert st == 200, body
     return json.loads(body)
 
+
+
+def test_sidecar_flag_is_refused_until_the_data_path_exists(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "run", "-f", str(manifest), "--sidecar"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--sidecar: the mesh data path" in r.stderr
