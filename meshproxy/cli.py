@@ -266,6 +266,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError("--identity-dir and --identity-issuer are two sources of one identity: give one")
     if s.identity_issuer and not s.identity_issuer.startswith("https://"):
         raise ValueError(f"--identity-issuer {s.identity_issuer!r}: expected https://HOST[:PORT]")
+    if s.identity_issuer and not s.identity_issuer_ca:
+        # The issuer's certificate is signed by the mesh's own CA, which no system store holds.
+        raise ValueError("--identity-issuer needs --identity-issuer-ca FILE (the mesh's root, which verifies the issuer)")
     return s
 
 
