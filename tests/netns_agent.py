@@ -31,6 +31,9 @@ def _family(host: str) -> int:
 def _tcp(kind: str, name: str, host: str, port: int) -> None:
     srv = socket.socket(_family(host), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if host.startswith("::ffff:"):
+        # An IPv4-mapped address on an AF_INET6 socket: IPv4 connections arrive on it.
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     srv.bind((host, port))
     srv.listen(64)
 

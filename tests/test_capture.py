@@ -68,7 +68,8 @@ def cluster():
                   f"orig:outbound:::1:{capture.DEFAULT_OUTBOUND_PORT}",
                   f"orig:inbound:{POD4}:{capture.DEFAULT_INBOUND_PORT}",
                   f"orig:inbound:{POD6}:{capture.DEFAULT_INBOUND_PORT}",
-                  f"tcp:pod-excluded:{POD4}:{EXCLUDED}", "tcp:pod-loopback:127.0.0.1:7000"],
+                  f"tcp:pod-excluded:{POD4}:{EXCLUDED}", "tcp:pod-loopback:127.0.0.1:7000",
+                  f"orig:inbound-dual-stack:::ffff:{POD4}:15999"],
             peer: [f"tcp:direct-80:{SVC4}:80", f"tcp:direct-80:{SVC6}:80", f"tcp:direct-53:{SVC4}:53",
                    f"udp:direct-udp-53:{SVC4}:53", f"tcp:direct-{EXCLUDED}:{SVC4}:{EXCLUDED}"],
         }
@@ -146,6 +147,8 @@ def test_ports_are_configurable(cluster):
         assert call(pod, SVC4, 80) == {"listener": "pod-loopback"}
         assert call(pod, SVC4, 80, "--uid", "4242") == {"listener": "direct-80"}
         assert call(pod, SVC4, 80, "--uid", str(PROXY_UID)) == {"listener": "pod-loopback"}
+        # An IPv4 connection accepted on an AF_INET6 socket: original_dst still reads it.
+        assert call(cluster["peer"], POD4, 8080) == {"listener": "inbound-dual-stack", "original": [POD4, 8080]}
     finally:
         run_capture(pod, "--remove")
 
