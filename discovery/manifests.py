@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from . import istio
 from . import objects as o
 from .selectors import validate_label_key, validate_label_value
 
@@ -51,7 +52,7 @@ SUPPORTED_KINDS = {
     ("v1", "Node"), ("v1", "Pod"), ("v1", "Service"), ("v1", "Endpoints"), ("v1", "Secret"),
     ("discovery.k8s.io/v1", "EndpointSlice"), ("discovery.k8s.io/v1beta1", "EndpointSlice"),
     ("networking.k8s.io/v1", "Ingress"), ("networking.k8s.io/v1", "IngressClass"),
-}
+} | istio.KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +479,9 @@ def _parse_pod(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Pod:
                  ports=tuple(ports), readiness_probe=probe, pod_ip=pod_ip, ready_condition=ready,
                  phase=ctx.str(status, "phase", "status.phase", default="") or "",
                  hostname=ctx.str(spec, "hostname", "spec.hostname"),
-                 subdomain=ctx.str(spec, "subdomain", "spec.subdomain"))
+                 subdomain=ctx.str(spec, "subdomain", "spec.subdomain"),
+                 service_account=ctx.str(spec, "serviceAccountName", "spec.serviceAccountName",
+                                         default=None) or ctx.str(spec, "serviceAccount", "spec.serviceAccount") or "default")
 
 
 _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -811,6 +814,7 @@ _PARSERS = {
     "Node": _parse_node, "Pod": _parse_pod, "Service": _parse_service,
     "EndpointSlice": _parse_endpoint_slice, "Endpoints": _parse_endpoints,
     "Ingress": _parse_ingress, "IngressClass": _parse_ingress_class, "Secret": _parse_secret,
+    **istio.PARSERS,
 }
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "SliceEndpoint", "SlicePort", "EndpointSlice", "IngressBackend", "IngressPath",
     "IngressRule", "IngressTLS", "Ingress", "IngressClass", "Secret", "KubeObject",
     "EMPTY_MAP", "INGRESS_CONTROLLER", "ANNOTATION_INGRESS_CLASS", "ANNOTATION_DEFAULT_CLASS",
+    "PeerAuthentication", "PolicySource", "PolicyOperation", "PolicyCondition", "PolicyRule",
+    "AuthorizationPolicy", "ANNOTATION_INJECT",
 ]
 
 EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
@@ -30,6 +32,8 @@ EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
 INGRESS_CONTROLLER = "meshproxy.dev/ingress"
 ANNOTATION_INGRESS_CLASS = "kubernetes.io/ingress.class"
 ANNOTATION_DEFAULT_CLASS = "ingressclass.kubernetes.io/is-default-class"
+# A pod carrying this annotation with the value "enabled" is meshed (has a meshproxy sidecar).
+ANNOTATION_INJECT = "meshproxy.dev/inject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,7 @@ class Pod(_Base):
     phase: str = ""
     hostname: str | None = None
     subdomain: str | None = None
+    service_account: str = "default"     # spec.serviceAccountName: the pod's mesh identity
 
     @property
     def terminating(self) -> bool:
@@ -277,4 +282,69 @@ class Secret(_Base):
     data: Mapping[str, bytes] = field(default_factory=lambda: EMPTY_MAP)
 
 
-KubeObject = Node | Pod | Service | EndpointSlice | Ingress | IngressClass | Secret
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication(_Base):
+    """``security.istio.io`` PeerAuthentication: the mTLS mode inbound traffic must use."""
+    kind = "PeerAuthentication"
+    selector: Mapping[str, str] | None = None      # matchLabels; None: the whole namespace
+    mode: str = "UNSET"                            # UNSET / DISABLE / PERMISSIVE / STRICT
+    port_modes: tuple[tuple[int, str], ...] = ()   # portLevelMtls (workload port -> mode), sorted
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySource:
+    """One ``rules[].from[].source``: its fields are ANDed, the values of a field ORed."""
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOperation:
+    """One ``rules[].to[].operation``."""
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyCondition:
+    """One ``rules[].when[]`` entry."""
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    sources: tuple[PolicySource, ...] = ()         # empty: any source
+    operations: tuple[PolicyOperation, ...] = ()   # empty: any operation
+    conditions: tuple[PolicyCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy(_Base):
+    """``security.istio.io`` AuthorizationPolicy (semantics: meshproxy.core.policy)."""
+    kind = "AuthorizationPolicy"
+    selector: Mapping[str, str] | None = None      # matchLabels; None: every workload in scope
+    action: str = "ALLOW"                          # ALLOW / DENY / AUDIT / CUSTOM
+    rules: tuple[PolicyRule, ...] = ()             # empty: matches nothing
+    provider: str | None = None                    # CUSTOM's extension provider
+    target_refs: tuple[str, ...] = ()              # "Kind/name": for gateways / waypoints, not sidecars
+    dry_run: bool = False                          # annotation istio.io/dry-run: "true"
+
+
+KubeObject = (Node | Pod | Service | EndpointSlice | Ingress | IngressClass | Secret | PeerAuthentication
+              | AuthorizationPolicy)

@@ -1,4 +1,4 @@
-"""The admin server: ``/healthz``, ``/readyz``, ``/metrics``, ``/debug/snapshot``.
+"""The admin server: ``/healthz``, ``/readyz``, ``/metrics``, ``/debug/snapshot``, ``/debug/identity``.
 
 HTTP/1.1 on h11 over asyncio streams: the admin port carries a few requests a second, so
 clarity wins over speed here. It runs in the control-plane process only.
@@ -31,8 +31,11 @@ class AdminServer:
     def __init__(self, host: str, port: int, *, is_ready: Callable[[], bool],
                  snapshot_json: Callable[[], dict | None],
                  metrics_text: Callable[[], bytes] | None = None,
-                 snapshot_version: Callable[[], int | None] = lambda: None) -> None:
+                 snapshot_version: Callable[[], int | None] = lambda: None,
+                 identity_json: Callable[[], dict | None] | None = None) -> None:
         self.snapshot_version = snapshot_version
+        # The workload identity in force (mesh): None when this instance has no identity source.
+        self.identity_json = identity_json
         self.host, self.port = host, port
         self.is_ready = is_ready
         self.snapshot_json = snapshot_json
@@ -64,7 +67,14 @@ class AdminServer:
             if data is None:
                 return 503, "application/json", b'{"error": "no snapshot yet"}\n'
             return 200, "application/json", json.dumps(data, indent=1, default=str).encode() + b"\n"
-        return 404, "text/plain", b"not found: try /healthz /readyz /metrics /debug/snapshot\n"
+        if path == b"/debug/identity":
+            if self.identity_json is None:
+                return 404, "application/json", b'{"error": "no identity source: run with --identity-dir or --identity-issuer"}\n'
+            ident = self.identity_json()
+            if ident is None:
+                return 503, "application/json", b'{"error": "no identity in force yet"}\n'
+            return 200, "application/json", json.dumps(ident, indent=1).encode() + b"\n"
+        return 404, "text/plain", b"not found: try /healthz /readyz /metrics /debug/snapshot /debug/identity\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)

@@ -1,6 +1,7 @@
-"""Command line: ``meshproxy run | validate | get | top | stat | demo`` (docs/configuration.md).
+"""Command line: ``meshproxy run | validate | get | top | stat | demo | capture | identity
+serve`` (docs/configuration.md, docs/observability.md, docs/mesh.md).
 
-The process-layer modules (controller, process, workers, demo, top) are imported inside the
+The process-layer modules (controller, process, workers, demo, top, issuer) are imported inside the
 commands that need them, never at the top: they import prometheus_client, and ``run
 --workers N`` must set up multiprocess metrics before that first import
 (``meshproxy.multiproc``). tests/test_layers.py allows exactly these late imports.
@@ -12,6 +13,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import re
 import sys
 import urllib.parse
 from typing import Sequence
@@ -22,6 +24,7 @@ from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
 from .core.logformat import FormatError, compile_format
+from . import capture
 from .core.settings import LB_POLICIES, Settings, parse_hostport
 from .multiproc import prepare_multiprocess_metrics
 
@@ -42,6 +45,19 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return v
+
+
+def _duration(text: str) -> float:
+    """``24h``, ``90m``, ``60s``, ``3600`` -> seconds (at least 2)."""
+    t = text.strip().lower()
+    factor = {"h": 3600.0, "m": 60.0, "s": 1.0}.get(t[-1:], None)
+    try:
+        v = float(t[:-1] if factor else t) * (factor or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (24h, 90m, 60s)") from None
+    if not v >= 2 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 2 seconds")
     return v
 
 
@@ -120,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
                           "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
     run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
+    mesh = run.add_argument_group("mesh identity and policy (docs/mesh.md)")
+    mesh.add_argument("--trust-domain", default=None, help="SPIFFE trust domain of the mesh (default cluster.local)")
+    mesh.add_argument("--identity-dir", metavar="DIR", default=None,
+                      help="workload SVID from DIR/svid.pem, svid_key.pem, bundle.pem (spiffe-helper's layout), watched")
+    mesh.add_argument("--identity-issuer", metavar="URL", default=None,
+                      help="workload SVID from `meshproxy identity serve` at URL (https://...), renewed at half-life")
+    mesh.add_argument("--identity-issuer-ca", metavar="FILE", default=None,
+                      help="PEM roots that verify the issuer before it handed out a trust bundle")
+    mesh.add_argument("--identity-token-file", metavar="PATH", default=None,
+                      help="ServiceAccount token shown to the issuer (default the projected token "
+                           "/var/run/secrets/kubernetes.io/serviceaccount/token)")
+    mesh.add_argument("--sidecar", action="store_true",
+                      help="serve a meshed pod: outbound port 15001 and inbound port 15006 behind `meshproxy capture` "
+                           "(the data path is not in this build yet: refused, see docs/mesh.md)")
+    mesh.add_argument("--mesh-root-namespace", metavar="NS", default=None,
+                      help="namespace whose PeerAuthentication / AuthorizationPolicy apply mesh-wide (default istio-system)")
 
     val = sub.add_parser("validate", help="check manifests: exit 0 when valid, 1 with one line per problem")
     _add_files(val)
@@ -129,6 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_files(get)
     get.add_argument("-o", "--output", choices=("table", "json"), default="table")
     get.add_argument("--node", help="compute as this Node")
+
+    cap = sub.add_parser("capture", help="install the pod's nftables rules that send its TCP through the sidecar "
+                                         "(what the mesh's init container runs)")
+    capture.add_arguments(cap)
+
+    ident = sub.add_parser("identity", help="the mesh's certificate issuer")
+    ident_sub = ident.add_subparsers(dest="identity_command", required=True, metavar="COMMAND")
+    serve = ident_sub.add_parser("serve", help="sign workload CSRs after the API server confirms their ServiceAccount token")
+    serve.add_argument("--listen", type=_hostport, default=("0.0.0.0", 15012), metavar="HOST:PORT",
+                       help="HTTPS address of the issuer (default 0.0.0.0:15012)")
+    serve.add_argument("--admin-listen", type=_hostport, default=("127.0.0.1", 15014), metavar="HOST:PORT",
+                       help="plain HTTP /healthz /readyz /metrics (default 127.0.0.1:15014)")
+    serve.add_argument("--ca-dir", required=True, metavar="DIR",
+                       help="DIR/ca.pem (+ parents) and DIR/ca_key.pem; a new root is generated there when both are absent")
+    serve.add_argument("--trust-bundle", metavar="FILE", help="more roots to hand out with every SVID (the other CA while one is rotated)")
+    serve.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)")
+    serve.add_argument("--ttl", type=_duration, default=24 * 3600.0,
+                       help="lifetime of the SVIDs issued, e.g. 24h, 90m, 60s (default 24h)")
+    serve.add_argument("--token-audience", action="append", metavar="AUD",
+                       help="audience the workloads' tokens must carry (repeatable; default: the API server's own)")
+    serve.add_argument("--dns-name", action="append", metavar="NAME",
+                       help="name(s) in the issuer's serving certificate (repeatable; default localhost)")
+    serve.add_argument("--kubeconfig", metavar="PATH", help="API server for TokenReviews (default: in-cluster)")
+    serve.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    init_ca = ident_sub.add_parser("init-ca", help="generate a root CA (ca.pem, ca_key.pem) for the issuer and exit")
+    init_ca.add_argument("--ca-dir", required=True, metavar="DIR", help="where to write ca.pem and ca_key.pem (must not hold them)")
+    init_ca.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)")
+    init_ca.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     demo = sub.add_parser("demo", help="start demo pods and services and print the commands that show them")
     demo.add_argument("--check", action="store_true", help="run the tour itself and exit 0/1")
@@ -165,6 +226,9 @@ _FLAG_FIELDS = {
     "publish_service": "publish_service",
     "access_log_format": "access_log_format", "access_log_buffer": "access_log_buffer",
     "otlp_endpoint": "otlp_endpoint", "trace_sampling": "trace_sampling",
+    "trust_domain": "trust_domain", "identity_dir": "identity_dir", "identity_issuer": "identity_issuer",
+    "identity_issuer_ca": "identity_issuer_ca", "identity_token_file": "identity_token_file",
+    "mesh_root_namespace": "mesh_root_namespace",
 }
 
 
@@ -223,6 +287,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if s.workers < 1:
         raise ValueError("--workers must be at least 1")
     _check_observability(s)
+    if not re.fullmatch(r"[a-z0-9._-]{1,255}", s.trust_domain):
+        raise ValueError(f"--trust-domain {s.trust_domain!r}: lowercase letters, digits, '.', '-', '_' (a SPIFFE trust domain)")
+    if getattr(args, "sidecar", False):
+        raise ValueError("--sidecar: the mesh data path (ports 15001/15006, mTLS between sidecars) is not in this "
+                         "build yet; identities (--identity-dir / --identity-issuer) and policies work without it "
+                         "(docs/mesh.md)")
+    if s.identity_dir and s.identity_issuer:
+        raise ValueError("--identity-dir and --identity-issuer are two sources of one identity: give one")
+    if s.identity_issuer and not s.identity_issuer.startswith("https://"):
+        raise ValueError(f"--identity-issuer {s.identity_issuer!r}: expected https://HOST[:PORT]")
+    if s.identity_issuer and not s.identity_issuer_ca:
+        # The issuer's certificate is signed by the mesh's own CA, which no system store holds.
+        raise ValueError("--identity-issuer needs --identity-issuer-ca FILE (the mesh's root, which verifies the issuer)")
     return s
 
 
@@ -350,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("top", "stat"):
         from .top import run_top      # late: see the module docstring
         return run_top(args)
+    if args.command == "capture":
+        return capture.run_capture(args)
+    if args.command == "identity":
+        setup_logging(args.log_level)
+        from .issuer import init_ca, serve_issuer   # late: imports prometheus_client (module docstring)
+        return serve_issuer(args) if args.identity_command == "serve" else init_ca(args)
     if args.command == "demo":
         from .demo import run_demo
         setup_logging("warning")

@@ -39,6 +39,7 @@ from .core.runtime import Runtime
 from .core.settings import Settings
 from .dataplane import DataPlane
 from .dnsserver import ClusterDNS
+from .identity_sources import IdentityDirSource, IssuerClient
 from .observe import MetricSignals
 
 __all__ = ["Process", "install_uvloop", "serve"]
@@ -78,6 +79,7 @@ class Process:
         self.control = None
         self.dns_source = None
         self.dns_server = None
+        self.identity_source: IdentityDirSource | IssuerClient | None = None
         self.ready = False
         self.stopping = False
         self._stop = asyncio.Event()
@@ -192,6 +194,8 @@ class Process:
             self._sync_health()
             self.health.start()
         self._sync_dns()
+        if not self._start_identity():
+            return False
         if self.settings.dns_listen is not None:
             self.dns_server = ClusterDNS(lambda: self.controller.snapshot, self.settings.cluster_domain,
                                          get_pods=lambda: self.controller.store.items("Pod"))
@@ -203,9 +207,10 @@ class Process:
             await self.dataplane.start()
         host, port = self.settings.admin_listen
         self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready()
-                                 and self._kube_synced(),
+                                 and self._kube_synced() and self._identity_ready(),
                                  snapshot_json=self._snapshot_json, metrics_text=_metrics_text(),
-                                 snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None)
+                                 snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None,
+                                 identity_json=self.runtime.identity.to_json if self.identity_source else None)
         await self.admin.start()
         self.source.watch(self._on_outcome, self.settings.coalesce_delay)
         # Listeners bind in apply(); give the loop one turn so they are up before we say ready.
@@ -231,6 +236,30 @@ class Process:
                  snap.version if snap else 0, len(snap.services) if snap else 0,
                  len(snap.l4) if snap else 0, host, self.admin.port)
         return True
+
+    def _start_identity(self) -> bool:
+        """The workload identity source (mesh), when one is configured."""
+        s = self.settings
+        try:
+            if s.identity_dir:
+                self.identity_source = IdentityDirSource(s.identity_dir, self.runtime.identity)
+            elif s.identity_issuer:
+                ca = b""
+                if s.identity_issuer_ca:
+                    with open(s.identity_issuer_ca, "rb") as f:
+                        ca = f.read()
+                kw = {"token_path": s.identity_token_file} if s.identity_token_file else {}
+                self.identity_source = IssuerClient(s.identity_issuer, self.runtime.identity, ca_pem=ca, **kw)
+        except (OSError, ValueError) as exc:
+            print(f"meshproxy: identity: {exc}", file=sys.stderr)
+            return False
+        if self.identity_source is not None:
+            self.identity_source.start()
+        return True
+
+    def _identity_ready(self) -> bool:
+        # A meshed instance without a certificate could not serve mTLS: not ready until it has one.
+        return self.identity_source is None or self.runtime.identity.current is not None
 
     def _snapshot_json(self) -> dict | None:
         snap = self.runtime.snapshot
@@ -281,6 +310,8 @@ class Process:
         if self.control is not None:
             await self.control.close()
         await self.source.stop()
+        if self.identity_source is not None:
+            await self.identity_source.stop()
         if self.dns_source is not None:
             await self.dns_source.stop()
         if self.dns_server is not None:

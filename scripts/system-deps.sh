@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real programs some tests talk to (curl, dnsmasq, dig, nginx, haproxy, wrk) when
+# Installs the real programs some tests talk to (curl, dnsmasq, dig, nft, ip, nginx, haproxy, wrk) when
 # they are missing and we may install them (root with apt-get). Best effort: a test whose
 # program is still missing skips and says why.
 set -u
@@ -8,6 +8,9 @@ command -v curl >/dev/null 2>&1 || want+=(curl)
 command -v dnsmasq >/dev/null 2>&1 || want+=(dnsmasq-base)
 command -v dig >/dev/null 2>&1 || want+=(dnsutils)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)   # promtool check metrics
+# The mesh's capture test: nftables rules inside network namespaces the test creates.
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || want+=(iproute2)
 if [ "${MESHPROXY_BENCH_DEPS:-0}" = 1 ]; then
   command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
   command -v haproxy >/dev/null 2>&1 || want+=(haproxy)

@@ -14,6 +14,8 @@ else the equivalent POST with ?dryRun=All (the same admission and validation, no
 
 from __future__ import annotations
 
+import argparse
+import copy
 import glob
 import os
 import re
@@ -52,8 +54,12 @@ def _workloads() -> list[tuple[str, dict]]:
 
 
 def _meshproxy_containers():
+    """Long-running meshproxy containers: regular ones and native sidecars (init containers
+    with restartPolicy: Always); not run-to-completion init containers such as capture."""
     for f, d in _workloads():
-        for c in d["spec"]["template"]["spec"]["containers"]:
+        spec = d["spec"]["template"]["spec"]
+        sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
+        for c in spec["containers"] + sidecars:
             if c["image"].startswith("meshproxy"):
                 yield f, d, c
 
@@ -67,7 +73,7 @@ def _arg(container: dict, flag: str) -> str | None:
 
 def test_manifests_parse_and_name_everything():
     assert {os.path.basename(p) for p in MANIFESTS} >= {"rbac.yaml", "node-proxy.yaml", "gateway.yaml",
-                                                        "sidecar-example.yaml"}
+                                                        "sidecar-example.yaml", "mesh-issuer.yaml", "mesh-example.yaml"}
     for f, d in _all():
         assert isinstance(d.get("apiVersion"), str) and isinstance(d.get("kind"), str), f
         assert d["metadata"].get("name"), f
@@ -113,7 +119,7 @@ def test_probes_point_at_the_admin_port():
             port = ports.get(get["port"], get["port"])
             assert port == admin_port, f"{f}: {probe} port {get['port']} is not the admin port {admin_port}"
         seen += 1
-    assert seen == 3
+    assert seen == 5     # node proxy, gateway, sidecar example, issuer, mesh sidecar
 
 
 def test_every_container_requests_resources():
@@ -190,13 +196,86 @@ def _cli_run_parser():
     return parser._subparsers._group_actions[0].choices["run"]
 
 
+def _cli_parser(command: list[str]):
+    """The argparse parser of ``meshproxy COMMAND...`` (the image's entrypoint is ``meshproxy run``)."""
+    from meshproxy.cli import build_parser
+    parser = build_parser()
+    for word in command[1:] or ["run"]:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    return parser
+
+
+def _all_meshproxy_containers():
+    for f, d in _workloads():
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["image"].startswith("meshproxy") and c.get("command", ["meshproxy"])[0] == "meshproxy":
+                yield f, c
+
+
 def test_arguments_are_meshproxy_flags():
     run = _cli_run_parser()
     flags = {o for a in run._actions for o in a.option_strings}
     assert {"--kubeconfig", "--namespace", "--publish-service"} <= flags
-    for f, _, c in _meshproxy_containers():
-        for a in c["args"]:
-            assert a.split("=", 1)[0] in flags, f"{f}: {c['name']}: unknown flag {a}"
+    seen = set()
+    for f, c in _all_meshproxy_containers():
+        command = c.get("command", ["meshproxy", "run"])
+        assert command[0] == "meshproxy", f"{f}: {c['name']}: {command}"
+        parser = _cli_parser(command)
+        flags = {o for a in parser._actions for o in a.option_strings}
+        for a in c.get("args", []):
+            assert a.split("=", 1)[0] in flags, f"{f}: {c['name']}: unknown flag {a} for {' '.join(command)}"
+        seen.add(" ".join(command[1:]) or "run")
+    assert seen == {"run", "capture", "identity serve"}
+
+
+def test_mesh_pod_shape():
+    dep = _find("Deployment", "web")
+    tmpl = dep["spec"]["template"]
+    assert tmpl["metadata"]["annotations"]["meshproxy.dev/inject"] == "enabled"
+    spec = tmpl["spec"]
+    capture, sidecar = spec["initContainers"]
+    # Capture first, as root with NET_ADMIN only, and it runs to completion.
+    assert capture["command"] == ["meshproxy", "capture"] and "restartPolicy" not in capture
+    assert capture["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert capture["securityContext"]["runAsUser"] == 0
+    # The sidecar is native (restartPolicy: Always) and runs as the uid capture leaves alone.
+    assert sidecar["restartPolicy"] == "Always"
+    assert _arg(capture, "--proxy-uid") == str(sidecar["securityContext"]["runAsUser"])
+    admin_port = _arg(sidecar, "--admin-listen").rsplit(":", 1)[1]
+    assert admin_port in _arg(capture, "--exclude-ports").split(",")
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
+                   "SERVICE_ACCOUNT": "spec.serviceAccountName"}
+    assert "--sidecar" in sidecar["args"]
+    # The token shown to the issuer is made for the issuer's audience, which the issuer demands.
+    [token_vol] = [v for v in spec["volumes"] if v["name"] == "meshproxy-token"]
+    audience = token_vol["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+    [issuer] = _find("Deployment", "meshproxy-issuer")["spec"]["template"]["spec"]["containers"]
+    assert _arg(issuer, "--token-audience") == audience
+    mount = next(m["mountPath"] for m in sidecar["volumeMounts"] if m["name"] == "meshproxy-token")
+    assert _arg(sidecar, "--identity-token-file") == f"{mount}/token"
+    svc = _find("Service", "meshproxy-issuer")
+    assert _arg(sidecar, "--identity-issuer") == f"https://meshproxy-issuer.meshproxy-system.svc:{svc['spec']['ports'][0]['port']}"
+    assert "meshproxy-issuer.meshproxy-system.svc" in [a.split("=", 1)[1] for a in issuer["args"] if a.startswith("--dns-name=")]
+
+
+def test_issuer_rbac_is_tokenreviews_only():
+    assert _rules(_find("ClusterRole", "meshproxy-issuer")) == {
+        ("authentication.k8s.io", "tokenreviews", frozenset({"create"}))}
+    binding = _find("ClusterRoleBinding", "meshproxy-issuer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "meshproxy-issuer", "namespace": "meshproxy-system"}]
+    dep = _find("Deployment", "meshproxy-issuer")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "meshproxy-issuer"
+
+
+def test_mesh_policies_in_deploy_are_valid():
+    # Istio's kinds are not served by a plain API server: meshproxy's own validation (the same
+    # checks as Istio's webhook) stands in for the server-side dry run.
+    from discovery.manifests import load_paths
+    result = load_paths([os.path.join(DEPLOY, "mesh-example.yaml")])
+    assert not result.errors, [str(e) for e in result.errors]
+    assert {o.kind for o in result.objects} >= {"AuthorizationPolicy", "PeerAuthentication"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +297,14 @@ def _for_test_server(doc: dict) -> dict:
     # The test API server is 1.20: PodDisruptionBudget is policy/v1beta1 there (v1 from 1.21).
     if doc["kind"] == "PodDisruptionBudget" and doc["apiVersion"] == "policy/v1":
         doc = dict(doc, apiVersion="policy/v1beta1")
+    if doc["kind"] in ("Deployment", "DaemonSet"):
+        # Native sidecars (an init container's restartPolicy: Always, with probes) arrived in
+        # 1.28: the 1.20 schema knows neither, so the test server sees plain init containers.
+        doc = copy.deepcopy(doc)
+        for c in doc["spec"]["template"]["spec"].get("initContainers", []):
+            if c.pop("restartPolicy", None) == "Always":
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    c.pop(probe, None)
     return doc
 
 
@@ -245,7 +332,8 @@ def test_server_side_dry_run():
     api.build()
     api.start()
     try:
-        docs = [(f, _for_test_server(d)) for f, d in _all()]
+        # Istio's kinds have no CRDs on the test server: test_mesh_policies_in_deploy_are_valid.
+        docs = [(f, _for_test_server(d)) for f, d in _all() if not d["apiVersion"].startswith("security.istio.io/")]
         # A dry-run Namespace is not stored, so objects in it would be refused: create the
         # namespaces for real first (the one thing this test writes).
         for _, d in docs:

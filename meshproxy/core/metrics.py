@@ -96,3 +96,22 @@ probes = Counter("meshproxy_health_probes_total", "Readiness probes run, by resu
 outlier_ejections = Counter("meshproxy_outlier_ejections_total", "Endpoints ejected by passive outlier detection.",
                             ["namespace", "service"], registry=REGISTRY)
 
+# -- mesh: identity, policy, issuer -----------------------------------------------------------------
+# client_id is the caller's SPIFFE ID ("" for a plaintext caller), as Linkerd labels by client
+# identity: bounded, because only identities our CA signed get that far (one per ServiceAccount).
+identity_expiry = Gauge("meshproxy_identity_expiry_timestamp_seconds",
+                        "notAfter of the workload certificate (SVID) in force, Unix time.",
+                        registry=REGISTRY, multiprocess_mode="max")
+identity_updates = Counter("meshproxy_identity_updates_total",
+                           "SVID loads and renewals by source (files / issuer) and result (ok / error).",
+                           ["source", "result"], registry=REGISTRY)
+mesh_authz = Counter("meshproxy_mesh_authz_decisions_total",
+                     "Inbound authorization decisions by protocol (http / tcp), decision (allow / deny), reason and "
+                     "deciding policy (namespace/name, '' for the default).",
+                     ["protocol", "decision", "reason", "policy", "client_id"], registry=REGISTRY)
+mesh_peer_auth = Counter("meshproxy_mesh_peer_authentication_total",
+                         "Inbound connections by mTLS mode in force and what the caller spoke (mtls / plaintext) and result.",
+                         ["mode", "tls", "result"], registry=REGISTRY)
+issuer_requests = Counter("meshproxy_issuer_requests_total",
+                          "Certificate requests answered by `meshproxy identity serve`, by result.",
+                          ["result"], registry=REGISTRY)

@@ -1,5 +1,5 @@
 """What the data plane of one process shares: the snapshot in force, the live balancer state,
-the settings and the lifecycle flags.
+the workload identity (mesh), the settings and the lifecycle flags.
 
 The control plane publishes a snapshot by assigning ``runtime.snapshot`` (one reference swap,
 atomic under the GIL) and then calling the subscribers, so listeners can reconcile. Data-plane
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .balancers import Balancers
+from .identity import IdentityStore
 from .settings import Settings
 from .snapshot import Snapshot
 
@@ -19,12 +20,15 @@ __all__ = ["Runtime"]
 
 
 class Runtime:
-    __slots__ = ("settings", "snapshot", "balancers", "draining", "_subscribers", "drain_deadline", "access_log")
+    __slots__ = ("settings", "snapshot", "balancers", "draining", "_subscribers", "drain_deadline", "access_log",
+                 "identity")
 
     def __init__(self, settings: Settings, snapshot: Snapshot | None = None) -> None:
         self.settings = settings
         self.snapshot: Snapshot | None = snapshot
         self.balancers = Balancers(settings)
+        # The SVID in force and its mTLS contexts; empty unless an identity source fills it.
+        self.identity = IdentityStore(settings.trust_domain)
         # Set on SIGTERM: keep-alive responses carry "Connection: close", listeners stop.
         self.draining = False
         self.drain_deadline: float | None = None

@@ -84,3 +84,10 @@ class Settings:
     dns_max_ttl: float = 300.0
     dns_listen: tuple[str, int] | None = None        # cluster DNS server (off when absent)
     cluster_domain: str = "cluster.local"
+    # mesh (docs/mesh.md)
+    trust_domain: str = "cluster.local"            # SPIFFE trust domain
+    identity_dir: str | None = None                 # --identity-dir: svid.pem, svid_key.pem, bundle.pem
+    identity_issuer: str | None = None              # --identity-issuer URL (meshproxy identity serve)
+    identity_issuer_ca: str | None = None           # roots that verify the issuer at first
+    identity_token_file: str | None = None          # ServiceAccount token for the issuer
+    mesh_root_namespace: str = "istio-system"       # mesh-wide PeerAuthentication / AuthorizationPolicy

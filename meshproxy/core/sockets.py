@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 
-__all__ = ["listen", "release", "registered", "adopt_inherited", "unused_inherited"]
+__all__ = ["listen", "release", "registered", "adopt_inherited", "unused_inherited", "original_dst"]
 
 log = logging.getLogger("meshproxy.sockets")
 
@@ -68,3 +68,29 @@ def unused_inherited() -> list[tuple[str, int]]:
         sock.close()
     _inherited.clear()
     return gone
+
+
+# SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/
+# ip6_tables.h): both 80, read at SOL_IP / SOL_IPV6. Python's socket module names neither.
+_SO_ORIGINAL_DST = 80
+_SOL_IP = getattr(socket, "SOL_IP", 0)
+_SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """Where a connection redirected by netfilter (``meshproxy capture``'s nftables rules) was
+    going before the redirect: (address, port), from the connection's conntrack entry.
+
+    IPv4 on an AF_INET socket, IPv6 on an AF_INET6 socket, and an IPv4 connection accepted on a
+    dual-stack AF_INET6 socket (peer ``::ffff:a.b.c.d``) too. Raises OSError (ENOENT) when the
+    kernel has no NAT entry for it. A connection that was *not* redirected reports its own
+    destination — the listener's address — so callers must treat "original destination is my
+    own listener" as a loop, not as a target.
+    """
+    if sock.family == socket.AF_INET6:
+        peer = sock.getpeername()[0]
+        if not peer.startswith("::ffff:"):
+            raw = sock.getsockopt(_SOL_IPV6, _SO_ORIGINAL_DST, 28)   # struct sockaddr_in6
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
+    raw = sock.getsockopt(_SOL_IP, _SO_ORIGINAL_DST, 16)             # struct sockaddr_in
+    return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")

@@ -4,9 +4,9 @@ Settings (Mozilla "intermediate"): TLS 1.2 and 1.3 only, ECDHE key exchange with
 for 1.2, no compression, no renegotiation. The control plane uses ``make_context`` to check a
 Secret once when it enters the snapshot; the L7 listener uses the same factory to serve it.
 
-``ssl`` loads a certificate and key only from files: each PEM pair is written to a private
-temporary file (``mkstemp``: mode 0600, in a fresh 0700 directory) and removed right after
-loading.
+``ssl`` loads a certificate and key only from files: ``load_cert_chain`` hands each PEM pair
+over through an in-memory file (``memfd_create``), or a private temporary file removed right
+after loading where there is none.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import ssl
 import tempfile
 
-__all__ = ["base_context", "make_context"]
+__all__ = ["base_context", "make_context", "load_cert_chain"]
 
 _CIPHERS_TLS12 = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -40,16 +40,34 @@ def make_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     """A server context holding one certificate chain and its key. Raises ssl.SSLError or
     ValueError when they do not load (bad PEM, key not matching the certificate)."""
     ctx = base_context()
+    load_cert_chain(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """Load a PEM chain (leaf first) and its key into ``ctx``. Raises ssl.SSLError / ValueError.
+
+    ``ssl`` reads certificates only from a path. Where the kernel has ``memfd_create`` the PEM
+    goes to an anonymous in-memory file read through ``/proc/self/fd`` (a private key never
+    touches a file system); elsewhere to a 0600 temporary file, removed right after loading.
+    """
+    data = cert_pem.rstrip(b"\n") + b"\n" + key_pem
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("meshproxy-tls", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
     tmpdir = tempfile.mkdtemp(prefix="meshproxy-tls-")   # 0700
     try:
         fd, path = tempfile.mkstemp(dir=tmpdir, suffix=".pem")   # 0600
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(cert_pem.rstrip(b"\n") + b"\n" + key_pem)
+                f.write(data)
             ctx.load_cert_chain(path)
         finally:
             os.unlink(path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return ctx
-
