@@ -17,6 +17,7 @@ Order of a run:
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as _dt
 import os
 import signal
@@ -121,6 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON file (default bench/results/<timestamp>.json)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary workspace (configs, logs) for inspection")
+    p.add_argument("--baseline", metavar="REF", default=None,
+                   help="also run meshproxy as of git REF (a commit, tag or branch) as the candidate "
+                        "'meshproxy@REF', from a temporary worktree: a same-run A/B of two versions")
     p.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
     a = p.parse_args(argv)
     if a.list:
@@ -149,6 +153,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.duration <= 0 or a.rounds < 1:
         p.error("--duration must be > 0 and --rounds >= 1")
     return a
+
+
+def _baseline_tree(workspace: Path, ref: str) -> Path:
+    """A detached worktree of ``ref`` inside the run's workspace (removed with it)."""
+    root = Path(__file__).resolve().parent.parent
+    dest = workspace / "baseline"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "--force", str(dest), ref],
+                   check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "-C", str(root), "worktree", "remove", "--force", str(dest)],
+                    capture_output=True)
+    return dest
 
 
 def _on_sigterm(signum, frame):
@@ -194,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:
             variants = ([Meshproxy(ctx, w) for w in a.worker_counts] if name == "meshproxy"
                         else [PEERS[name](ctx)])
+            if name == "meshproxy" and a.baseline:
+                variants.insert(0, Meshproxy(ctx, 1, _baseline_tree(ws.path, a.baseline), a.baseline))
             for peer in variants:
                 if not (peer.layers & have):
                     continue

@@ -617,9 +617,13 @@ class Meshproxy(Peer):
     """meshproxy run -f DIR with --workers N; L7 through the Ingress listener, L4 through the
     ClusterIP listener of the bench-tcp Service."""
 
-    def __init__(self, ctx: Context, workers: int = 1) -> None:
-        super().__init__(ctx, name="meshproxy" if workers == 1 else f"meshproxy-{workers}w")
+    def __init__(self, ctx: Context, workers: int = 1, source: Path | None = None, label: str = "") -> None:
+        name = "meshproxy" if workers == 1 else f"meshproxy-{workers}w"
+        super().__init__(ctx, name=f"{name}@{label}" if label else name)
         self.workers = workers
+        # Another checkout of meshproxy to run instead of this one (--baseline: same-run A/B of
+        # two versions); it uses this checkout's Python and packages.
+        self.source = source
         if workers > 1:
             # More than one worker only makes sense with more than one core: never pinned.
             self.cpus = None
@@ -642,7 +646,7 @@ class Meshproxy(Peer):
             [self.ctx.python, "-m", "meshproxy", "run", "-f", str(manifests),
              "--ingress-listen", f"127.0.0.1:{ingress}", "--admin-listen", f"127.0.0.1:{admin}",
              "--workers", str(self.workers)],
-            env=_env(),
+            env=_env(self.source),
         )
         deadline = time.monotonic() + 30
         ready = False
@@ -672,9 +676,10 @@ class Meshproxy(Peer):
         self.version = f"{self.workers} worker(s)"
 
 
-def _env() -> dict:
+def _env(source: Path | None = None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    root = str(source or REPO)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONWARNINGS", None)
     return env
 

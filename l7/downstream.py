@@ -138,7 +138,7 @@ class ClientConnection(asyncio.Protocol):
     """One client connection (see the module docstring for its invariants)."""
 
     __slots__ = (
-        "server", "listener", "loop", "settings", "transport", "parser", "state", "peer_ip",
+        "server", "listener", "loop", "settings", "transport", "parser", "state", "peer_ip", "peer_port",
         "client", "tls", "read_paused", "writing_paused", "processing", "client_eof",
         "timer", "timer_at", "deadline", "send_deadline", "send_left", "idle_at",
         "exchange", "head", "out", "resp_mode", "resp_keep", "fast",
@@ -188,6 +188,7 @@ class ClientConnection(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             ip = peer[0] if peer else ""
             self.peer_ip = ip
+            self.peer_port = peer[1] if peer else 0
             trusted = server.trusted.contains(ip) if server.trusted else False
             listener = self.listener
             local_host = listener.local_host
@@ -237,15 +238,9 @@ class ClientConnection(asyncio.Protocol):
                         self.memo_head = head
                         self.memo_up = None
                 if head is not None:
-                    self.processing = True
-                    try:
-                        self._begin(head)
-                        ex = self.exchange
-                        if ex is not None:
-                            ex.request_end(None)
-                            ex.flush()
-                    finally:
-                        self.processing = False
+                    # The whole request is here: the exchange sends it (one write) as soon as
+                    # it has a connection.
+                    self._begin(head, True)
                     return
             self.parser.feed(data)
             if state == _IDLE:
@@ -500,13 +495,13 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             ex.flush()
 
-    def _begin(self, head: RequestHead) -> None:
+    def _begin(self, head: RequestHead, complete: bool = False) -> None:
         self.state = _BUSY
         self.head = head
         self.resp_mode = _M_NONE
         self.resp_keep = False
         server = self.server
-        ex = Exchange(server, self, head, self.loop.time(), self.listener.http)
+        ex = Exchange(server, self, head, self.loop.time(), self.listener.http, complete)
         self.exchange = ex
         ex.start()
 
@@ -561,7 +556,9 @@ class ClientConnection(asyncio.Protocol):
                    complete: bool) -> None:
         """A complete Content-Length response: head and body in one write."""
         head = self.head
-        keep = self._keep(complete)
+        server = self.server
+        keep = (head.keep_alive and complete and not self.client_eof and not server.draining
+                and not server.runtime.draining and head.upgrade is None)
         self.resp_keep = keep
         self.resp_mode = _M_RAW
         if not keep:

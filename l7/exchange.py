@@ -8,22 +8,8 @@ treated, and what the client is told when something fails. The shells only trans
 bytes and the calls below; time comes in as numbers (``now``), so the whole exchange is tested
 with fake shells and a fake clock (tests/test_exchange.py).
 
-Calls in (events):
-
-* from the downstream shell: ``start()``, ``request_data(bytes)``, ``request_end(trailers)``,
-  ``request_error(status, reason)``, ``client_gone(why)``, ``downstream_paused()`` /
-  ``downstream_resumed()``, ``on_deadline(now)``, ``flush()``;
-* from the upstream connection (``l7.upstream``): ``connected(token, conn, exc)``,
-  ``response_head(conn, head)``, ``response_whole(conn, head, body)``, ``response_data(conn,
-  bytes)``, ``response_end(conn, trailers)``, ``upstream_failed(conn, kind, stale)``,
-  ``upstream_paused()`` / ``upstream_resumed()``, ``upstream_eof(conn)``.
-
-Calls out (actions) go to ``self.down`` (the shell: ``send_continue``, ``send_interim``,
-``send_head``, ``send_whole``, ``send_data``, ``send_end``, ``send_local``, ``pause_request`` /
-``resume_request``, ``start_tunnel``, ``tunnel_write``, ``tunnel_eof``, ``set_deadline``,
-``abort``, ``exchange_done``) and to the upstream connection (``send_head``, ``send_data``,
-``send_end``, ``flush``, ``pause_reading`` / ``resume_reading``, released to or taken from the
-pool ``ctx.pool``).
+The calls in (events) are the public methods below; the calls out (actions) go to ``self.down``
+and to the attempt's upstream connection, whose interfaces are ``l7.contracts``.
 
 Everything that changes the exchange's state is in this module; the states and the events that
 move them are the table below. The response side is one of:
@@ -47,13 +33,15 @@ import logging
 import random
 from typing import Any
 
+from . import telemetry
 from .filters import filtered_request, redirect_location
 from .headers import IDEMPOTENT_METHODS, request_headers, response_headers
+from .requestid import new_request_id
 from .stats import take_retry_slot
 
 __all__ = [
     "ABORTED", "COMPLETE", "CONNECTING", "DONE", "RECEIVING", "ROUTING", "STREAMING", "TUNNEL",
-    "WAITING", "TRANSITIONS", "Exchange", "REPLAY_MAX", "MAX_INTERIM", "MAX_INTERIM_BYTES",
+    "WAITING", "TRANSITIONS", "HOLD", "Exchange", "checked_to", "REPLAY_MAX", "MAX_INTERIM", "MAX_INTERIM_BYTES",
 ]
 
 log = logging.getLogger("meshproxy.l7")
@@ -104,8 +92,22 @@ TRANSITIONS: dict[tuple[str, str], frozenset[str]] = {
     (TUNNEL, "abort"): frozenset((ABORTED,)),
     (DONE, "abort"): frozenset((ABORTED,)),    # the client left before the request body ended
 }
-# Tests set this to check every move against TRANSITIONS (a dict probe per move otherwise saved).
-CHECK_TRANSITIONS = False
+
+
+def checked_to(self, event: str, state: str) -> None:
+    """``Exchange._to`` checking every move against TRANSITIONS (tests install it; the check is a
+    dict probe per move, saved in production)."""
+    if state not in TRANSITIONS.get((self.state, event), ()):
+        raise AssertionError(f"exchange: {event!r} does not lead from {self.state} to {state}")
+    self.state = state
+
+# Extension filters (``Action.filters``) are objects with ``on_request(exchange)`` and, if they
+# change responses, ``on_response(exchange, status, fields) -> fields``. ``on_request`` may
+# answer (``exchange.answer(status, body, headers)``), add upstream fields
+# (``exchange.add_request_header``), or return HOLD and later call ``exchange.proceed()`` or
+# ``exchange.answer()`` (an external authorization call, a rate limiter's wait). The exchange
+# stays in ROUTING meanwhile and the request body waits with it.
+HOLD = object()
 
 # Request bytes kept for a retry (head + body as sent); beyond this a request is not replayable.
 REPLAY_MAX = 64 * 1024
@@ -119,6 +121,8 @@ MAX_INTERIM = 16
 MAX_INTERIM_BYTES = 64 * 1024
 
 _rand = random.random
+# Access-log response flags by the kind of upstream failure (Envoy's codes).
+_FLAGS = {"timeout": "UT", "reset": "UR", "eof": "UC", "protocol": "UPE"}
 
 
 class Exchange:
@@ -129,11 +133,14 @@ class Exchange:
         "ep", "held", "up", "attempts", "connect_failures", "tried", "token", "state", "req",
         "replay", "replay_bytes", "pending", "pending_bytes", "delivered", "trailers", "resp_status", "resp_bytes",
         "up_keep", "interim", "interim_bytes", "budget", "retrying", "deadline", "hard_deadline",
-        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_host", "delaying",
-        "bodiless", "done_keep",
+        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at",
+        "bodiless", "done_keep", "filter_next", "extra_fields", "request_id", "rid_generated", "trace",
+        "req_bytes", "flags",
     )
 
-    def __init__(self, ctx: Any, down: Any, head: Any, now: float, listener: Any = None) -> None:
+    def __init__(self, ctx: Any, down: Any, head: Any, now: float, listener: Any = None,
+                 complete: bool = False) -> None:
+        """``complete``: the shell has the whole request already (a bodiless head read whole)."""
         self.ctx = ctx
         self.down = down
         self.head = head
@@ -147,15 +154,15 @@ class Exchange:
         self.state = ROUTING
         # The request side completes when the shell says so (request_end), also for a request
         # without a body: until then its parser has not finished the message.
-        self.req = RECEIVING
+        self.req = COMPLETE if complete else RECEIVING
         self.bodiless = not (head.chunked or head.content_length)
         self.done_keep = True           # what _done says once the request side completes
         # Body chunks kept for a retry while they are at most REPLAY_MAX bytes (None: too big,
         # the request cannot be replayed); chunks not yet written to any connection (while the
         # first connection opens, or a fault delay runs); whether anything went upstream yet.
-        self.replay: list[bytes] | None = []
+        self.replay: list[bytes] | tuple | None = ()   # () until the first chunk
         self.replay_bytes = 0
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | tuple = ()
         self.pending_bytes = 0
         self.delivered = False
         self.trailers: list | None = None
@@ -166,17 +173,24 @@ class Exchange:
         self.deadline = 0.0
         self.hard_deadline = 0.0          # the route's request timeout (all attempts), 0: none
         self.delaying = False             # a fault delay runs before the first attempt
+        self.held_at = None               # when a filter that held the request let it go
         self.timeout = 0.0
         self.up_paused = self.down_paused = False
         self.accounted = False
-        self.upstream_host = ""
+        self.upstream_addr = None         # (ip, port) of the last attempt's connection
+        self.filter_next = 0
+        self.extra_fields: list | None = None   # fields extension filters add upstream
+        self.request_id = b""
+        self.rid_generated = False
+        self.trace = None                 # l7.tracing.RequestTrace with --otlp-endpoint
+        self.req_bytes = 0
+        self.flags = ""                   # the access log's response flags (Envoy's codes)
 
     # ------------------------------------------------------------------------------------------
     # state
 
     def _to(self, event: str, state: str) -> None:
-        if CHECK_TRANSITIONS and state not in TRANSITIONS.get((self.state, event), ()):
-            raise AssertionError(f"exchange: {event!r} does not lead from {self.state} to {state}")
+        """Move the response side (``checked_to`` replaces this in tests)."""
         self.state = state
 
     @property
@@ -191,6 +205,15 @@ class Exchange:
         ctx = self.ctx
         head = self.head
         ctx.active += 1
+        for name, value in head.headers:
+            if len(name) == 12 and name.lower() == b"x-request-id":
+                self.request_id = value
+                break
+        else:
+            self.request_id = new_request_id()
+            self.rid_generated = True
+        if ctx.tracing is not None:
+            telemetry.begin_trace(self)
         method = self.method
         if method == b"CONNECT":
             return self._local(405, b"CONNECT is not supported here\n", close=True)
@@ -221,6 +244,46 @@ class Exchange:
                 return self._redirect(redirect)
             if not self.down.tls and not self._forwarded_https():
                 return self._redirect(redirect)
+        if action.filters:
+            self._run_filters()
+        elif action.fault is not None:
+            self._after_filters()
+        else:
+            self._forward()
+
+    def _run_filters(self) -> None:
+        """The route's extension filters in order (see ``HOLD``), then the rest of routing."""
+        filters = self.action.filters
+        while self.filter_next < len(filters):
+            f = filters[self.filter_next]
+            self.filter_next += 1
+            held = f.on_request(self)
+            if self.state != ROUTING:
+                return            # the filter answered
+            if held is HOLD:
+                return            # it calls proceed() or answer() when it knows
+        self._after_filters()
+
+    def proceed(self) -> None:
+        """A filter that held the request lets it go on."""
+        if self.state == ROUTING and not self.accounted:
+            self.held_at = self.ctx.now()
+            self._run_filters()
+
+    def answer(self, status: int, body: bytes = b"", headers=()) -> None:
+        """A filter answers the request itself (403, 401, a CORS preflight, 429 ...)."""
+        if self.state == ROUTING and not self.accounted:
+            self._local(status, body, extra=tuple(headers))
+
+    def add_request_header(self, name: bytes, value: bytes) -> None:
+        """A filter adds a field to what goes upstream (e.g. from an auth service's answer)."""
+        if self.extra_fields is None:
+            self.extra_fields = []
+        self.extra_fields.append((name, value))
+
+    def _after_filters(self) -> None:
+        action = self.action
+        now = self.held_at
         fault = action.fault
         if fault is not None:
             if fault.abort_percent and _rand() * 100 < fault.abort_percent:
@@ -228,12 +291,13 @@ class Exchange:
             if fault.delay and fault.delay_percent and _rand() * 100 < fault.delay_percent:
                 # Wait, then go on (on_deadline); the request body waits with us.
                 self.delaying = True
-                self._set_deadline(self.t0 + fault.delay)
+                self._set_deadline((now or self.t0) + fault.delay)
                 return
-        self._forward()
+        self._forward(now)
 
-    def _forward(self) -> None:
-        """Pick the backend and the endpoint and start the first attempt."""
+    def _forward(self, now: float | None = None) -> None:
+        """Pick the backend and the endpoint and start the first attempt (``now``: when that
+        is not the request's arrival: after a fault delay or a filter's wait)."""
         ctx = self.ctx
         action = self.action
         stats = self.stats
@@ -277,10 +341,12 @@ class Exchange:
             # forwarded and a 100 from the pod is not relayed a second time. A request refused
             # before this point gets its final status without a 100 and the connection closes.
             self.down.send_continue()
-        now = ctx.now()
         if action.request_timeout:
             self.hard_deadline = self.t0 + action.request_timeout
-        self._arm(now)
+            self._arm(self.t0 if now is None else now)
+        elif self.timeout:
+            when = self.deadline = (self.t0 if now is None else now) + self.timeout
+            self.down.set_deadline(when)
         self._attempt(ep, "routed")
 
     def _gap(self) -> None:
@@ -316,11 +382,15 @@ class Exchange:
         """Request body bytes from the client (framing removed)."""
         if self.state != ROUTING and self.state != CONNECTING and self.state != WAITING:
             return  # answered or ended: the body is discarded (the shell closes after)
+        self.req_bytes += len(data)
         replay = self.replay
         if replay is not None:
             size = self.replay_bytes + len(data)
             if size <= REPLAY_MAX:
-                replay.append(data)
+                if replay:
+                    replay.append(data)
+                else:
+                    self.replay = [data]
                 self.replay_bytes = size
             else:
                 self.replay = None  # too big to keep: this request cannot be retried any more
@@ -336,7 +406,10 @@ class Exchange:
                 # The client is still sending: the upstream's response timeout counts from now.
                 self._arm(self.ctx.now())
             return
-        self.pending.append(data)
+        if self.pending:
+            self.pending.append(data)
+        else:
+            self.pending = [data]
         self.pending_bytes += len(data)
         if self.pending_bytes > PENDING_HIGH:
             self.down.pause_request("connecting")
@@ -347,8 +420,11 @@ class Exchange:
             return
         self.req = COMPLETE
         self.trailers = trailers
-        if self.up is not None:
-            self.up.send_end(trailers)
+        up = self.up
+        if up is not None:
+            up.send_end(trailers)
+            if not self.down.processing:
+                up.flush()
         elif self.state == DONE:
             # Answered before the request's end was read (a bodiless request answered by us).
             self._done(self.done_keep)
@@ -435,7 +511,7 @@ class Exchange:
             if self.delaying:
                 self.delaying = False
                 self.deadline = 0.0
-                self._forward()
+                self._forward(now)
             return
         if self.hard_deadline and now >= self.hard_deadline:
             # The route's request timeout: all attempts together; no retry after it.
@@ -467,7 +543,6 @@ class Exchange:
         self.attempts += 1
         ctx.balancers.acquire(ep)
         addr = (ep.ip, ep.port)
-        self.upstream_host = ""
         conn = None if fresh else ctx.pool.take(addr)
         if conn is not None:
             self._to(event, WAITING)
@@ -485,9 +560,6 @@ class Exchange:
     def _attach(self, conn) -> None:
         """Hand the request to ``conn`` (head, the body so far, its end if complete)."""
         self.up = conn
-        conn.begin(self)
-        if self.down_paused:
-            conn.pause_reading()
         head = self.head
         tgt = head.target
         if tgt[0] == 47:  # origin-form: forwarded as sent
@@ -496,41 +568,57 @@ class Exchange:
             tgt = head.path + (b"?" + head.query if head.query else b"")
             authority = head.host
         down = self.down
-        action = self.action
-        plain = (action.request_headers is None and action.rewrite is None
-                 and (self.ref is None or self.ref.request_headers is None))
-        if plain and head is down.memo_head:
-            # The same request bytes as this connection's previous request (health checks,
-            # pollers, load generators repeat their heads exactly): the same upstream head,
-            # without running the header policy and the serializer again.
-            memo = down.memo_up
-            if memo is not None and memo[0] is self.ctx.via and memo[1] is conn.kind:
-                conn.send_head(head.method, tgt, None, head.content_length, head.chunked, memo[2])
-            else:
-                fields = request_headers(head.headers, head.connection_tokens, down.client,
-                                         head.upgrade is not None, authority, self.ctx.via)
-                data = conn.send_head(head.method, tgt, fields, head.content_length, head.chunked, None)
-                down.memo_up = (self.ctx.via, conn.kind, data)
+        if self.trace is not None:
+            tail = telemetry.upstream_tail(self, "%s:%d" % conn.addr, self.ctx.now())
+        elif self.rid_generated:
+            tail = b"x-request-id: " + self.request_id + b"\r\n"
         else:
-            fields = request_headers(head.headers, head.connection_tokens, down.client,
-                                     head.upgrade is not None, authority, self.ctx.via)
-            if not plain:
-                tgt, fields = self._filtered_request(tgt, fields)
-            conn.send_head(head.method, tgt, fields, head.content_length, head.chunked, None)
+            tail = b""
         # The body: on the first delivery what waited meanwhile (everything so far: nothing
         # was written anywhere yet), on a retry the whole body again from the replay copy.
         chunks = self.pending if not self.delivered else self.replay
         self.delivered = True
+        # The end goes with the head when there is nothing else to send.
+        end = self.req == COMPLETE and not chunks and not self.trailers
+        if self.action.plain_request and self.extra_fields is None and head is down.memo_head:
+            # The same request bytes as this connection's previous request (health checks,
+            # pollers, load generators repeat their heads exactly): the same upstream head,
+            # without running the header policy and the serializer again; only the
+            # per-request fields at its end (tail: request id, trace) are new.
+            memo = down.memo_up
+            if memo is not None and memo[0] is self.ctx.via and memo[1] is conn.kind:
+                conn.send_head(self, tgt, None, memo[2], tail, end)
+            else:
+                data = conn.send_head(self, tgt, self._fields(authority), None, tail, end)
+                down.memo_up = (self.ctx.via, conn.kind, data)
+        else:
+            fields = self._fields(authority)
+            if not (self.action.plain_request and self.extra_fields is None):
+                tgt, fields = self._filtered_request(tgt, fields)
+            conn.send_head(self, tgt, fields, None, tail, end)
+        if self.down_paused:
+            conn.pause_reading()
         if chunks:
             for chunk in chunks:
                 conn.send_data(chunk)
-        self.pending = []
-        self.pending_bytes = 0
-        if self.req == COMPLETE:
+            self.pending = ()
+            self.pending_bytes = 0
+        if self.req == COMPLETE and not end:
             conn.send_end(self.trailers)
 
+    def _fields(self, authority) -> list:
+        head = self.head
+        fields = request_headers(head.headers, head.connection_tokens, self.down.client,
+                                 head.upgrade is not None, authority, self.ctx.via)
+        if self.trace is not None:
+            fields = telemetry.strip_trace_fields(fields)
+        return fields
+
     def _filtered_request(self, tgt: bytes, fields: list) -> tuple[bytes, list]:
-        return filtered_request(self.action, self.ref, self.route, self.head, tgt, fields)
+        tgt, fields = filtered_request(self.action, self.ref, self.route, self.head, tgt, fields)
+        if self.extra_fields is not None:
+            fields = fields + self.extra_fields
+        return tgt, fields
 
     def connected(self, token: int, conn, exc: BaseException | None) -> None:
         """The pool opened (``conn``) or failed to open (``exc``) the connection asked for."""
@@ -551,6 +639,9 @@ class Exchange:
         ctx = self.ctx
         ep = self.ep
         log.debug("L7: connect to %s:%d failed: %s", ep.ip, ep.port, exc)
+        self.flags = "UF"
+        if self.trace is not None:
+            self.trace.attempt_done(ctx.now(), error="connect")
         self._detach(reuse=False)
         ctx.balancers.report_failure(ep, self.backend)
         self.stats.error("connect")
@@ -577,7 +668,7 @@ class Exchange:
         up = self.up
         if up is not None:
             self.up = None
-            self.upstream_host = f"{up.addr[0]}:{up.addr[1]}"
+            self.upstream_addr = up.addr
             if reuse:
                 self.ctx.pool.release(up)
             else:
@@ -607,6 +698,9 @@ class Exchange:
         """The current attempt failed (reset, timeout, protocol error). Retry or answer."""
         ctx = self.ctx
         ep = self.ep
+        self.flags = _FLAGS.get(kind, "")
+        if self.trace is not None:
+            self.trace.attempt_done(ctx.now(), error=kind)
         self._detach(reuse=False)
         if not stale:  # a pod closing an idle keep-alive connection is not a failing pod
             ctx.balancers.report_failure(ep, self.backend)
@@ -708,13 +802,23 @@ class Exchange:
         if conn is not self.up or self.state != WAITING:
             return False
         status = head.status
+        if self.trace is not None:
+            self.trace.attempt_done(self.ctx.now(), status=status)
         if status in self.action.retry_on and self._retry_status(conn, head, True):
             return True
         self.up_keep = head.keep_alive
         self.resp_status = status
         self.resp_bytes = len(body)
         fields = response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
-        fields = self._response_filters(fields)
+        if not self.action.plain_response:
+            fields = self._response_filters(fields, status)
+        if self.rid_generated:
+            # A generated id goes back to the client too, unless the pod names one itself.
+            for n, _ in fields:
+                if len(n) == 12 and n.lower() == b"x-request-id":
+                    break
+            else:
+                fields.append((b"x-request-id", self.request_id))
         self._to("whole", DONE)
         self.down.send_whole(status, head.reason, fields, head.content_length, body, self.req == COMPLETE)
         self._response_complete()
@@ -749,12 +853,22 @@ class Exchange:
                 fields = response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
                 self.down.send_interim(status, head.reason, fields)
             return
+        if self.trace is not None:
+            self.trace.attempt_done(self.ctx.now(), status=status)
         if status in self.action.retry_on and self._retry_status(conn, head, False):
             return
         self.resp_status = status
         self.up_keep = head.keep_alive
         fields = response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
-        fields = self._response_filters(fields)
+        if not self.action.plain_response:
+            fields = self._response_filters(fields, status)
+        if self.rid_generated:
+            # A generated id goes back to the client too, unless the pod names one itself.
+            for n, _ in fields:
+                if len(n) == 12 and n.lower() == b"x-request-id":
+                    break
+            else:
+                fields.append((b"x-request-id", self.request_id))
         kind = head.body_kind(self.method)
         self._to("head", DONE if kind == "none" else STREAMING)
         if self.timeout:
@@ -762,14 +876,18 @@ class Exchange:
         self.down.send_head(status, head.reason, fields, kind, head.content_length, head.chunked,
                             self.req == COMPLETE)
 
-    def _response_filters(self, fields: list) -> list:
+    def _response_filters(self, fields: list, status: int) -> list:
         action = self.action
-        if action is not None:
+        if action is not None and not action.plain_response:
             if action.response_headers is not None:
                 fields = action.response_headers.apply(fields)
             ref = self.ref
             if ref is not None and ref.response_headers is not None:
                 fields = ref.response_headers.apply(fields)
+            for f in action.filters:
+                on_response = getattr(f, "on_response", None)
+                if on_response is not None:
+                    fields = on_response(self, status, fields)
         return fields
 
     def response_data(self, conn, data: bytes) -> None:
@@ -859,6 +977,8 @@ class Exchange:
         complete = self.req == COMPLETE
         # A body not read to its end cannot be skipped safely: the connection closes after.
         keep = not close and (complete or self.bodiless)
+        if self.rid_generated:
+            extra = (*extra, (b"x-request-id", self.request_id))
         self.down.send_local(status, body, extra, keep)
         if complete or not keep:
             self._done(keep)
@@ -883,16 +1003,8 @@ class Exchange:
         stats = self.stats
         if stats is not None:
             stats.done(status, dt)
-        access_log = ctx.access_log
-        if access_log is not None:
-            r = self.route
-            head = self.head
-            ep = self.ep
-            host = self.upstream_host or (f"{ep.ip}:{ep.port}" if ep is not None else "")
-            access_log.log(
-                self.down.peer_ip, head.method, head.target, head.version, status, self.resp_bytes, dt,
-                host, r.source.partition(" ")[2] if r is not None else "", r.name if r is not None else "",
-                self.attempts)
+        if ctx.access_log is not None or self.trace is not None:
+            telemetry.finish(self, status, dt)
 
     def _done(self, keep: bool = True) -> None:
         """Request and response are both complete (or the connection is to close)."""

@@ -21,13 +21,14 @@ import os
 from urllib.parse import unquote_plus
 
 from meshproxy.core import metrics, sockets
+from meshproxy.core.accesslog import AccessLog
 from meshproxy.core.paths import normalize_request_path
 
-from .accesslog import AccessLog
 from .downstream import ClientConnection
 from .headers import TrustedProxies
 from .stats import RouteStats
 from .tls import TLSContexts
+from .tracing import Tracing
 from .upstream import UpstreamPool
 
 __all__ = ["IngressServer", "Listener", "PARSER_MODES", "parser_mode"]
@@ -195,7 +196,15 @@ class IngressServer:
         self.parser_mode = parser_mode(settings)
         # The parse_whole fast paths (same strictness, see docs/http.md) unless "strict".
         self.fast_parse = self.parser_mode != "strict"
-        self.access_log = AccessLog(settings.access_log) if settings.access_log else None
+        # The process's access log (meshproxy.dataplane opens it); an embedded server without
+        # one (tests) opens its own from the settings.
+        self.access_log = runtime.access_log
+        self._own_log = False
+        if self.access_log is None and settings.access_log:
+            self.access_log = AccessLog(settings.access_log, getattr(settings, "access_log_format", "text"))
+            self._own_log = True
+        # Tracing (--otlp-endpoint): None when off.
+        self.tracing = Tracing.from_settings(settings)
         self.tls: TLSContexts | None = None
         self.tls_port = 0
         self.via: bytes | None = None   # b"1.1 meshproxy" to add Via (off by default)
@@ -212,6 +221,8 @@ class IngressServer:
         self._stats_snap = None
         self._route_snap = None
         self._route_caches: dict[int, dict] = {}
+        self._last_table = None            # the table of the last lookup, and its cache
+        self._last_cache: dict = {}
         self._ticker: asyncio.TimerHandle | None = None
         self._secrets_seen = None
         self.now = None   # the loop's clock, set in start()
@@ -316,8 +327,11 @@ class IngressServer:
             self._ticker.cancel()
             self._ticker = None
         self._tick_metrics()
-        if self.access_log is not None:
+        if self._own_log:
             self.access_log.close()
+        if self.tracing is not None:
+            tracing, self.tracing = self.tracing, None
+            await self.loop.run_in_executor(None, tracing.shutdown)
 
     # -- housekeeping ------------------------------------------------------------------------------
 
@@ -329,8 +343,6 @@ class IngressServer:
                 del budgets[key]
             if self.pool is not None:
                 self.pool.sweep()
-            if self.access_log is not None:
-                self.access_log.flush()
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("L7: housekeeping failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
@@ -375,12 +387,18 @@ class IngressServer:
         if snap is not self._route_snap:
             self._route_snap = snap
             self._route_caches = {}
+            self._last_table = None
         host = head.host
         path = head.path
         if table.plain:
-            cache = self._route_caches.get(id(table))
-            if cache is None:
-                cache = self._route_caches[id(table)] = {}
+            if table is self._last_table:
+                cache = self._last_cache
+            else:
+                cache = self._route_caches.get(id(table))
+                if cache is None:
+                    cache = self._route_caches[id(table)] = {}
+                self._last_table = table
+                self._last_cache = cache
             key = (host, path)
             hit = cache.get(key)
             if hit is not None:

@@ -96,20 +96,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- what the exchange sends -----------------------------------------------------------------
 
-    def begin(self, exchange) -> None:
-        """Serve ``exchange`` (the connection is active, fresh or taken from the pool)."""
+    def send_head(self, exchange, target: bytes, fields, cached: bytes | None, tail: bytes, end: bool) -> bytes:
+        """Serve ``exchange`` (the connection is active, fresh or taken from the pool): queue
+        its request head, with the message's end when ``end`` (nothing else follows).
+        ``tail``: fields of this request only (with their CRLFs), written last. Returns the head
+        without its final CRLF and tail, which a later identical request passes back as
+        ``cached`` (then ``fields`` is None)."""
         self.exchange = exchange
         self.received = False
         self.got_head = False
         self.requests += 1
-        self.parser.set_request_method(exchange.method)
-
-    def send_head(self, method: bytes, target: bytes, fields, content_length: int | None,
-                  chunked: bool, cached: bytes | None) -> bytes:
-        data = cached if cached is not None else request_head_bytes(method, target, fields, content_length, chunked)
-        self.chunked = chunked
-        self.pending.append(data)
-        return data
+        head = exchange.head
+        self.parser.set_request_method(head.method)
+        chunked = self.chunked = head.chunked
+        base = cached if cached is not None else request_head_bytes(
+            head.method, target, fields, head.content_length, chunked)[:-2]
+        data = b"".join((base, tail, b"\r\n")) if tail else base + b"\r\n"
+        self.pending.append(data + LAST_CHUNK if end and chunked else data)
+        return base
 
     def send_data(self, data: bytes) -> None:
         if self.chunked:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 
 from l4.listeners import L4Manager
-from l7.accesslog import AccessLog as L7AccessLog
 from l7.server import IngressServer
 
 from .core.accesslog import AccessLog
@@ -37,11 +36,6 @@ class DataPlane:
         self.ingress: IngressServer | None = None
         if settings.ingress_listen or settings.ingress_tls_listen:
             self.ingress = IngressServer(runtime)
-            if self.access_log is not None and self.ingress.access_log is not None:
-                # Until the exchange logs to runtime.access_log itself: its own text-only log
-                # gives way to the process's, which has the chosen format.
-                self.ingress.access_log.close()
-                self.ingress.access_log = L7AccessLog(self.access_log)
 
     async def start(self) -> None:
         self.runtime.subscribe(self.l4.apply)

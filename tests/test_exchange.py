@@ -62,7 +62,7 @@ def manifests(pods: int = 2, **annotations) -> str:
 
 @pytest.fixture(autouse=True)
 def checked_transitions(monkeypatch):
-    monkeypatch.setattr(exchange_mod, "CHECK_TRANSITIONS", True)
+    monkeypatch.setattr(exchange_mod.Exchange, "_to", exchange_mod.checked_to)
 
 
 @pytest.fixture
@@ -92,7 +92,10 @@ def test_request_response_keepalive_and_idle_timeout(h):
     up, ut = h.pool.open()
     assert ut.data().startswith(b"GET /x HTTP/1.1\r\nHost: example.com\r\n")
     up.data_received(OK)
-    assert t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    data = t.take()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\nx-request-id: ") and data.endswith(b"\r\nContent-Length: 2\r\n\r\nok")
+    rid = data.split(b"x-request-id: ")[1][:36]
+    assert ut.data().count(b"x-request-id: " + rid + b"\r\n") == 1   # the same id went to the pod
     assert h.pool.idle_count() == 1 and not t.closing
     h.loop.advance(74.999)
     assert not t.closing

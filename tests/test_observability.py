@@ -413,7 +413,6 @@ def test_top_live_view_in_a_pseudo_terminal(pods, tmp_path):
 _WIRING = "the L7 exchange does not call l7.tracing / l7.requestid yet (docs/observability.md, Wiring)"
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRING)
 def test_traceparent_gets_a_new_parent_id_per_hop_and_spans_are_exported(pods, tmp_path):
     from test_tracing import Collector
     c = Collector()
@@ -432,7 +431,6 @@ def test_traceparent_gets_a_new_parent_id_per_hop_and_spans_are_exported(pods, t
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRING)
 def test_request_id_is_generated_sent_to_the_pod_and_returned(pods, tmp_path):
     with start(pods, tmp_path) as m:
         r, body, conn = request(m.port, "GET", "/echo?rid=1", "shop.test")

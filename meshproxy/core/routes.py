@@ -278,10 +278,18 @@ class Action:
     invalid_status: int = 503             # a picked backend reference is invalid
     # Cumulative weights for the pick (computed): empty when every weight is 0.
     _cumulative: tuple[int, ...] = field(init=False, default=(), repr=False, compare=False)
+    # Computed: nothing changes the forwarded request / the relayed response head (the common
+    # case, checked with one attribute read per request).
+    plain_request: bool = field(init=False, default=True, compare=False)
+    plain_response: bool = field(init=False, default=True, compare=False)
 
     def __post_init__(self) -> None:
         weights = [max(0, b.weight) for b in self.backends]
         object.__setattr__(self, "_cumulative", tuple(accumulate(weights)) if sum(weights) else ())
+        object.__setattr__(self, "plain_request", self.request_headers is None and self.rewrite is None
+                           and all(b.request_headers is None for b in self.backends))
+        object.__setattr__(self, "plain_response", self.response_headers is None and not self.filters
+                           and all(b.response_headers is None for b in self.backends))
 
     def pick_backend(self, rand: float) -> BackendRef | None:
         """The backend reference for one request; ``rand`` in [0, 1). None when there is none
