@@ -91,3 +91,5 @@ class Settings:
     identity_issuer_ca: str | None = None           # roots that verify the issuer at first
     identity_token_file: str | None = None          # ServiceAccount token for the issuer
     mesh_root_namespace: str = "istio-system"       # mesh-wide PeerAuthentication / AuthorizationPolicy
+    # Where a Gateway without spec.addresses binds its listeners (--gateway-address, repeatable).
+    gateway_addresses: tuple[str, ...] = ("0.0.0.0",)
