@@ -43,7 +43,7 @@ from .routes import (EXACT, PREFIX, REGEX, Action, BackendRef, Conditions, Fault
                      QueryMatch, Redirect, Rewrite, Route)
 
 __all__ = ["CompiledRoute", "CompiledRule", "References", "RefProblem", "compile_route", "replace_prefix",
-           "DEFAULT_PORTS"]
+           "redirect_location", "rewritten_path", "DEFAULT_PORTS"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _SERVICE = ("", "Service")
@@ -61,6 +61,41 @@ def replace_prefix(path: str, matched: str, replacement: str) -> str:
     if not out:
         return "/"
     return out if out.startswith("/") else "/" + out
+
+
+def _host_only(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+def redirect_location(r: Redirect, route: Route, scheme: str, host: str, path: str, query: str = "") -> str:
+    """The Location of a RequestRedirect: ``scheme`` is the request's ("http" / "https"),
+    ``host`` its Host header (a port in it is dropped), ``path`` the request path the route
+    matched (its routing form), ``query`` the query string without "?". The port is left out
+    when it is the scheme's default (80 for http, 443 for https), and when the Redirect has
+    none (Ingress's ssl-redirect fills it in itself)."""
+    out_scheme = r.scheme or scheme
+    hostname = r.hostname or _host_only(host)
+    if r.path_kind == "ReplaceFullPath":
+        out_path = r.path or "/"
+    elif r.path_kind == "ReplacePrefixMatch":
+        out_path = replace_prefix(path, route.matched_prefix(path), r.path)
+    else:
+        out_path = path
+    port = "" if r.port is None or DEFAULT_PORTS.get(out_scheme) == r.port else f":{r.port}"
+    return f"{out_scheme}://{hostname}{port}{out_path}" + (f"?{query}" if query else "")
+
+
+def rewritten_path(rw: Rewrite, route: Route, path: str) -> str:
+    """The path forwarded after a URLRewrite's ReplaceFullPath / ReplacePrefixMatch (the
+    path as is for neither)."""
+    if rw.path_kind == "ReplaceFullPath":
+        return rw.path or "/"
+    if rw.path_kind == "ReplacePrefixMatch":
+        return replace_prefix(path, route.matched_prefix(path), rw.path)
+    return path
 
 
 @dataclass(frozen=True, slots=True)
