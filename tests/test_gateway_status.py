@@ -380,3 +380,45 @@ def test_mesh_canary_by_header_and_90_10_split():
     snap = snapshot(MESH + SPLIT)
     assert outcome(snap, "127.96.5.1", 80, Req("/", "echo", headers={"x-canary": "true"})) == ("backend", "mesh/echo-v2")
     assert distribution(snap, "127.96.5.1", 80, Req("/", "whatever.host")) == {"mesh/echo": 900, "mesh/echo-v2": 100}
+
+
+# -- merging our status into what the API holds (the status writer) ------------------------------
+
+from discovery.sources.gateway_status import CONTROLLER, merge_status  # noqa: E402
+
+
+def _c(t, s, reason="R", gen=1, ltt=None):
+    c = {"type": t, "status": s, "reason": reason, "message": "", "observedGeneration": gen}
+    if ltt:
+        c["lastTransitionTime"] = ltt
+    return c
+
+
+def test_merge_keeps_foreign_conditions_and_transition_times():
+    current = {"conditions": [_c("Accepted", "True", ltt="T0"), _c("vendor.io/Extra", "True", ltt="T0")]}
+    ours = {"conditions": [_c("Accepted", "True", "Accepted", gen=2), _c("Programmed", "False", "Invalid", gen=2)]}
+    out = merge_status("GatewayClass", "", current, ours, "T1")
+    assert out["conditions"] == [{**_c("Accepted", "True", "Accepted", gen=2), "lastTransitionTime": "T0"},
+                                 _c("vendor.io/Extra", "True", ltt="T0"),
+                                 {**_c("Programmed", "False", "Invalid", gen=2), "lastTransitionTime": "T1"}]
+    flipped = merge_status("GatewayClass", "", out, {"conditions": [_c("Accepted", "False", "X", gen=2)]}, "T2")
+    assert flipped["conditions"][0]["lastTransitionTime"] == "T2"
+
+
+def test_merge_leaves_a_newer_generation_alone():
+    current = {"conditions": [_c("Accepted", "True", gen=5, ltt="T0")]}
+    out = merge_status("GatewayClass", "", current, {"conditions": [_c("Accepted", "False", gen=4)]}, "T1")
+    assert out["conditions"] == current["conditions"]
+
+
+def test_merge_route_parents_by_controller():
+    theirs = {"parentRef": {"name": "gw2"}, "controllerName": "example.com/x", "conditions": [_c("Accepted", "True")]}
+    old_mine = {"parentRef": {"name": "gone"}, "controllerName": CONTROLLER, "conditions": [_c("Accepted", "True")]}
+    ours = {"parents": [{"parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"},
+                         "controllerName": CONTROLLER, "conditions": [_c("Accepted", "True")]}]}
+    out = merge_status("HTTPRoute", "ns", {"parents": [theirs, old_mine]}, ours, "T")
+    assert [p["parentRef"]["name"] for p in out["parents"]] == ["gw2", "gw"]
+    assert out["parents"][0] is theirs
+    cleared = merge_status("HTTPRoute", "ns", {"parents": [theirs, old_mine]}, None, "T")
+    assert cleared["parents"] == [theirs]
+    assert merge_status("HTTPRoute", "ns", {"parents": [theirs]}, None, "T") is None
