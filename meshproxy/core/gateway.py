@@ -35,7 +35,7 @@ from .gateway_status import Inputs, Model, evaluate
 from .gateway_tables import ListenerRouter, ListenerTable, build_l4_routes, build_table, default_table
 from .listeners import HTTPListener, L4Listener, WeightedBackends
 
-__all__ = ["GATEWAY_KINDS", "L7_APP_PROTOCOLS", "GatewayCache", "GatewayResult", "build_gateways",
+__all__ = ["EMPTY", "GATEWAY_KINDS", "L7_APP_PROTOCOLS", "GatewayCache", "GatewayResult", "build_gateways",
            "local_address", "format_problem"]
 
 GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute", "TCPRoute", "ReferenceGrant",

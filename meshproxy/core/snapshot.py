@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 from discovery import objects as o
 from discovery.endpoints import Endpoint, EndpointSet
-from .gateway import GATEWAY_KINDS, GatewayCache, build_gateways
+from .gateway import EMPTY as EMPTY_GATEWAYS
+from .gateway import GATEWAY_KINDS, L7_APP_PROTOCOLS, GatewayCache, build_gateways
 from .ingress import backend_action, check_path, default_route, ingress_route
 from .listeners import HTTPListener, L4Listener
 from .routes import Action, RouteTable
@@ -185,6 +186,7 @@ class SnapshotBuilder:
         self._pem_verdicts: dict[tuple[bytes, bytes], str | None] = {}   # (crt, key) -> why they do not load
         self._gateway_cache = GatewayCache()
         self.gateway_result = None          # the last build's GatewayResult (meshproxy validate / get)
+        self._l7_cache: tuple[tuple, bool] | None = None
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -395,6 +397,15 @@ class SnapshotBuilder:
         self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names)
         return self._routes_cache[1:]
 
+    def _l7_ports(self, services: Mapping[tuple[str, str], o.Service]) -> bool:
+        """Does any Service port ask to be served per request (appProtocol)? Cached by the
+        identity of the Services."""
+        sig = tuple(map(id, services.values()))
+        if self._l7_cache is None or self._l7_cache[0] != sig:
+            self._l7_cache = (sig, any(sp.app_protocol in L7_APP_PROTOCOLS for svc in services.values()
+                                       for sp in svc.ports))
+        return self._l7_cache[1]
+
     # -- whole snapshot -------------------------------------------------------------------------
 
     def build(self, store, index, allocator, changed: set[tuple[str, str]] | None = None) -> Snapshot:
@@ -511,6 +522,10 @@ class SnapshotBuilder:
     def _gateways(self, store, services: Mapping[tuple[str, str], o.Service], ips: Mapping, l4: Mapping,
                   node: NodeInfo):
         """Gateway and mesh listeners, status and problems (meshproxy.core.gateway)."""
+        objects = {k: store.list(k) for k in GATEWAY_KINDS}
+        if not any(objects.values()) and not self._l7_ports(services):
+            self.gateway_result = EMPTY_GATEWAYS     # the common case costs one scan, nothing else
+            return self.gateway_result
         cluster_ips = {key: (svc.cluster_ip if svc.cluster_ip and svc.cluster_ip != "None" else ips.get(key))
                        for key, svc in services.items()}
         occupied = {addr: f"Service {lst.backend[0]}/{lst.backend[1]}" for addr, lst in l4.items()}
@@ -519,7 +534,7 @@ class SnapshotBuilder:
             if hp is not None:
                 occupied[(hp[0], hp[1])] = flag
         self.gateway_result = build_gateways(
-            {k: store.list(k) for k in GATEWAY_KINDS}, services, {k: v for k, v in cluster_ips.items() if v},
+            objects, services, {k: v for k, v in cluster_ips.items() if v},
             store.items("Secret"), pem_problem=self._pem_problem, gateway_addresses=self.settings.gateway_addresses,
             upstream_timeout=self.settings.upstream_timeout, occupied=occupied, node_address=node.address,
             cache=self._gateway_cache)
