@@ -34,14 +34,15 @@ class DataPlane:
             self.access_log = runtime.access_log = AccessLog(settings.access_log, settings.access_log_format,
                                                              settings.access_log_buffer)
         self.l4 = L4Manager(runtime)
-        self.ingress: IngressServer | None = None
-        if settings.ingress_listen or settings.ingress_tls_listen:
-            self.ingress = IngressServer(runtime)
-            if self.access_log is not None and self.ingress.access_log is not None:
-                # Until the exchange logs to runtime.access_log itself: its own text-only log
-                # gives way to the process's, which has the chosen format.
-                self.ingress.access_log.close()
-                self.ingress.access_log = L7AccessLog(self.access_log)
+        # The L7 server is always there: besides --ingress-listen / --ingress-tls-listen it
+        # serves the snapshot's http_listeners (Gateway listeners, mesh Service ports), which
+        # any configuration may bring; with none of them it binds nothing.
+        self.ingress: IngressServer | None = IngressServer(runtime)
+        if self.access_log is not None and self.ingress.access_log is not None:
+            # Until the exchange logs to runtime.access_log itself: its own text-only log
+            # gives way to the process's, which has the chosen format.
+            self.ingress.access_log.close()
+            self.ingress.access_log = L7AccessLog(self.access_log)
 
     async def start(self) -> None:
         self.runtime.subscribe(self.l4.apply)

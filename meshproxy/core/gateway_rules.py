@@ -341,6 +341,8 @@ def compile_route(route: Any, refs: References, *, upstream_timeout: float) -> C
                 elif f.type == "ResponseHeaderModifier":
                     resp = _edits(f.response_headers)
             backends.append(BackendRef(key, b.weight, problem.reason if problem else None, req, resp))
+        if backends and not any(b.weight > 0 for b in backends):
+            backends = []       # every weight 0: nothing may receive traffic (answered 500)
         action, redirect = _rule_action(route, rule, where, refs, out, tuple(backends), upstream_timeout)
         out.rules.append(CompiledRule(ri, label, f"{route.kind} {ns}/{name}", matches, action, redirect))
     return out
