@@ -871,7 +871,7 @@ def test_grpc_route_matches_compile_to_paths():
   - matches: [{method: {type: RegularExpression, service: "grpc\\\\.health\\\\..*"}, headers: [{name: x-v, value: "2"}]}]
     backendRefs: [{name: infra-backend-v1, port: 8080}]
 """, kind="GRPCRoute")
-    snap = served(r)
+    snap = served(r, http2=True)
     check(snap, [
         (Req("/grpc.testing.TestService/UnaryCall", method="POST"), V1),
         (Req("/grpc.testing.TestService/EmptyCall", method="POST"), V2),
@@ -887,6 +887,13 @@ def test_http_and_grpc_routes_sharing_a_hostname_the_older_one_wins():
                  created="2024-01-01T00:00:00Z")
     grpc = route("grpc", "  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n", kind="GRPCRoute",
                  created="2024-02-01T00:00:00Z")
-    snap = served(http, grpc)
+    snap = served(http, grpc, http2=True)
     assert route_conditions(snap, "GRPCRoute", INFRA, "grpc")["Accepted"] == ("False", "NotAllowedByListeners")
     assert outcome(snap, *SAME, Req("/x.Y/Z", "api.example.com")) == V1
+
+
+def test_grpc_routes_wait_for_http2():
+    grpc = route("grpc", "  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n", kind="GRPCRoute")
+    snap = served(grpc)
+    assert route_conditions(snap, "GRPCRoute", INFRA, "grpc")["Accepted"] == ("False", "NotAllowedByListeners")
+    assert outcome(snap, *SAME, Req("/x.Y/Z")) == NOT_FOUND

@@ -100,9 +100,18 @@ def test_accepted_programmed_addresses_and_observed_generation():
     assert {c["type"]: (c["status"], c["reason"], c["observedGeneration"]) for c in st["conditions"]} == {
         "Accepted": ("True", "Accepted", 3), "Programmed": ("True", "Programmed", 3)}
     ls = listener_status(snap, INFRA, "gw", "http")
-    assert ls == {"attached": 0, "kinds": ["HTTPRoute", "GRPCRoute"], "Accepted": ("True", "Accepted"),
+    assert ls == {"attached": 0, "kinds": ["HTTPRoute"], "Accepted": ("True", "Accepted"),
                   "Programmed": ("True", "Programmed"), "ResolvedRefs": ("True", "ResolvedRefs"),
                   "Conflicted": ("False", "NoConflicts")}
+
+
+def test_grpc_route_kinds_with_and_without_http2():
+    gw = gateway("gw", "  - {name: http, port: 80, protocol: HTTP}\n"
+                       "  - {name: g, port: 81, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}\n")
+    assert listener_status(served(gw, http2=True), INFRA, "gw", "http")["kinds"] == ["HTTPRoute", "GRPCRoute"]
+    snap = served(gw)
+    assert listener_status(snap, INFRA, "gw", "http")["kinds"] == ["HTTPRoute"]
+    assert listener_status(snap, INFRA, "gw", "g")["ResolvedRefs"] == ("False", "InvalidRouteKinds")
 
 
 def test_gateway_without_addresses_binds_the_gateway_addresses():
@@ -353,6 +362,22 @@ def test_mesh_route_governs_the_service_port_at_l7():
     assert ("127.96.5.1", 9000) in snap.l4                      # the port the route does not name stays L4
     assert ("127.96.5.2", 80) in snap.l4
     assert route_conditions(snap, "HTTPRoute", "mesh", "canary")["Accepted"] == ("True", "Accepted")
+
+
+def test_mesh_h2c_and_grpc_ports_wait_for_http2():
+    svc = MESH + """---
+apiVersion: v1
+kind: Service
+metadata: {name: rpc, namespace: mesh}
+spec:
+  clusterIP: 127.96.5.4
+  selector: {app: rpc}
+  ports: [{name: grpc, port: 50051, appProtocol: grpc}, {name: h2c, port: 8081, appProtocol: kubernetes.io/h2c}]
+"""
+    snap = snapshot(svc)
+    assert {("127.96.5.4", 50051), ("127.96.5.4", 8081)} <= set(snap.l4)
+    snap = snapshot(svc, http2=True)
+    assert {("127.96.5.4", 50051), ("127.96.5.4", 8081)} <= set(snap.http_listeners)
 
 
 def test_mesh_app_protocol_ports_are_l7_without_routes():

@@ -41,8 +41,10 @@ __all__ = ["EMPTY", "GATEWAY_KINDS", "L7_APP_PROTOCOLS", "GatewayCache", "Gatewa
 GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute", "TCPRoute", "ReferenceGrant",
                  "Namespace", "FaultInjection")
 # Service ports served per request in the mesh without any route (Kubernetes' standard
-# application protocols for HTTP, KEP-3726, and "grpc").
+# application protocols for HTTP, KEP-3726, and "grpc"); the HTTP/2 ones only once the L7 server
+# speaks HTTP/2 (``settings.http2``) - served as HTTP/1.1 they would break their clients.
 L7_APP_PROTOCOLS = frozenset({"http", "kubernetes.io/h2c", "grpc"})
+H2_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c", "grpc"})
 
 
 def local_address(ip: str) -> bool:
@@ -97,7 +99,7 @@ def build_gateways(objects: Mapping[str, Iterable[Any]], services: Mapping[tuple
                    cluster_ips: Mapping[tuple[str, str], str], secrets: Mapping[tuple[str, str], o.Secret], *,
                    pem_problem: Callable[[bytes, bytes], str | None], gateway_addresses: tuple[str, ...],
                    upstream_timeout: float, occupied: Mapping[tuple[str, int], str], node_address: str | None,
-                   cache: GatewayCache | None = None,
+                   cache: GatewayCache | None = None, http2: bool = False,
                    usable_address: Callable[[str], bool] = local_address) -> GatewayResult:
     """See the module docstring. ``objects``: kind -> objects of that kind (GATEWAY_KINDS)."""
     cache = cache if cache is not None else GatewayCache()
@@ -108,7 +110,7 @@ def build_gateways(objects: Mapping[str, Iterable[Any]], services: Mapping[tuple
         return EMPTY
     sig = (tuple(id(x) for k in GATEWAY_KINDS for x in lists[k]), tuple(map(id, services.values())),
            tuple(sorted(cluster_ips.items())), tuple(map(id, secrets.values())), gateway_addresses,
-           upstream_timeout, tuple(sorted(occupied.items())), node_address)
+           upstream_timeout, tuple(sorted(occupied.items())), node_address, http2)
     if cache.last is not None and cache.last[0] == sig:
         return cache.last[1]
 
@@ -138,9 +140,10 @@ def build_gateways(objects: Mapping[str, Iterable[Any]], services: Mapping[tuple
         routes=[*lists["HTTPRoute"], *lists["GRPCRoute"], *l4_routes], compiled=compiled,
         l4_problems=l4_problems, refs=refs, namespaces={n.name: n for n in lists["Namespace"]},
         secrets=secrets, pem_problem=pem_problem, gateway_addresses=gateway_addresses,
-        usable_address=usable, occupied=occupied, node_address=node_address))
+        usable_address=usable, occupied=occupied, node_address=node_address, http2=http2))
     http, l4, used = _gateway_listeners(model, l4_backends, secrets)
-    mesh_http, mesh_l7 = _mesh_listeners(model, services, cluster_ips, upstream_timeout)
+    l7_protocols = L7_APP_PROTOCOLS if http2 else L7_APP_PROTOCOLS - H2_APP_PROTOCOLS
+    mesh_http, mesh_l7 = _mesh_listeners(model, services, cluster_ips, upstream_timeout, l7_protocols)
     for addr, lst in mesh_http.items():
         http.setdefault(addr, lst)
     result = GatewayResult(MappingProxyType(http), MappingProxyType(l4), frozenset(mesh_l7),
@@ -221,7 +224,7 @@ def _gateway_listeners(model: Model, l4_backends: Mapping, secrets: Mapping[tupl
 
 
 def _mesh_listeners(model: Model, services: Mapping[tuple[str, str], o.Service],
-                    cluster_ips: Mapping[tuple[str, str], str], timeout: float):
+                    cluster_ips: Mapping[tuple[str, str], str], timeout: float, l7_protocols: frozenset[str]):
     governed: dict[tuple[tuple[str, str], int], list] = {}
     for m in model.mesh:
         for sp in m.ports:
@@ -234,7 +237,7 @@ def _mesh_listeners(model: Model, services: Mapping[tuple[str, str], o.Service],
             continue
         for sp in svc.ports:
             routes = governed.get((key, sp.port))
-            if routes is None and sp.app_protocol not in L7_APP_PROTOCOLS or sp.protocol != "TCP":
+            if routes is None and sp.app_protocol not in l7_protocols or sp.protocol != "TCP":
                 continue
             name = f"{svc.namespace}/{svc.name}:{sp.name or sp.port}"
             if routes:

@@ -214,6 +214,9 @@ class Inputs:
     usable_address: Callable[[str], bool] = lambda a: True
     occupied: Mapping[tuple[str, int], str] = field(default_factory=dict)   # (addr, port) -> what holds it
     node_address: str | None = None
+    # The L7 server speaks HTTP/2 (prior knowledge, ALPN h2): only then can GRPCRoutes (and h2c
+    # / grpc Service ports) be served; until then they are refused in status, not half served.
+    http2: bool = False
 
 
 @dataclass(slots=True)
@@ -311,14 +314,18 @@ def _listener(ls: ListenerState, inp: Inputs) -> None:
         ls.invalid = ("UnsupportedProtocol", f"protocol {proto} is not supported (HTTP, HTTPS, TLS, TCP)")
         return
     allowed = SUPPORTED_KINDS[proto]
+    if not inp.http2:
+        allowed = tuple(k for k in allowed if k.kind != "GRPCRoute")
     if lst.allowed.kinds:
         good = tuple(k for k in lst.allowed.kinds if k in allowed)
         bad = [f"{k.kind} ({k.group or 'core'})" for k in lst.allowed.kinds if k not in allowed]
         ls.supported = tuple(dict.fromkeys(good))
         if bad:
-            ls.refs = ("InvalidRouteKinds", f"route kinds not supported on a {proto} listener: {', '.join(bad)}")
+            why = "" if inp.http2 or all(k.kind != "GRPCRoute" for k in lst.allowed.kinds) else \
+                " (GRPCRoute needs HTTP/2, which the L7 server does not speak yet)"
+            ls.refs = ("InvalidRouteKinds", f"route kinds not supported on a {proto} listener: {', '.join(bad)}{why}")
     else:
-        ls.supported = _DEFAULT_KINDS[proto]
+        ls.supported = tuple(k for k in _DEFAULT_KINDS[proto] if k in allowed)
     if proto == "TLS" and lst.tls is not None and lst.tls.mode == "Terminate":
         ls.invalid = ("UnsupportedValue", "TLS termination on a TLS listener (TLSRoute Terminate mode) is not "
                                           "supported; use Passthrough, or an HTTPS listener")
@@ -578,6 +585,8 @@ def _attach_service(route: Any, compiled: CompiledRoute | None, ref: g.ParentRef
     if route.kind not in _HTTP_ROUTES:
         return False, "UnsupportedValue", f"{route.kind}s cannot attach to a Service (mesh routes are HTTPRoute " \
                                           "and GRPCRoute)"
+    if route.kind == "GRPCRoute" and not inp.http2:
+        return False, "UnsupportedValue", "GRPCRoute needs HTTP/2, which the L7 server does not speak yet"
     ns = ref.namespace or route.namespace
     if ns != route.namespace:
         return False, "UnsupportedValue", (f"consumer routes (a Service in namespace {ns}, the route in "

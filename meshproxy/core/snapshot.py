@@ -537,5 +537,5 @@ class SnapshotBuilder:
             objects, services, {k: v for k, v in cluster_ips.items() if v},
             store.items("Secret"), pem_problem=self._pem_problem, gateway_addresses=self.settings.gateway_addresses,
             upstream_timeout=self.settings.upstream_timeout, occupied=occupied, node_address=node.address,
-            cache=self._gateway_cache)
+            cache=self._gateway_cache, http2=self.settings.http2)
         return self.gateway_result
