@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from . import istio
+from . import gateway_api, istio
 from . import objects as o
 from .selectors import validate_label_key, validate_label_value
 
@@ -52,7 +52,8 @@ SUPPORTED_KINDS = {
     ("v1", "Node"), ("v1", "Pod"), ("v1", "Service"), ("v1", "Endpoints"), ("v1", "Secret"),
     ("discovery.k8s.io/v1", "EndpointSlice"), ("discovery.k8s.io/v1beta1", "EndpointSlice"),
     ("networking.k8s.io/v1", "Ingress"), ("networking.k8s.io/v1", "IngressClass"),
-} | istio.KINDS
+} | istio.KINDS | gateway_api.KINDS
+_CLUSTER_SCOPED = frozenset({"Node", "IngressClass"}) | gateway_api.CLUSTER_SCOPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,12 +294,15 @@ def parse_document(doc: Any, file: str = "<input>", line: int = 1) -> tuple[Any,
         return None, [], f"{file}:{ctx.line}: {api}/{kind}"
     meta = ctx.map(doc, "metadata", "metadata", required=True)
     name = ctx.str(meta, "name", "metadata.name", required=True) if meta is not None else None
-    cluster_scoped = kind in ("Node", "IngressClass")
+    cluster_scoped = kind in _CLUSTER_SCOPED
     namespace = "" if cluster_scoped else (ctx.str(meta, "namespace", "metadata.namespace") or "default")
     ctx.ref = f"{kind}/{name}" if cluster_scoped else f"{kind}/{namespace}/{name}"
     if name is None:
         return None, ctx.errors, None
-    if kind in ("Service",):
+    if kind == "Namespace":
+        if not _DNS1123_LABEL.match(name) or len(name) > 63:
+            ctx.error("metadata.name", f"{name!r} is not a valid DNS-1123 label", meta, "name")
+    elif kind in ("Service",):
         if not _DNS1035_LABEL.match(name) or len(name) > 63:
             ctx.error("metadata.name", f"{name!r} is not a valid DNS-1035 label (lowercase letters, digits, '-', starting with a letter)", meta, "name")
     elif not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
@@ -519,6 +523,7 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
         proto = ctx.str(p, "protocol", f"{pp}.protocol", default="TCP", choices=("TCP", "UDP", "SCTP")) or "TCP"
         target = _int_or_name(ctx, p, "targetPort", f"{pp}.targetPort")
         node_port = ctx.int(p, "nodePort", f"{pp}.nodePort", lo=NODE_PORT_MIN, hi=NODE_PORT_MAX)
+        app_protocol = ctx.str(p, "appProtocol", f"{pp}.appProtocol") or None
         if name:
             if len(name) > 63 or not _DNS1123_LABEL.match(name):
                 ctx.error(f"{pp}.name", f"{name!r} is not a valid DNS-1123 label", p, "name")
@@ -535,7 +540,8 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
             ctx.error(f"{pp}.nodePort", f"may not be used when type is {stype!r}", p, "nodePort")
             node_port = None
         if port is not None:
-            ports.append(o.ServicePort(name, port, target if target is not None else port, node_port, proto))
+            ports.append(o.ServicePort(name, port, target if target is not None else port, node_port, proto,
+                                       app_protocol))
     if cip == "None":
         if stype in ("NodePort", "LoadBalancer"):
             ctx.error("spec.clusterIP", f"may not be 'None' (headless) for type {stype}", spec, "clusterIP")
@@ -815,6 +821,7 @@ _PARSERS = {
     "EndpointSlice": _parse_endpoint_slice, "Endpoints": _parse_endpoints,
     "Ingress": _parse_ingress, "IngressClass": _parse_ingress_class, "Secret": _parse_secret,
     **istio.PARSERS,
+    **gateway_api.PARSERS,
 }
 
 

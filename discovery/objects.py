@@ -21,7 +21,7 @@ __all__ = [
     "Origin", "Meta", "Node", "ContainerPort", "Probe", "Pod", "ServicePort", "Service",
     "SliceEndpoint", "SlicePort", "EndpointSlice", "IngressBackend", "IngressPath",
     "IngressRule", "IngressTLS", "Ingress", "IngressClass", "Secret", "KubeObject",
-    "EMPTY_MAP", "INGRESS_CONTROLLER", "ANNOTATION_INGRESS_CLASS", "ANNOTATION_DEFAULT_CLASS",
+    "EMPTY_MAP", "INGRESS_CONTROLLER", "ANNOTATION_INGRESS_CLASS", "ANNOTATION_DEFAULT_CLASS", "Base",
     "PeerAuthentication", "PolicySource", "PolicyOperation", "PolicyCondition", "PolicyRule",
     "AuthorizationPolicy", "ANNOTATION_INJECT",
 ]
@@ -95,6 +95,10 @@ class _Base:
         return f"{kind}/{self.meta.namespace}/{self.meta.name}"
 
 
+# The base of every kind, also those defined elsewhere (discovery.gateway_objects).
+Base = _Base
+
+
 @dataclass(frozen=True, slots=True)
 class Node(_Base):
     kind = "Node"
@@ -163,6 +167,7 @@ class ServicePort:
     target_port: int | str
     node_port: int | None = None
     protocol: str = "TCP"
+    app_protocol: str | None = None      # spec.ports[].appProtocol (http, kubernetes.io/h2c, grpc, ...)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ _ACCEPT_BACKOFF = 0.1
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, wildcard: bool = False) -> socket.socket:
     """A listening, non-blocking TCP socket bound to exactly ``host:port``.
 
     Made by ``meshproxy.core.sockets.listen`` (SO_REUSEADDR, SO_REUSEPORT, registered so that
@@ -67,7 +67,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     SO_REUSEADDR lets a restarted process bind while old connections sit in TIME_WAIT;
     SO_REUSEPORT lets several workers and an upgrading process hold the same address."""
     ip = ipaddress.ip_address(host)          # ValueError for a name: listeners take addresses
-    if ip.is_unspecified:
+    if ip.is_unspecified and not wildcard:   # only a Gateway without addresses binds every address
         raise OSError(errno.EINVAL, f"refusing to listen on the wildcard address {host}")
     return sockets.listen(host, port, BACKLOG)
 
@@ -237,7 +237,7 @@ class L4Manager:
     def _open(self, key: Key, spec: L4Listener) -> None:
         host, port = key
         try:
-            sock = bind_listener(host, port)
+            sock = bind_listener(host, port, wildcard=spec.scope == "gateway")
         except (OSError, ValueError) as exc:
             self._bind_failed(key, spec, exc)
             return

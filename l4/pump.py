@@ -70,6 +70,7 @@ from meshproxy.core.logformat import (
 from meshproxy.core.snapshot import Backend
 
 from .proxy_protocol import header as proxy_header
+from .sni import route_connection
 
 
 class ConnectionOwner(Protocol):
@@ -550,11 +551,22 @@ class L4Connection:
             self.flags = FLAG_NO_ROUTE
             self._abort()
             return
-        self.labels = mgr.labels_for(lst.backend)
+        self.local_only = lst.local_only
+        if lst.routes is not None:
+            # A Gateway TCP / TLS listener: the backend is chosen per connection (by SNI for
+            # TLS passthrough), then begin() is called.
+            route_connection(self, snap, lst)
+            return
+        self.begin(snap, lst.backend)
+
+    def begin(self, snap, key: tuple[str, str, str] | None, label: tuple[str, str, str] | None = None) -> None:
+        """Connect to backend ``key`` of ``snap``; None refuses the connection (counted under
+        ``label``, the listener's)."""
+        mgr = self.mgr
+        self.labels = mgr.labels_for(key or label)
         self.labels.connections.inc()
         self.labels.active.inc()
-        self.local_only = lst.local_only
-        self.backend = snap.backends.get(lst.backend)
+        self.backend = snap.backends.get(key) if key is not None else None
         self._attempt()
 
     def _attempt(self) -> None:

@@ -26,6 +26,7 @@ from discovery.store import ADDED, Event
 from .core.logformat import FormatError, compile_format
 from . import capture
 from .core.settings import LB_POLICIES, Settings, parse_hostport
+from .gateway_cli import GATEWAY_TABLES, gateway_table
 from .multiproc import prepare_multiprocess_metrics
 
 __all__ = ["main", "build_parser", "settings_from_args"]
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
                           "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
     run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
+    run.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
+                     help="where a Gateway without spec.addresses binds its listeners (repeatable; default 0.0.0.0)")
     mesh = run.add_argument_group("mesh identity and policy (docs/mesh.md)")
     mesh.add_argument("--trust-domain", default=None, help="SPIFFE trust domain of the mesh (default cluster.local)")
     mesh.add_argument("--identity-dir", metavar="DIR", default=None,
@@ -155,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check manifests: exit 0 when valid, 1 with one line per problem")
     _add_files(val)
+    val.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
+                     help="as for run: where Gateways without spec.addresses would bind")
 
     get = sub.add_parser("get", help="what the proxy would do, as a table")
-    get.add_argument("what", choices=("services", "endpoints", "routes"))
+    get.add_argument("what", choices=("services", "endpoints", "routes", "gateways", "httproutes", "grpcroutes",
+                                      "tlsroutes", "tcproutes", "gatewayclasses"))
     _add_files(get)
     get.add_argument("-o", "--output", choices=("table", "json"), default="table")
     get.add_argument("--node", help="compute as this Node")
+    get.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
+                     help="as for run: where Gateways without spec.addresses would bind")
 
     cap = sub.add_parser("capture", help="install the pod's nftables rules that send its TCP through the sidecar "
                                          "(what the mesh's init container runs)")
@@ -268,6 +276,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.watch_ingress_without_class = args.watch_ingress_without_class == "true"
     if getattr(args, "dns_server", None):
         s.dns_servers = tuple(parse_servers(args.dns_server))
+    if getattr(args, "gateway_address", None):
+        s.gateway_addresses = _gateway_addresses(args.gateway_address)
     if s.dns_min_ttl > s.dns_max_ttl:
         raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
     if getattr(args, "no_health_checks", False):
@@ -327,6 +337,16 @@ def _check_observability(s: Settings) -> None:
             raise ValueError(f"--otlp-endpoint: {s.otlp_endpoint!r}: expected http(s)://HOST[:PORT][/PATH]")
 
 
+def _gateway_addresses(values: Sequence[str]) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        try:
+            out.append(str(ipaddress.ip_address(v.strip())))
+        except ValueError:
+            raise ValueError(f"--gateway-address {v!r}: not an IP address") from None
+    return tuple(dict.fromkeys(out))
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -338,26 +358,30 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(err, file=sys.stdout)
     if result.errors:
         return 1
+    # What the API would accept but does not work: Gateway API objects whose status says so
+    # (a missing backend, a reference without its ReferenceGrant, conflicting listeners, ...).
+    ctl = _offline_controller(args, result)
+    gw = ctl.builder.gateway_result if ctl is not None else None
+    lines = gw.problem_lines(with_place=True) if gw is not None else []
+    for line in lines:
+        print(line, file=sys.stdout)
+    if lines:
+        return 1
     print(f"ok: {len(result.objects)} objects", file=sys.stderr)
     return 0
 
 
-def _offline_snapshot(args: argparse.Namespace):
-
+def _offline_controller(args: argparse.Namespace, result):
     from .controller import Controller   # late: see the module docstring
-    result = load_paths(args.paths, args.service_cidr)
-    if result.errors:
-        for err in result.errors:
-            print(err, file=sys.stderr)
-        return None
     # Problems are printed once, as warnings, by the caller.
     logging.getLogger("meshproxy").setLevel(logging.ERROR)
     settings = Settings(paths=list(args.paths), node=getattr(args, "node", None), service_cidr=args.service_cidr)
-    snaps = []
-    ctl = Controller(settings, snaps.append)
+    if getattr(args, "gateway_address", None):
+        settings.gateway_addresses = _gateway_addresses(args.gateway_address)
+    ctl = Controller(settings, lambda snap: None)
     ctl.apply_events([Event(ADDED, o) for o in result.objects])
     ctl.rebuild()
-    return ctl.snapshot
+    return ctl
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -369,9 +393,22 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    snap = _offline_snapshot(args)
-    if snap is None:
+    result = load_paths(args.paths, args.service_cidr)
+    if result.errors:
+        for err in result.errors:
+            print(err, file=sys.stderr)
         return 1
+    try:
+        ctl = _offline_controller(args, result)
+    except ValueError as exc:
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 2
+    snap = ctl.snapshot
+    if args.what in GATEWAY_TABLES:
+        print(gateway_table(args.what, snap.gateway_status, ctl.store, args.output))
+        for p in snap.problems:
+            print(f"warning: {p}", file=sys.stderr)
+        return 0
     data = snap.to_json()
     if args.what == "services":
         items = data["services"]

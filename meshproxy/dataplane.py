@@ -33,9 +33,10 @@ class DataPlane:
             self.access_log = runtime.access_log = AccessLog(settings.access_log, settings.access_log_format,
                                                              settings.access_log_buffer)
         self.l4 = L4Manager(runtime)
-        self.ingress: IngressServer | None = None
-        if settings.ingress_listen or settings.ingress_tls_listen:
-            self.ingress = IngressServer(runtime)
+        # The L7 server is always there: besides --ingress-listen / --ingress-tls-listen it
+        # serves the snapshot's http_listeners (Gateway listeners, mesh Service ports), which
+        # any configuration may bring; with none of them it binds nothing.
+        self.ingress: IngressServer | None = IngressServer(runtime)
 
     async def start(self) -> None:
         self.runtime.subscribe(self.l4.apply)

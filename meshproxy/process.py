@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from discovery.health import HealthChecker
 from discovery.sources.dns import DnsSource, query_for
 from discovery.sources.files import FileSource, Outcome
+from discovery.sources.gateway_status import attach_gateway_status_writer
 from discovery.sources.ingress_status import attach_status_writer
 from discovery.sources.kubeconfig import KubeConfigError, load_config
 from discovery.sources.kubernetes import KubernetesSource
@@ -183,6 +184,8 @@ class Process:
                                              signals=self.signals)
                 # status.loadBalancer of the Ingresses served, once their snapshot is live
                 attach_status_writer(self.kube, self.settings, self.runtime.subscribe)
+                # the status of Gateway API objects of our GatewayClasses, as each snapshot says
+                attach_gateway_status_writer(self.kube, self.settings, self.runtime.subscribe)
                 self.kube.start()
             except KubeConfigError as exc:
                 print(f"meshproxy: {exc}", file=sys.stderr)

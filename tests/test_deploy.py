@@ -92,8 +92,9 @@ def _rules(role: dict) -> set[tuple[str, str, frozenset]]:
 
 def test_rbac_grants_exactly_what_the_source_reads():
     read = {(r.group, r.plural, frozenset({"list", "watch"})) for r in RESOURCES}
+    from discovery.sources.gateway_status import RBAC_WRITES as GATEWAY_WRITES
     from discovery.sources.ingress_status import RBAC_WRITES
-    written = {(g, res, frozenset(verbs)) for g, res, verbs in RBAC_WRITES}
+    written = {(g, res, frozenset(verbs)) for g, res, verbs in (*RBAC_WRITES, *GATEWAY_WRITES)}
     assert _rules(_find("ClusterRole", "meshproxy")) == read | written
     cluster_scoped = {(r.group, r.plural, frozenset({"list", "watch"})) for r in RESOURCES if not r.namespaced}
     assert _rules(_find("ClusterRole", "meshproxy-cluster-scoped")) == cluster_scoped

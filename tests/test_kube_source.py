@@ -78,14 +78,17 @@ def merge_patch(target, patch):
 
 KIND_OF = {"pods": "Pod", "services": "Service", "nodes": "Node", "endpoints": "Endpoints",
            "endpointslices": "EndpointSlice", "ingresses": "Ingress", "ingressclasses": "IngressClass",
-           "secrets": "Secret"}
+           "secrets": "Secret", "namespaces": "Namespace", "gatewayclasses": "GatewayClass", "gateways": "Gateway",
+           "httproutes": "HTTPRoute", "grpcroutes": "GRPCRoute", "tlsroutes": "TLSRoute", "tcproutes": "TCPRoute",
+           "referencegrants": "ReferenceGrant", "faultinjections": "FaultInjection"}
 
 
 class FakeAPI:
     """A global resourceVersion counter and history, collections by (group-version path, plural)."""
 
     def __init__(self, *, token: str | None = TOKEN, ssl_ctx: ssl.SSLContext | None = None,
-                 serve: tuple[str, ...] = ("/api/v1", "/apis/discovery.k8s.io/v1", "/apis/networking.k8s.io/v1")):
+                 serve: tuple[str, ...] = ("/api/v1", "/apis/discovery.k8s.io/v1", "/apis/networking.k8s.io/v1",
+                                           "/apis/gateway.networking.k8s.io/v1", "/apis/meshproxy.dev/v1alpha1")):
         self.token = token
         self.ssl_ctx = ssl_ctx
         self.serve = set(serve)

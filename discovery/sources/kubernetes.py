@@ -56,6 +56,7 @@ from ..store import ADDED, DELETED, MODIFIED, Event
 from .kubeconfig import KubeConfig, KubeConfigError
 
 __all__ = [
+    "CLUSTER_SCOPED",
     "RESOURCES",
     "ApiError",
     "Backoff",
@@ -96,6 +97,7 @@ class Resource:
         return gv.rpartition("/")[0]      # "" for the core group
 
 
+_GW = "gateway.networking.k8s.io"
 # Exactly the kinds read, and so exactly what deploy/rbac.yaml grants (tests/test_deploy.py
 # checks the two agree).
 RESOURCES: tuple[Resource, ...] = (
@@ -107,7 +109,19 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("Ingress", ("networking.k8s.io/v1",), "ingresses", True),
     Resource("IngressClass", ("networking.k8s.io/v1",), "ingressclasses", False),
     Resource("Secret", ("v1",), "secrets", True, "type=kubernetes.io/tls"),
+    # Gateway API (when its CRDs are installed; a kind the server does not serve is empty) and
+    # the Namespaces its listeners select routes by.
+    Resource("Namespace", ("v1",), "namespaces", False),
+    Resource("GatewayClass", (f"{_GW}/v1", f"{_GW}/v1beta1"), "gatewayclasses", False),
+    Resource("Gateway", (f"{_GW}/v1", f"{_GW}/v1beta1"), "gateways", True),
+    Resource("HTTPRoute", (f"{_GW}/v1", f"{_GW}/v1beta1"), "httproutes", True),
+    Resource("GRPCRoute", (f"{_GW}/v1",), "grpcroutes", True),
+    Resource("TLSRoute", (f"{_GW}/v1", f"{_GW}/v1alpha3", f"{_GW}/v1alpha2"), "tlsroutes", True),
+    Resource("TCPRoute", (f"{_GW}/v1", f"{_GW}/v1alpha2"), "tcproutes", True),
+    Resource("ReferenceGrant", (f"{_GW}/v1", f"{_GW}/v1beta1", f"{_GW}/v1alpha2"), "referencegrants", True),
+    Resource("FaultInjection", ("meshproxy.dev/v1alpha1",), "faultinjections", True),
 )
+CLUSTER_SCOPED = frozenset(r.kind for r in RESOURCES if not r.namespaced)
 
 
 def collection_path(res: Resource, group_version: str, namespace: str | None) -> str:
@@ -172,7 +186,7 @@ class KindState:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.cluster_scoped = kind in ("Node", "IngressClass")
+        self.cluster_scoped = kind in CLUSTER_SCOPED
         self.items: dict[NsName, tuple[str, object | None]] = {}   # key -> (resourceVersion, obj)
         self.resource_version = ""
         self._logged: dict[NsName, str] = {}    # invalid objects already logged, by version
@@ -529,6 +543,8 @@ class KubernetesSource:
         # Writes status.loadBalancer of the Ingresses served (discovery/sources/ingress_status.py);
         # started and stopped with the source, its state shown in state().
         self.status_writer: Any = None
+        # Further writers (Gateway API status, discovery/sources/gateway_status.py): name -> writer.
+        self.writers: dict[str, Any] = {}
 
     def observe(self, kind: str, fn: Callable[[NsName, dict | None], None]) -> None:
         """Call ``fn(key, raw)`` for every new version of each object of ``kind`` (None when
@@ -557,6 +573,8 @@ class KubernetesSource:
             self._tasks.append(loop.create_task(self._run(k), name=f"kube-{k.res.kind}"))
         if self.status_writer is not None:
             self.status_writer.start()
+        for w in self.writers.values():
+            w.start()
         log.info("watching %s (%s) for %s in %s", self.config.server, self.config.origin,
                  ", ".join(k.res.kind for k in self.kinds),
                  f"namespace {self.namespace}" if self.namespace else "all namespaces")
@@ -565,6 +583,8 @@ class KubernetesSource:
         self._stopping = True
         if self.status_writer is not None:
             await self.status_writer.stop()
+        for w in self.writers.values():
+            await w.stop()
         for t in self._tasks:
             t.cancel()
         if self._client is not None:
@@ -802,4 +822,15 @@ class KubernetesSource:
                "kinds": kinds}
         if self.status_writer is not None:
             out["ingressStatus"] = self.status_writer.state()
+        for name, w in self.writers.items():
+            out[name] = w.state()
         return out
+
+    def object_path(self, kind: str, namespace: str, name: str, subresource: str = "") -> str | None:
+        """The API path of one object of ``kind`` at the version this source reads (None when
+        the kind is not read)."""
+        for k in self.kinds:
+            if k.res.kind == kind:
+                base = collection_path(k.res, k.group_version, namespace if k.res.namespaced else None)
+                return f"{base}/{quote(name, safe='')}" + (f"/{subresource}" if subresource else "")
+        return None

@@ -91,3 +91,8 @@ class Settings:
     identity_issuer_ca: str | None = None           # roots that verify the issuer at first
     identity_token_file: str | None = None          # ServiceAccount token for the issuer
     mesh_root_namespace: str = "istio-system"       # mesh-wide PeerAuthentication / AuthorizationPolicy
+    # Where a Gateway without spec.addresses binds its listeners (--gateway-address, repeatable).
+    gateway_addresses: tuple[str, ...] = ("0.0.0.0",)
+    # The L7 server speaks HTTP/2 (h2c prior knowledge, ALPN h2). Until it does, GRPCRoutes are
+    # not accepted and Service ports with appProtocol kubernetes.io/h2c / grpc stay at L4.
+    http2: bool = False

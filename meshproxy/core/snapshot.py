@@ -22,7 +22,10 @@ from typing import Any, Mapping
 
 from discovery import objects as o
 from discovery.endpoints import Endpoint, EndpointSet
+from .gateway import EMPTY as EMPTY_GATEWAYS
+from .gateway import GATEWAY_KINDS, L7_APP_PROTOCOLS, GatewayCache, build_gateways
 from .ingress import backend_action, check_path, default_route, ingress_route
+from .listeners import HTTPListener, L4Listener
 from .routes import Action, RouteTable
 from .tls import make_context
 
@@ -90,30 +93,6 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
-class L4Listener:
-    host: str
-    port: int
-    backend: tuple[str, str, str]
-    scope: str                            # "cluster" (ClusterIP), "node" (NodePort), "external" (LB / externalIPs)
-    local_only: bool                      # traffic policy Local for this scope
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPListener:
-    """An address the L7 server serves with its own route table: a Gateway listener (or several
-    Gateway listeners on one address and port, their routes merged), or a Service port handled
-    per request in the mesh. ``name`` says what it is ("Gateway ns/name", "Service ns/name:port")
-    for logs and /debug; ``tls_hosts`` maps an SNI host ("" = default, "*.x" wildcards) to the
-    Secret key in ``Snapshot.secrets`` whose certificate answers it (empty for plain text)."""
-    host: str
-    port: int
-    name: str
-    routes: RouteTable
-    tls: bool = False
-    tls_hosts: Mapping[str, tuple[str, str]] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True, slots=True)
 class NodeInfo:
     name: str
     address: str | None
@@ -137,6 +116,9 @@ class Snapshot:
     # L7 listeners other than --ingress-listen / --ingress-tls-listen (which serve ``routes``):
     # Gateway listeners and mesh Service ports, by (address, port).
     http_listeners: Mapping[tuple[str, int], HTTPListener] = field(default_factory=lambda: MappingProxyType({}))
+    # Gateway API status by (kind, namespace, name), as the API's status field holds it
+    # (meshproxy.core.gateway_status): for the status writer and `meshproxy get`.
+    gateway_status: Mapping[tuple[str, str, str], dict] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict:
         services = []
@@ -168,6 +150,12 @@ class Snapshot:
             "routes": self.routes.describe(),
             "ingresses": list(self.ingresses),
             "tls": {h: f"{ns}/{n}" for h, (ns, n) in sorted(self.tls_hosts.items())},
+            "httpListeners": [{"address": f"{h}:{p}", "name": lst.name, "tls": lst.tls,
+                               "tlsHosts": {k or "*": f"{ns}/{n}" for k, (ns, n) in sorted(lst.tls_hosts.items())},
+                               "routes": lst.routes.describe()}
+                              for (h, p), lst in sorted(self.http_listeners.items())],
+            "gatewayStatus": [{"kind": k, "namespace": ns, "name": n, "status": st}
+                              for (k, ns, n), st in sorted(self.gateway_status.items())],
             "problems": list(self.problems),
         }
 
@@ -196,6 +184,9 @@ class SnapshotBuilder:
         self._last: tuple | None = None     # the tables of the last build, patched incrementally
         self._service_cache: dict[tuple[str, str], tuple] = {}
         self._pem_verdicts: dict[tuple[bytes, bytes], str | None] = {}   # (crt, key) -> why they do not load
+        self._gateway_cache = GatewayCache()
+        self.gateway_result = None          # the last build's GatewayResult (meshproxy validate / get)
+        self._l7_cache: tuple[tuple, bool] | None = None
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -406,6 +397,15 @@ class SnapshotBuilder:
         self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names)
         return self._routes_cache[1:]
 
+    def _l7_ports(self, services: Mapping[tuple[str, str], o.Service]) -> bool:
+        """Does any Service port ask to be served per request (appProtocol)? Cached by the
+        identity of the Services."""
+        sig = tuple(map(id, services.values()))
+        if self._l7_cache is None or self._l7_cache[0] != sig:
+            self._l7_cache = (sig, any(sp.app_protocol in L7_APP_PROTOCOLS for svc in services.values()
+                                       for sp in svc.ports))
+        return self._l7_cache[1]
+
     # -- whole snapshot -------------------------------------------------------------------------
 
     def build(self, store, index, allocator, changed: set[tuple[str, str]] | None = None) -> Snapshot:
@@ -503,9 +503,39 @@ class SnapshotBuilder:
             sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,
             {k: v for k, v in store.items("Secret").items()})
         problems.extend(route_problems)
+        gw = self._gateways(store, services, ips, l4, node)
+        problems.extend(gw.problem_lines())
+        if gw.mesh_l7 or gw.l4_listeners:
+            l4 = {a: lst for a, lst in l4.items() if a not in gw.mesh_l7}
+            for addr, lst in gw.l4_listeners.items():
+                l4.setdefault(addr, lst)
+        if gw.secrets:
+            used_secrets = {**used_secrets, **gw.secrets}
         self.version += 1
         return Snapshot(
             version=self.version, created=time.time(), node=node,
             services=_frozen(services), endpoint_sets=_frozen(endpoint_sets), backends=_frozen(backends),
             l4=_frozen(l4), routes=table, ingresses=served, tls_hosts=_frozen(dict(tls_hosts)),
-            secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view)
+            secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view,
+            http_listeners=gw.http_listeners, gateway_status=gw.status)
+
+    def _gateways(self, store, services: Mapping[tuple[str, str], o.Service], ips: Mapping, l4: Mapping,
+                  node: NodeInfo):
+        """Gateway and mesh listeners, status and problems (meshproxy.core.gateway)."""
+        objects = {k: store.list(k) for k in GATEWAY_KINDS}
+        if not any(objects.values()) and not self._l7_ports(services):
+            self.gateway_result = EMPTY_GATEWAYS     # the common case costs one scan, nothing else
+            return self.gateway_result
+        cluster_ips = {key: (svc.cluster_ip if svc.cluster_ip and svc.cluster_ip != "None" else ips.get(key))
+                       for key, svc in services.items()}
+        occupied = {addr: f"Service {lst.backend[0]}/{lst.backend[1]}" for addr, lst in l4.items()}
+        for flag, hp in (("--ingress-listen", self.settings.ingress_listen),
+                         ("--ingress-tls-listen", self.settings.ingress_tls_listen)):
+            if hp is not None:
+                occupied[(hp[0], hp[1])] = flag
+        self.gateway_result = build_gateways(
+            objects, services, {k: v for k, v in cluster_ips.items() if v},
+            store.items("Secret"), pem_problem=self._pem_problem, gateway_addresses=self.settings.gateway_addresses,
+            upstream_timeout=self.settings.upstream_timeout, occupied=occupied, node_address=node.address,
+            cache=self._gateway_cache, http2=self.settings.http2)
+        return self.gateway_result
