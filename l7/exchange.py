@@ -41,7 +41,7 @@ from .stats import take_retry_slot
 
 __all__ = [
     "ABORTED", "COMPLETE", "CONNECTING", "DONE", "RECEIVING", "ROUTING", "STREAMING", "TUNNEL",
-    "WAITING", "TRANSITIONS", "HOLD", "Exchange", "checked_to", "REPLAY_MAX", "MAX_INTERIM", "MAX_INTERIM_BYTES",
+    "WAITING", "TRANSITIONS", "HOLD", "Exchange", "checked_state", "checked_to", "successors", "REPLAY_MAX", "MAX_INTERIM", "MAX_INTERIM_BYTES",
 ]
 
 log = logging.getLogger("meshproxy.l7")
@@ -92,6 +92,28 @@ TRANSITIONS: dict[tuple[str, str], frozenset[str]] = {
     (TUNNEL, "abort"): frozenset((ABORTED,)),
     (DONE, "abort"): frozenset((ABORTED,)),    # the client left before the request body ended
 }
+
+
+def successors(state: str) -> frozenset[str]:
+    """Every state TRANSITIONS lets ``state`` move to, whatever the event."""
+    return frozenset(t for (s, _e), targets in TRANSITIONS.items() if s == state for t in targets)
+
+
+def checked_state(slot):
+    """A property over the ``state`` slot that refuses a move TRANSITIONS does not allow from
+    the current state by any event (tests install it on Exchange; see ``_to``)."""
+    def get(self):
+        return slot.__get__(self)
+
+    def set(self, new):
+        try:
+            old = slot.__get__(self)
+        except AttributeError:   # the first assignment, in __init__
+            old = None
+        if old is not None and old != new and new not in successors(old):
+            raise AssertionError(f"exchange: no move from {old} to {new}")
+        slot.__set__(self, new)
+    return property(get, set)
 
 
 def checked_to(self, event: str, state: str) -> None:
@@ -190,7 +212,9 @@ class Exchange:
     # state
 
     def _to(self, event: str, state: str) -> None:
-        """Move the response side (``checked_to`` replaces this in tests)."""
+        """Move the response side (``checked_to`` replaces this in tests). The two moves of
+        every keep-alive request assign ``state`` directly, saving the call; tests check those
+        through ``checked_state``, which only knows the states, not the event."""
         self.state = state
 
     @property
@@ -545,7 +569,7 @@ class Exchange:
         addr = (ep.ip, ep.port)
         conn = None if fresh else ctx.pool.take(addr)
         if conn is not None:
-            self._to(event, WAITING)
+            self.state = WAITING        # event: routed or retry (hot path: assigned directly)
             self._attach(conn)
             if not self.down.processing:
                 # Not inside the shell's read handling (which flushes at its end): a retry
@@ -819,7 +843,7 @@ class Exchange:
                     break
             else:
                 fields.append((b"x-request-id", self.request_id))
-        self._to("whole", DONE)
+        self.state = DONE               # event: whole (hot path: assigned directly)
         self.down.send_whole(status, head.reason, fields, head.content_length, body, self.req == COMPLETE)
         self._response_complete()
         return True

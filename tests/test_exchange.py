@@ -63,6 +63,8 @@ def manifests(pods: int = 2, **annotations) -> str:
 @pytest.fixture(autouse=True)
 def checked_transitions(monkeypatch):
     monkeypatch.setattr(exchange_mod.Exchange, "_to", exchange_mod.checked_to)
+    slot = exchange_mod.Exchange.__dict__["state"]
+    monkeypatch.setattr(exchange_mod.Exchange, "state", exchange_mod.checked_state(slot))
 
 
 @pytest.fixture
@@ -349,3 +351,14 @@ def test_client_gone_mid_request_aborts_the_attempt_and_counts_499(h):
     conn.connection_lost(None)
     assert ut.aborted
     assert h.server.active == 0
+
+
+def test_moves_outside_the_table_are_refused(h):
+    """The checks installed by the autouse fixture catch a move the table does not allow."""
+    conn, t = h.client()
+    conn.data_received(GET)
+    ex = conn.exchange
+    with pytest.raises(AssertionError, match="does not lead"):
+        ex._to("end", exchange_mod.DONE)          # CONNECTING --end--> is not a move
+    with pytest.raises(AssertionError, match="no move"):
+        ex.state = exchange_mod.TUNNEL            # CONNECTING -> TUNNEL by no event
