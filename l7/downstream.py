@@ -68,6 +68,7 @@ _RP_PIPELINE, _RP_UPSTREAM, _RP_CONNECTING, _RP_WRITING = 1, 2, 4, 8
 _PAUSE_FLAGS = {"upstream": _RP_UPSTREAM, "connecting": _RP_CONNECTING}
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_WRITE_HIGH = 16 * 1024
 # Longest request head remembered per connection for the repeated-head shortcut: bounds the
 # memory it adds to an idle keep-alive connection (the raw head, its parse and the upstream
 # head: a few KiB at most; ~1 KiB for the usual 100-300 byte head).
@@ -198,6 +199,10 @@ class ClientConnection(asyncio.Protocol):
                 local_host = (f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}").encode()
             self.client = ClientInfo(ip, trusted, b"https" if self.tls else b"http", listener.port_b, local_host)
             # No TCP_NODELAY here: uvloop and asyncio set it on every TCP transport already.
+            # A client that does not read: we stop reading its response from the pod once 16 KiB
+            # wait in our buffer (the kernel's send buffer holds more), so a slow reader costs a
+            # bounded amount of our memory (docs/resilience.md, "Slow readers").
+            transport.set_write_buffer_limits(high=_WRITE_HIGH)
             self.parser = RequestParser(settings.max_head_size, settings.max_headers, settings.max_body_size)
             # A new connection must send a head within header_timeout (a silent connection is
             # a slowloris too).
@@ -402,6 +407,10 @@ class ClientConnection(asyncio.Protocol):
                 self._arm(poll)
         except Exception as exc:  # noqa: BLE001
             self.internal_error(exc)
+
+    def backlog(self) -> int:
+        """Response bytes sent to this client that it has not taken yet (ours and the kernel's)."""
+        return self._unsent()
 
     def _unsent(self) -> int:
         """Response bytes the client has not taken yet: our write buffer plus the socket's

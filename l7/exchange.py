@@ -11,20 +11,8 @@ with fake shells and a fake clock (tests/test_exchange.py).
 The calls in (events) are the public methods below; the calls out (actions) go to ``self.down``
 and to the attempt's upstream connection, whose interfaces are ``l7.contracts``.
 
-Everything that changes the exchange's state is in this module; the states and the events that
-move them are the table below. The response side is one of:
-
-=========== ===================================================================================
-ROUTING     head received, nothing decided yet
-CONNECTING  an endpoint is chosen, a new upstream connection is being opened
-WAITING     the request (head, and body as it comes) is going upstream; no final head yet
-STREAMING   the final response head went to the client; body bytes follow
-TUNNEL      a 101 Switching Protocols: bytes flow both ways unparsed
-DONE        the response is complete (relayed or answered by the proxy)
-ABORTED     the exchange ended without a complete response (client gone, truncated upstream)
-=========== ===================================================================================
-
-and the request side is RECEIVING (body bytes may still come) or COMPLETE.
+Everything that changes the exchange's state is in this module and its upstream half
+(``l7.attempts``); the states and the events that move them are the table in ``l7.states``.
 """
 
 from __future__ import annotations
@@ -34,10 +22,25 @@ import random
 from typing import Any
 
 from . import telemetry
-from .filters import filtered_request, redirect_location
-from .headers import IDEMPOTENT_METHODS, request_headers, response_headers
+from .attempts import Attempts
+from .filters import redirect_location
+from .headers import response_headers
 from .requestid import new_request_id
-from .stats import take_retry_slot
+from .states import (
+    ABORTED,
+    COMPLETE,
+    CONNECTING,
+    DONE,
+    RECEIVING,
+    ROUTING,
+    STREAMING,
+    TRANSITIONS,
+    TUNNEL,
+    WAITING,
+    checked_state,
+    checked_to,
+    successors,
+)
 
 __all__ = [
     "ABORTED", "COMPLETE", "CONNECTING", "DONE", "RECEIVING", "ROUTING", "STREAMING", "TUNNEL",
@@ -45,83 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("meshproxy.l7")
-
-# Response side.
-ROUTING, CONNECTING, WAITING, STREAMING, TUNNEL, DONE, ABORTED = (
-    "routing", "connecting", "waiting", "streaming", "tunnel", "done", "aborted")
-# Request side.
-RECEIVING, COMPLETE = "receiving", "complete"
-
-# Every legal move of the response side: (state, event) -> states it may go to. Events:
-#   routed       the route, backend and endpoint are chosen (a pooled connection or a new one)
-#   answer       the proxy answers itself (no route, redirect, no endpoint, fault, error ...)
-#   connected    the new upstream connection is open
-#   retry        the attempt failed and another one starts (connect failure, reset, timeout,
-#                a retryable status)
-#   interim      a 1xx other than 101 arrived
-#   head         the final response head arrived and went to the client
-#   whole        a complete response arrived in one piece and went to the client
-#   tunnel       a 101 arrived
-#   end          the response body ended
-#   fail         the attempt failed and is answered (502 / 503 / 504) - before any response byte
-#   abort        the exchange ends without a complete response: client gone, failure after the
-#                head went out, a framing error in the request body, an internal error
-#   retract      the attempt failed in the same read that brought the head, which had not been
-#                written yet: as if it never came
-TRANSITIONS: dict[tuple[str, str], frozenset[str]] = {
-    (ROUTING, "routed"): frozenset((CONNECTING, WAITING)),
-    (ROUTING, "answer"): frozenset((DONE,)),
-    (ROUTING, "abort"): frozenset((ABORTED,)),
-    (CONNECTING, "connected"): frozenset((WAITING,)),
-    (CONNECTING, "retry"): frozenset((CONNECTING, WAITING)),
-    (CONNECTING, "fail"): frozenset((DONE,)),
-    (CONNECTING, "answer"): frozenset((DONE,)),
-    (CONNECTING, "abort"): frozenset((ABORTED,)),
-    (WAITING, "interim"): frozenset((WAITING,)),
-    (WAITING, "head"): frozenset((STREAMING, DONE)),
-    (WAITING, "whole"): frozenset((DONE,)),
-    (WAITING, "tunnel"): frozenset((TUNNEL,)),
-    (WAITING, "retry"): frozenset((CONNECTING, WAITING)),
-    (WAITING, "fail"): frozenset((DONE,)),
-    (WAITING, "answer"): frozenset((DONE,)),
-    (WAITING, "abort"): frozenset((ABORTED,)),
-    (STREAMING, "end"): frozenset((DONE,)),
-    (STREAMING, "abort"): frozenset((ABORTED,)),
-    (STREAMING, "retract"): frozenset((WAITING,)),
-    (TUNNEL, "end"): frozenset((DONE,)),
-    (TUNNEL, "abort"): frozenset((ABORTED,)),
-    (DONE, "abort"): frozenset((ABORTED,)),    # the client left before the request body ended
-}
-
-
-def successors(state: str) -> frozenset[str]:
-    """Every state TRANSITIONS lets ``state`` move to, whatever the event."""
-    return frozenset(t for (s, _e), targets in TRANSITIONS.items() if s == state for t in targets)
-
-
-def checked_state(slot):
-    """A property over the ``state`` slot that refuses a move TRANSITIONS does not allow from
-    the current state by any event (tests install it on Exchange; see ``_to``)."""
-    def get(self):
-        return slot.__get__(self)
-
-    def set(self, new):
-        try:
-            old = slot.__get__(self)
-        except AttributeError:   # the first assignment, in __init__
-            old = None
-        if old is not None and old != new and new not in successors(old):
-            raise AssertionError(f"exchange: no move from {old} to {new}")
-        slot.__set__(self, new)
-    return property(get, set)
-
-
-def checked_to(self, event: str, state: str) -> None:
-    """``Exchange._to`` checking every move against TRANSITIONS (tests install it; the check is a
-    dict probe per move, saved in production)."""
-    if state not in TRANSITIONS.get((self.state, event), ()):
-        raise AssertionError(f"exchange: {event!r} does not lead from {self.state} to {state}")
-    self.state = state
 
 # Extension filters (``Action.filters``) are objects with ``on_request(exchange)`` and, if they
 # change responses, ``on_response(exchange, status, fields) -> fields``. ``on_request`` may
@@ -143,11 +69,9 @@ MAX_INTERIM = 16
 MAX_INTERIM_BYTES = 64 * 1024
 
 _rand = random.random
-# Access-log response flags by the kind of upstream failure (Envoy's codes).
-_FLAGS = {"timeout": "UT", "reset": "UR", "eof": "UC", "protocol": "UPE"}
 
 
-class Exchange:
+class Exchange(Attempts):
     """One request from head to the end of its response (see the module docstring)."""
 
     __slots__ = (
@@ -155,7 +79,7 @@ class Exchange:
         "ep", "held", "up", "attempts", "connect_failures", "tried", "token", "state", "req",
         "replay", "replay_bytes", "pending", "pending_bytes", "delivered", "trailers", "resp_status", "resp_bytes",
         "up_keep", "interim", "interim_bytes", "budget", "retrying", "deadline", "hard_deadline",
-        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at",
+        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at", "buffering",
         "bodiless", "done_keep", "filter_next", "extra_fields", "request_id", "rid_generated", "trace",
         "req_bytes", "flags",
     )
@@ -196,6 +120,7 @@ class Exchange:
         self.hard_deadline = 0.0          # the route's request timeout (all attempts), 0: none
         self.delaying = False             # a fault delay runs before the first attempt
         self.held_at = None               # when a filter that held the request let it go
+        self.buffering = False            # the body is being read before routing goes on
         self.timeout = 0.0
         self.up_paused = self.down_paused = False
         self.accounted = False
@@ -268,12 +193,29 @@ class Exchange:
                 return self._redirect(redirect)
             if not self.down.tls and not self._forwarded_https():
                 return self._redirect(redirect)
+        if not self.bodiless and self.req != COMPLETE and ctx.buffer_bodies:
+            # --request-buffer-size: read the body (up to that size) before anything else, so
+            # that a slow upload holds no endpoint and no upstream connection meanwhile.
+            self.buffering = True
+            self._set_deadline(self.t0 + (action.timeout or ctx.settings.upstream_timeout))
+            return
+        self._route_on()
+
+    def _route_on(self) -> None:
+        """Filters, faults, then the backend and the first attempt."""
+        action = self.action
         if action.filters:
             self._run_filters()
         elif action.fault is not None:
             self._after_filters()
         else:
-            self._forward()
+            self._forward(self.held_at)
+
+    def _buffered(self) -> None:
+        """The body is read (or the buffer is full): go on routing."""
+        self.buffering = False
+        self.held_at = self.ctx.now()
+        self._route_on()
 
     def _run_filters(self) -> None:
         """The route's extension filters in order (see ``HOLD``), then the rest of routing."""
@@ -435,6 +377,12 @@ class Exchange:
         else:
             self.pending = [data]
         self.pending_bytes += len(data)
+        if self.buffering:
+            if self.pending_bytes >= self.ctx.settings.request_buffer_size:
+                self._buffered()   # full: stream the rest
+            else:   # the client has another timeout for its next bytes
+                self.deadline = self.ctx.now() + (self.action.timeout or self.ctx.settings.upstream_timeout)
+            return
         if self.pending_bytes > PENDING_HIGH:
             self.down.pause_request("connecting")
 
@@ -449,6 +397,8 @@ class Exchange:
             up.send_end(trailers)
             if not self.down.processing:
                 up.flush()
+        elif self.buffering:
+            self._buffered()
         elif self.state == DONE:
             # Answered before the request's end was read (a bodiless request answered by us).
             self._done(self.done_keep)
@@ -536,6 +486,10 @@ class Exchange:
                 self.delaying = False
                 self.deadline = 0.0
                 self._forward(now)
+            elif self.buffering:
+                # The client stopped sending its body while we buffered it.
+                self.ctx.bad_request(408)
+                self._local(408, b"request body timeout\n", close=True)
             return
         if self.hard_deadline and now >= self.hard_deadline:
             # The route's request timeout: all attempts together; no retry after it.
@@ -557,265 +511,6 @@ class Exchange:
                 self._local(408, b"request body timeout\n", close=True)
                 return
             self._upstream_failed("timeout", 504, b"upstream timed out\n")
-
-    # ------------------------------------------------------------------------------------------
-    # attempts
-
-    def _attempt(self, ep, event: str, fresh: bool = False) -> None:
-        ctx = self.ctx
-        self.ep = self.held = ep
-        self.attempts += 1
-        ctx.balancers.acquire(ep)
-        addr = (ep.ip, ep.port)
-        conn = None if fresh else ctx.pool.take(addr)
-        if conn is not None:
-            self.state = WAITING        # event: routed or retry (hot path: assigned directly)
-            self._attach(conn)
-            if not self.down.processing:
-                # Not inside the shell's read handling (which flushes at its end): a retry
-                # started from an upstream or timer callback goes out now, in one write.
-                conn.flush()
-            return
-        self._to(event, CONNECTING)
-        self.token = token = self.token + 1
-        backend = self.backend
-        ctx.pool.connect(addr, (backend.namespace, backend.service), self, token)
-
-    def _attach(self, conn) -> None:
-        """Hand the request to ``conn`` (head, the body so far, its end if complete)."""
-        self.up = conn
-        head = self.head
-        tgt = head.target
-        if tgt[0] == 47:  # origin-form: forwarded as sent
-            authority = None
-        else:  # absolute-form: origin-form upstream, the target's authority as Host
-            tgt = head.path + (b"?" + head.query if head.query else b"")
-            authority = head.host
-        down = self.down
-        if self.trace is not None:
-            tail = telemetry.upstream_tail(self, "%s:%d" % conn.addr, self.ctx.now())
-        elif self.rid_generated:
-            tail = b"x-request-id: " + self.request_id + b"\r\n"
-        else:
-            tail = b""
-        # The body: on the first delivery what waited meanwhile (everything so far: nothing
-        # was written anywhere yet), on a retry the whole body again from the replay copy.
-        chunks = self.pending if not self.delivered else self.replay
-        self.delivered = True
-        # The end goes with the head when there is nothing else to send.
-        end = self.req == COMPLETE and not chunks and not self.trailers
-        if self.action.plain_request and self.extra_fields is None and head is down.memo_head:
-            # The same request bytes as this connection's previous request (health checks,
-            # pollers, load generators repeat their heads exactly): the same upstream head,
-            # without running the header policy and the serializer again; only the
-            # per-request fields at its end (tail: request id, trace) are new.
-            memo = down.memo_up
-            if memo is not None and memo[0] is self.ctx.via and memo[1] is conn.kind:
-                conn.send_head(self, tgt, None, memo[2], tail, end)
-            else:
-                data = conn.send_head(self, tgt, self._fields(authority), None, tail, end)
-                down.memo_up = (self.ctx.via, conn.kind, data)
-        else:
-            fields = self._fields(authority)
-            if not (self.action.plain_request and self.extra_fields is None):
-                tgt, fields = self._filtered_request(tgt, fields)
-            conn.send_head(self, tgt, fields, None, tail, end)
-        if self.down_paused:
-            conn.pause_reading()
-        if chunks:
-            for chunk in chunks:
-                conn.send_data(chunk)
-            self.pending = ()
-            self.pending_bytes = 0
-        if self.req == COMPLETE and not end:
-            conn.send_end(self.trailers)
-
-    def _fields(self, authority) -> list:
-        head = self.head
-        fields = request_headers(head.headers, head.connection_tokens, self.down.client,
-                                 head.upgrade is not None, authority, self.ctx.via)
-        if self.trace is not None:
-            fields = telemetry.strip_trace_fields(fields)
-        return fields
-
-    def _filtered_request(self, tgt: bytes, fields: list) -> tuple[bytes, list]:
-        tgt, fields = filtered_request(self.action, self.ref, self.route, self.head, tgt, fields)
-        if self.extra_fields is not None:
-            fields = fields + self.extra_fields
-        return tgt, fields
-
-    def connected(self, token: int, conn, exc: BaseException | None) -> None:
-        """The pool opened (``conn``) or failed to open (``exc``) the connection asked for."""
-        if token != self.token or self.state != CONNECTING:
-            # Nobody waits for it any more: keep a good new connection for later.
-            if conn is not None:
-                self.ctx.pool.release(conn)
-            return
-        if conn is None:
-            self._connect_failed(exc)
-            return
-        self._to("connected", WAITING)
-        self._attach(conn)
-        conn.flush()
-        self.down.resume_request("connecting")
-
-    def _connect_failed(self, exc: BaseException | None) -> None:
-        ctx = self.ctx
-        ep = self.ep
-        log.debug("L7: connect to %s:%d failed: %s", ep.ip, ep.port, exc)
-        self.flags = "UF"
-        if self.trace is not None:
-            self.trace.attempt_done(ctx.now(), error="connect")
-        self._detach(reuse=False)
-        ctx.balancers.report_failure(ep, self.backend)
-        self.stats.error("connect")
-        self.connect_failures += 1
-        self._add_tried(ep)
-        # Nothing was sent: another endpoint may always be tried (at least one other, and up
-        # to the route's attempts).
-        if self.connect_failures < max(self.action.attempts, 2):
-            nxt = ctx.balancers.pick(self.backend, self.down.peer_ip, exclude=self.tried,
-                                     policy=self.backend.l7_policy)
-            if nxt is not None:
-                self.stats.retry()
-                self.attempts -= 1  # connect failures have their own budget
-                self._attempt(nxt, "retry")
-                return
-        self._fail(503, b"no endpoint could be reached\n")
-
-    def _add_tried(self, ep) -> None:
-        addr = (ep.ip, ep.port)
-        self.tried = frozenset((addr,)) if self.tried is None else self.tried | {addr}
-
-    def _detach(self, reuse: bool) -> None:
-        """End the current attempt's hold on its upstream connection and endpoint."""
-        up = self.up
-        if up is not None:
-            self.up = None
-            self.upstream_addr = up.addr
-            if reuse:
-                self.ctx.pool.release(up)
-            else:
-                up.abort()
-            if self.up_paused:
-                self.up_paused = False
-                self.down.resume_request("upstream")
-        self.token += 1
-        held = self.held
-        if held is not None:
-            self.held = None
-            self.ctx.balancers.release(held)
-
-    def upstream_failed(self, conn, kind: str, stale: bool = False) -> None:
-        """The attempt on ``conn`` failed: reset or closed before a complete response
-        (``kind`` "reset"), or it sent something we refuse ("protocol")."""
-        if conn is not self.up:
-            return
-        if kind == "protocol":
-            log.debug("L7: bad response from %s:%d", conn.addr[0], conn.addr[1])
-            self._upstream_failed("protocol", 502, b"bad response from upstream\n")
-        else:
-            self._upstream_failed(kind, 502, b"upstream connection reset\n" if kind == "reset"
-                                  else b"upstream closed the connection\n", stale)
-
-    def _upstream_failed(self, kind: str, status: int, body: bytes, stale: bool = False) -> None:
-        """The current attempt failed (reset, timeout, protocol error). Retry or answer."""
-        ctx = self.ctx
-        ep = self.ep
-        self.flags = _FLAGS.get(kind, "")
-        if self.trace is not None:
-            self.trace.attempt_done(ctx.now(), error=kind)
-        self._detach(reuse=False)
-        if not stale:  # a pod closing an idle keep-alive connection is not a failing pod
-            ctx.balancers.report_failure(ep, self.backend)
-        self.stats.error("reset" if kind == "eof" else kind)
-        if self.state == STREAMING:
-            if self.down.retract():
-                # The head had not left yet (it came in the same read as the failure): the
-                # client gets a clean error instead of a head followed by a reset.
-                self._to("retract", WAITING)
-                kind = "protocol"   # a response arrived: not retried
-            else:
-                # Part of the response is out: the client must see an error, never a short
-                # body that looks complete.
-                self._account(self.resp_status or 502)
-                self._to("abort", ABORTED)
-                self.down.abort()
-                return
-        self._add_tried(ep)
-        if self._may_retry(kind, stale):
-            self.stats.retry()
-            self.interim = self.interim_bytes = 0
-            self._arm(ctx.now())
-            if stale:
-                # The pooled connection was closed by the pod meanwhile: same endpoint, fresh
-                # connection; this does not count as an attempt.
-                self.attempts -= 1
-                self._attempt(ep, "retry", fresh=True)
-                return
-            nxt = ctx.balancers.pick(self.backend, self.down.peer_ip, exclude=self.tried,
-                                     policy=self.backend.l7_policy)
-            if nxt is None:
-                nxt = ctx.balancers.pick(self.backend, self.down.peer_ip, policy=self.backend.l7_policy)
-            if nxt is not None:
-                self._attempt(nxt, "retry")
-                return
-        self._fail(status, body)
-
-    def _may_retry(self, kind: str, stale: bool) -> bool:
-        if self.replay is None or kind == "protocol":
-            return False
-        if self.method not in IDEMPOTENT_METHODS:
-            return False
-        if stale:
-            return True  # the keep-alive race, not a failing pod: outside the budget
-        if kind == "timeout" and self.action.per_try_timeout is None:
-            return False  # the route's whole timeout is spent
-        return self.attempts < self.action.attempts and self._take_budget()
-
-    def _take_budget(self) -> bool:
-        """A slot of the backend's retry budget for this request (``l7.stats.take_retry_slot``).
-        A request holds at most one slot (its retries run one after the other) from its first
-        budgeted retry until it is accounted."""
-        if self.retrying:
-            return True
-        budget = self.budget
-        if budget is None:
-            return False
-        if not take_retry_slot(budget):
-            self.stats.error("retry_budget")
-            self.ctx.retry_budget_overflows += 1
-            return False
-        self.retrying = True
-        return True
-
-    def _retry_status(self, conn, head, whole: bool) -> bool:
-        """A retryable status (502/503/504 by default) from the pod, nothing of it sent to the
-        client yet: retry the request on another endpoint when it may be retried (idempotent,
-        replayable, completely read from the client, attempts left, a different endpoint to
-        try, budget). The discarded response is read to its end if it is already here (then
-        the connection is pooled when keep-alive; ``whole``: it is), else that connection is
-        closed. False: relay the response as is."""
-        if (self.replay is None or self.req != COMPLETE or self.attempts >= self.action.attempts
-                or self.method not in IDEMPOTENT_METHODS):
-            return False
-        ctx = self.ctx
-        ep = self.ep
-        self._add_tried(ep)
-        nxt = ctx.balancers.pick(self.backend, self.down.peer_ip, exclude=self.tried,
-                                 policy=self.backend.l7_policy)
-        if nxt is None or (nxt.ip, nxt.port) in self.tried or not self._take_budget():
-            return False
-        complete = whole or conn.discard_rest()
-        self._detach(reuse=complete and head.keep_alive)
-        ctx.balancers.report_failure(ep, self.backend)  # outlier detection counts 5xx
-        self.stats.retry()
-        self.resp_status = 0
-        self.up_keep = False
-        self.interim = self.interim_bytes = 0
-        self._arm(ctx.now())
-        self._attempt(nxt, "retry")
-        return True
 
     # ------------------------------------------------------------------------------------------
     # the response (called by the upstream connection)

@@ -22,6 +22,7 @@ from urllib.parse import unquote_plus
 
 from meshproxy.core import metrics, sockets
 from meshproxy.core.accesslog import AccessLog
+from meshproxy.core.memory import release_free_memory
 from meshproxy.core.paths import normalize_request_path
 
 from .downstream import ClientConnection
@@ -203,6 +204,7 @@ class IngressServer:
         if self.access_log is None and settings.access_log:
             self.access_log = AccessLog(settings.access_log, getattr(settings, "access_log_format", "text"))
             self._own_log = True
+        self.buffer_bodies = settings.request_buffer_size > 0
         # Tracing (--otlp-endpoint): None when off.
         self.tracing = Tracing.from_settings(settings)
         self.tls: TLSContexts | None = None
@@ -224,6 +226,7 @@ class IngressServer:
         self._last_table = None            # the table of the last lookup, and its cache
         self._last_cache: dict = {}
         self._ticker: asyncio.TimerHandle | None = None
+        self._peak_connections = 0
         self._secrets_seen = None
         self.now = None   # the loop's clock, set in start()
 
@@ -343,9 +346,21 @@ class IngressServer:
                 del budgets[key]
             if self.pool is not None:
                 self.pool.sweep()
+            self._give_back_memory()
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("L7: housekeeping failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
+
+    def _give_back_memory(self) -> None:
+        """After many connections closed, ask the C allocator to return freed pages to the
+        system (glibc's malloc_trim): the buffers of thousands of closed connections otherwise
+        stay in the process's heap, free but resident."""
+        n = len(self.connections)
+        if n > self._peak_connections:
+            self._peak_connections = n
+        elif self._peak_connections - n >= 256 and n <= self._peak_connections // 2:
+            self._peak_connections = n
+            release_free_memory()
 
     def state(self) -> dict:
         """For /debug and tests: retry budgets in use and overflows so far."""

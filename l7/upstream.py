@@ -69,10 +69,19 @@ def request_head_bytes(method: bytes, target: bytes, fields, content_length: int
     return b"".join((method, b" ", target, b" HTTP/1.1\r\n", framing, b"\r\n"))
 
 
-class UpstreamConnection(asyncio.Protocol):
+# Response bytes read per read call (BufferedProtocol): a response starts with small reads and
+# they double while the client takes what we send (its socket's queue is short), up to
+# _READ_MAX; a client that stops reading (our buffer for it is full) brings them back to
+# _READ_MIN. So a client that reads slowly holds about one small read in our memory, not one
+# 256 KiB read (uvloop's default), and a fast client's 1 MiB body takes only a few more reads.
+_READ_MIN = 16 * 1024
+_READ_MAX = 256 * 1024
+
+
+class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = ("pool", "addr", "labels", "counts", "transport", "parser", "exchange", "state",
                  "idle_since", "reused", "received", "reading_paused", "requests", "pending",
-                 "chunked", "got_head", "tunnel", "kind")
+                 "chunked", "got_head", "tunnel", "kind", "read_size")
 
     def __init__(self, pool: UpstreamPool, addr: tuple[str, int], labels: tuple[str, str]) -> None:
         self.pool = pool
@@ -93,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_head = False         # the final response head of the current request arrived
         self.tunnel = False
         self.kind = HTTP1
+        self.read_size = _READ_MIN
 
     # -- what the exchange sends -----------------------------------------------------------------
 
@@ -105,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.received = False
         self.got_head = False
+        self.read_size = _READ_MIN
         self.requests += 1
         head = exchange.head
         self.parser.set_request_method(head.method)
@@ -153,6 +164,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # One buffer for every upstream connection of the loop: callbacks never overlap, and
+        # buffer_updated copies what arrived out of it before returning.
+        return self.pool.read_view[:self.read_size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        ex = self.exchange
+        if ex is not None and nbytes == self.read_size and self.got_head:
+            # A body is streaming and filled the read: read more next time only if the client
+            # has taken (nearly) all we sent it before this read - its socket's queue included,
+            # so a slow reader stays at small reads even while the kernel accepts our writes.
+            if ex.down_paused:
+                self.read_size = _READ_MIN
+            elif nbytes < _READ_MAX and ex.down.backlog() < _READ_MIN:
+                self.read_size = nbytes * 2
+        self.data_received(self.pool.read_view[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -306,6 +334,7 @@ class UpstreamPool:
         # needs no better precision and a loop.time() call per request is saved.
         self.now = loop.time()
         self.connects = 0             # connections opened so far (tests and /debug)
+        self.read_view = memoryview(bytearray(_READ_MAX))   # see UpstreamConnection.get_buffer
 
     # -- lookups -------------------------------------------------------------------------------
 

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--send-timeout", type=_positive_float, default=None, help="close a client that reads nothing of its response for this long, seconds (default 60)")
     run.add_argument("--max-body-size", type=int, default=None, help="request body limit in bytes -> 413 (default unlimited)")
     run.add_argument("--max-connections", type=int, default=None, help="per listener; accepting pauses above it (default unlimited)")
+    run.add_argument("--request-buffer-size", type=int, default=None, metavar="BYTES",
+                     help="read request bodies up to this size before an endpoint is chosen, so slow uploads "
+                          "hold no upstream connection (default 0: stream them through)")
     run.add_argument("--default-tls-secret", metavar="NS/NAME", default=None, help="certificate for unknown SNI names")
     run.add_argument("--no-health-checks", action="store_true", help="do not run readinessProbes; use the pods' Ready condition")
     run.add_argument("--dns-server", action="append", metavar="HOST[:PORT]", help="resolver for DNS-backed services (repeatable; default: /etc/resolv.conf)")
@@ -227,6 +230,7 @@ _FLAG_FIELDS = {
     "drain_timeout": "drain_timeout", "shutdown_delay": "shutdown_delay", "connect_timeout": "connect_timeout",
     "idle_timeout": "idle_timeout", "upstream_timeout": "upstream_timeout", "header_timeout": "header_timeout",
     "keepalive_timeout": "keepalive_timeout", "send_timeout": "send_timeout", "max_body_size": "max_body_size",
+    "request_buffer_size": "request_buffer_size",
     "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
     "dns_min_ttl": "dns_min_ttl", "dns_max_ttl": "dns_max_ttl", "dns_listen": "dns_listen",
     "cluster_domain": "cluster_domain", "http_parser": "http_parser",

@@ -36,6 +36,7 @@ from . import control
 from .admin import AdminServer
 from .controller import Controller
 from .core import metrics, sockets
+from .core.memory import fix_mmap_threshold
 from .core.runtime import Runtime
 from .core.settings import Settings
 from .dataplane import DataPlane
@@ -49,6 +50,7 @@ log = logging.getLogger("meshproxy")
 
 
 def install_uvloop() -> None:
+    fix_mmap_threshold()   # every process's start goes through here (see meshproxy.core.memory)
     try:
         import uvloop
     except ImportError:  # the pure asyncio loop works too, only slower

@@ -8,6 +8,7 @@ command -v curl >/dev/null 2>&1 || want+=(curl)
 command -v dnsmasq >/dev/null 2>&1 || want+=(dnsmasq-base)
 command -v dig >/dev/null 2>&1 || want+=(dnsutils)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)   # promtool check metrics
+command -v slowhttptest >/dev/null 2>&1 || want+=(slowhttptest)   # the slow-read attack (tests/test_hostile.py)
 # The mesh's capture test: nftables rules inside network namespaces the test creates.
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || want+=(iproute2)

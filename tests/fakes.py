@@ -142,6 +142,9 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.limits = (high, low)
+
     def get_extra_info(self, name: str, default=None):
         return {"peername": self.peer, "sockname": self.sock}.get(name, default)
 

@@ -63,6 +63,9 @@ class Settings:
     max_head_size: int = 65536
     max_headers: int = 100
     max_body_size: int | None = None
+    # L7: read request bodies up to this many bytes before choosing an endpoint (0: stream them
+    # through as they come). nginx's proxy_request_buffering; see docs/l7.md "Request bodies".
+    request_buffer_size: int = 0
     max_connections: int | None = None
     upstream_pool_size: int = 128           # idle keep-alive connections kept per endpoint
     upstream_idle_timeout: float = 60.0
