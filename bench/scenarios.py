@@ -8,6 +8,8 @@ decides the order — candidates interleaved, round after round — and report.p
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from bench.drivers import Drivers
 from bench.peers import Peer
 
 MiB = 1048576
+SLOW_READERS = 1000
 
 
 @dataclass
@@ -103,6 +106,38 @@ def _l7_idle(r: RunContext, peer: Peer, level) -> dict:
                 requests=d["ready"], duration_s=0.0, latency_ms=None)
 
 
+def _l7_slowread(r: RunContext, peer: Peer, level) -> dict:
+    """slowhttptest -X: N slow readers of a 1 MiB file, three requests pipelined each, a 512-1024
+    byte window, 32 bytes read every 5 s; the proxy's RSS growth at its peak, and what is left
+    of it 5 s after the readers are gone."""
+    tool = shutil.which("slowhttptest")
+    if tool is None:
+        raise RuntimeError("slowhttptest is not installed (apt-get install slowhttptest)")
+    roots = peer.roots()
+    before = procstat.tree(roots)
+    n = SLOW_READERS
+    proc = subprocess.Popen([tool, "-X", "-c", str(n), "-r", "1000", "-w", "512", "-y", "1024", "-n", "5",
+                             "-z", "32", "-k", "3", "-l", "15", "-u", _http(peer.l7_url, "/files/1m.bin")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = before.rss_bytes
+    try:
+        for _ in range(16):
+            time.sleep(1)
+            peak = max(peak, procstat.tree(roots).rss_bytes)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(5)
+    after = procstat.tree(roots)
+    added = (peak - before.rss_bytes) / MiB
+    return dict(value=round(added, 1), ops=n, errors=0, requests=n, duration_s=0.0, latency_ms=None,
+                rss_before_mib=round(before.rss_mib, 1), rss_peak_mib=round(peak / MiB, 1),
+                rss_after_mib=round(after.rss_mib, 1),
+                kib_per_reader=round((peak - before.rss_bytes) / 1024 / n, 1))
+
+
 def _l4_bulk(r: RunContext, peer: Peer, level) -> dict:
     d = r.drivers.tcp_bulk(peer.l4_addr, duration=r.duration)
     return dict(d, value=d["gbps"], ops=d["bytes"] / MiB, latency_ms=None, requests=0)
@@ -136,6 +171,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("l7-idle", "l7", "Memory of idle keep-alive connections",
              "RSS the proxy gains while N (10,000) idle keep-alive client connections are open",
              "MiB", "conn", ("nginx",), _l7_idle, higher_is_better=False, rounds=1,
+             skip_direct=True),
+    Scenario("l7-slowread", "l7", "Memory under a slow-read attack",
+             f"RSS the proxy gains while {SLOW_READERS} slowhttptest -X slow readers fetch a 1 MiB file "
+             "(and what is left 5 s after they go)",
+             "MiB", "conn", ("nginx", "haproxy"), _l7_slowread, higher_is_better=False, rounds=1,
              skip_direct=True),
     Scenario("l4-bulk", "l4", "L4 bulk throughput",
              "one TCP connection pushing 64 MiB segments through the listener to a sink, Gbit/s",

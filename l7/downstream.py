@@ -98,6 +98,7 @@ REASONS = {
     301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 307: b"Temporary Redirect",
     304: b"Not Modified", 308: b"Permanent Redirect", 400: b"Bad Request", 403: b"Forbidden",
     404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+    421: b"Misdirected Request",
     414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
@@ -143,7 +144,7 @@ class ClientConnection(asyncio.Protocol):
         "client", "tls", "read_paused", "writing_paused", "processing", "client_eof",
         "timer", "timer_at", "deadline", "send_deadline", "send_left", "idle_at",
         "exchange", "head", "out", "resp_mode", "resp_keep", "fast",
-        "memo_raw", "memo_head", "memo_up", "up_eof",
+        "memo_raw", "memo_head", "memo_up", "up_eof", "sni",
     )
 
     def __init__(self, server, listener) -> None:
@@ -198,6 +199,10 @@ class ClientConnection(asyncio.Protocol):
                 host = local[0] if local else ""
                 local_host = (f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}").encode()
             self.client = ClientInfo(ip, trusted, b"https" if self.tls else b"http", listener.port_b, local_host)
+            self.sni = None
+            if self.tls:
+                sslobj = transport.get_extra_info("ssl_object")
+                self.sni = getattr(sslobj, "meshproxy_sni", None)
             # No TCP_NODELAY here: uvloop and asyncio set it on every TCP transport already.
             # A client that does not read: we stop reading its response from the pod once 16 KiB
             # wait in our buffer (the kernel's send buffer holds more), so a slow reader costs a

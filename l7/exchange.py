@@ -25,6 +25,7 @@ from . import telemetry
 from .attempts import Attempts
 from .filters import redirect_location
 from .headers import response_headers
+from .mirror import mirror
 from .requestid import new_request_id
 from .states import (
     ABORTED,
@@ -79,7 +80,7 @@ class Exchange(Attempts):
         "ep", "held", "up", "attempts", "connect_failures", "tried", "token", "state", "req",
         "replay", "replay_bytes", "pending", "pending_bytes", "delivered", "trailers", "resp_status", "resp_bytes",
         "up_keep", "interim", "interim_bytes", "budget", "retrying", "deadline", "hard_deadline",
-        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at", "buffering",
+        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at", "buffering", "mirrored",
         "bodiless", "done_keep", "filter_next", "extra_fields", "request_id", "rid_generated", "trace",
         "req_bytes", "flags",
     )
@@ -121,6 +122,7 @@ class Exchange(Attempts):
         self.delaying = False             # a fault delay runs before the first attempt
         self.held_at = None               # when a filter that held the request let it go
         self.buffering = False            # the body is being read before routing goes on
+        self.mirrored = False
         self.timeout = 0.0
         self.up_paused = self.down_paused = False
         self.accounted = False
@@ -175,6 +177,13 @@ class Exchange(Attempts):
         if snap is None:
             return self._local(503, b"no configuration yet\n")
         lst = self.listener
+        if lst is not None and lst.tls and self.down.sni is not None:
+            # A Gateway HTTPS listener chosen by SNI must not serve a Host that belongs to
+            # another listener of the address (RFC 9110 §15.5.20, Gateway API listener
+            # isolation): 421 Misdirected Request.
+            of = getattr(lst.routes, "listener_of", None)
+            if of is not None and of(self.down.sni) != of(head.host.decode("latin-1")):
+                return self._local(421, b"misdirected request: this connection's TLS name is for another listener\n")
         route, stats = ctx.route(snap, lst.routes if lst is not None else snap.routes, head, self)
         if route is None:
             if stats is None:
@@ -314,6 +323,26 @@ class Exchange(Attempts):
             when = self.deadline = (self.t0 if now is None else now) + self.timeout
             self.down.set_deadline(when)
         self._attempt(ep, "routed")
+        if action.mirrors and self.req == COMPLETE:
+            self._mirror()
+
+    def _mirror(self) -> None:
+        if not self.mirrored:
+            self.mirrored = True
+            mirror(self)
+
+    def forward_head(self) -> tuple[bytes, list]:
+        """The target and fields this request goes upstream with (for mirrors)."""
+        head = self.head
+        tgt = head.target
+        authority = None
+        if tgt[0] != 47:
+            tgt = head.path + (b"?" + head.query if head.query else b"")
+            authority = head.host
+        fields = self._fields(authority)
+        if not (self.action.plain_request and self.extra_fields is None):
+            tgt, fields = self._filtered_request(tgt, fields)
+        return tgt, fields
 
     def _gap(self) -> None:
         """The upstream sent something: it has another ``timeout`` for the next bytes (capped by
@@ -392,6 +421,8 @@ class Exchange(Attempts):
             return
         self.req = COMPLETE
         self.trailers = trailers
+        if self.backend is not None and self.action.mirrors:
+            self._mirror()
         up = self.up
         if up is not None:
             up.send_end(trailers)

@@ -114,6 +114,7 @@ class Listener:
         self.tls = ssl_ctx is not None
         self.ssl_ctx = ssl_ctx
         self.http = http
+        self.contexts: TLSContexts | None = None   # a Gateway HTTPS listener's certificates
         self.count = 0
         self.limit = server.settings.max_connections
         self.aserver = None
@@ -276,16 +277,22 @@ class IngressServer:
             lst = self.http_listeners.get(key)
             if lst is not None and lst.tls == spec.tls:
                 lst.http = spec   # same socket, new routes: new requests use them
+                if lst.contexts is not None:
+                    # New certificates or names: handshakes from now on use them (contexts
+                    # of unchanged Secrets are kept, see TLSContexts.update).
+                    lst.contexts.update(spec.tls_hosts, snapshot.secrets)
                 continue
             if lst is not None:
                 self.http_listeners.pop(key).stop()
-            ssl_ctx = None
+            ssl_ctx = ctxs = None
             if spec.tls:
-                ctxs = TLSContexts()
+                # Gateway listener hostnames: "*." covers any number of labels.
+                ctxs = TLSContexts(label_wildcards=False)
                 ctxs.update(spec.tls_hosts, snapshot.secrets)
                 ssl_ctx = ctxs.listener_context
             try:
                 lst = Listener(self, spec.host, spec.port, ssl_ctx, spec)
+                lst.contexts = ctxs
             except OSError as exc:
                 log.error("L7: cannot listen on %s:%d for %s: %s", spec.host, spec.port, spec.name, exc)
                 continue

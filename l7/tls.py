@@ -43,7 +43,10 @@ def _norm(name: str) -> str:
 class TLSContexts:
     """Per-Secret contexts and the SNI choice. ``update(snapshot)`` on every publish."""
 
-    def __init__(self) -> None:
+    def __init__(self, label_wildcards: bool = True) -> None:
+        """``label_wildcards``: a ``*.`` name covers exactly one label (Ingress); False: any
+        number of them, the longest suffix first (Gateway API listeners)."""
+        self.label_wildcards = label_wildcards
         self._by_secret: dict[tuple[str, str], tuple[bytes, bytes, ssl.SSLContext]] = {}
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}
@@ -102,10 +105,13 @@ class TLSContexts:
             if ctx is not None:
                 return ctx
             dot = name.find(".")
-            if dot > 0:
+            while dot > 0:
                 ctx = self._wildcard.get(name[dot + 1:])
                 if ctx is not None:
                     return ctx
+                if self.label_wildcards:
+                    break
+                dot = name.find(".", dot + 1)
         return self._default
 
     def _sni(self, sslobj, server_name, _ctx) -> int | None:
@@ -116,6 +122,9 @@ class TLSContexts:
             if ctx is None:
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             sslobj.context = ctx
+            # The requested name, for the request path (a Gateway answers 421 when Host picks
+            # another listener than SNI did): SSLObject instances take attributes.
+            sslobj.meshproxy_sni = server_name
         except Exception:   # noqa: BLE001 - see above; logged, handshake refused
             log.exception("TLS: SNI callback failed")
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR

@@ -23,10 +23,6 @@ from proc import Meshproxy, free_port
 
 GW_SAME, GW_ALL, GW_SEL, GW_ISO, GW_TLS = "127.0.60.1", "127.0.60.2", "127.0.60.3", "127.0.60.4", "127.0.60.5"
 GW_HTTPS = "127.0.60.6"
-PENDING_MIRROR = pytest.mark.xfail(strict=True, reason="the L7 exchange does not send RequestMirror copies yet")
-PENDING_SNI = pytest.mark.xfail(strict=True, reason="L7 TLS: a Gateway '*.' certificate should cover several labels")
-PENDING_421 = pytest.mark.xfail(strict=True, reason="L7: a request whose Host selects another listener than its "
-                                                    "SNI should get 421")
 MESH_IP = "127.96.60.1"
 
 
@@ -465,15 +461,15 @@ def test_more_redirects_rewrites_and_zero_weights(cluster):
     assert call(GW_SAME, p, "/zero")[0] == 500
 
 
-@PENDING_MIRROR
 def test_request_mirror(cluster):
     mirror = cluster.backends["infra-backend-v2"]
-    before = len(mirror.seen)
+    before = mirror.requests        # (``seen`` keeps only the last 50 heads)
     assert backend_of(GW_SAME, cluster.port, "/mirror/me") == "infra-backend-v1"
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any(t == "/mirror/me" for _, t, _ in mirror.seen[before:]):
+    while time.monotonic() < deadline and mirror.requests == before:
         time.sleep(0.02)
-    assert any(t == "/mirror/me" for _, t, _ in mirror.seen[before:])
+    assert mirror.requests == before + 1
+    assert mirror.seen[-1][1] == "/mirror/me"
 
 
 class _Https:
@@ -504,12 +500,12 @@ def test_https_listeners_by_sni_and_host(cluster):
     assert c.get("other.test", "other.test") == (200, "infra-backend-v2", "default.test")
 
 
-@PENDING_SNI
+
 def test_https_wildcard_certificate_covers_several_labels(cluster):
     assert _Https(cluster).get("a.b.example.com", "a.b.example.com")[2] == "*.example.com"
 
 
-@PENDING_421
+
 def test_https_misdirected_request_gets_421(cluster):
     assert _Https(cluster).get("a.example.com", "other.test")[0] == 421
 

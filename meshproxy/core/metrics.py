@@ -74,6 +74,9 @@ http_send_timeouts = Counter("meshproxy_http_send_timeouts_total",
 http_interim_floods = Counter("meshproxy_http_interim_floods_total",
                               "Upstream attempts failed (502) for sending more interim (1xx) responses than allowed.",
                               registry=REGISTRY)
+http_mirror = Counter("meshproxy_http_mirror_requests_total",
+                      "Mirrored request copies (RequestMirror) by result: ok, skipped (body too large to keep), "
+                      "no_endpoint, connect, reset, protocol, timeout, error.", ["result"], registry=REGISTRY)
 http_no_route = Counter("meshproxy_http_no_route_total", "Requests that matched no Ingress rule.", registry=REGISTRY)
 http_bad_requests = Counter("meshproxy_http_bad_requests_total", "Requests refused before routing, by status.",
                             ["code"], registry=REGISTRY)
