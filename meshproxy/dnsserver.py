@@ -238,7 +238,7 @@ def _hostname(svc: Service, e, pods: Mapping[tuple[str, str], Pod] | None) -> st
     return None
 
 
-def service_fragment(svc: Service, sets, cluster_ip: str | None, hostnames: tuple[tuple[str, str], ...],
+def service_fragment(svc: Service, sets, cluster_ip: str | tuple[str, ...] | None, hostnames: tuple[tuple[str, str], ...],
                      base: Key, ttl: int) -> Fragment:
     """The records of one Service under ``base`` (``<svc>.<ns>.svc.<domain>``)."""
     n = _Nodes()
@@ -251,8 +251,9 @@ def service_fragment(svc: Service, sets, cluster_ip: str | None, hostnames: tupl
         return Fragment(base, n.freeze(), ttl)
     protocols = {sp.name: sp.protocol.lower() for sp in svc.ports}
     if not svc.headless:
-        if cluster_ip:
-            n.add_address((), cluster_ip)
+        # Every ClusterIP (A and AAAA for a dual-stack service).
+        for ip in (cluster_ip,) if isinstance(cluster_ip, str) else (cluster_ip or ()):
+            n.add_address((), ip)
         for sp in svc.ports:
             label = _label(f"_{sp.name}") if sp.name else None
             if label is not None:
@@ -413,7 +414,7 @@ def build_zone(snap: Snapshot, origin: dns.name.Name, ttl: int = 5,
         sets = snap.endpoint_sets.get((ns, name), ())
         ip = None
         if svc.type != "ExternalName" and not svc.headless:
-            ip = svc.cluster_ip or snap.allocated.get(f"{ns}/{name}")
+            ip = snap.cluster_ips.get((ns, name)) or svc.cluster_ip or snap.allocated.get(f"{ns}/{name}")
         hostnames = _hostnames(svc, sets, pods) if svc.headless else ()
         sig = (ip, hostnames, ttl)
         prev = cache.get((ns, name)) if cache is not None else None

@@ -210,9 +210,14 @@ class Process:
         if self.data_plane:
             self.dataplane = DataPlane(self.runtime)
             await self.dataplane.start()
+        elif self.settings.proxy_mode == "nftables":
+            # --workers: the workers serve sockets; the kernel's rules are programmed here, once.
+            self.dataplane = DataPlane(self.runtime, listeners=False)
+            await self.dataplane.start()
         host, port = self.settings.admin_listen
         self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready()
-                                 and self._kube_synced() and self._identity_ready(),
+                                 and self._kube_synced() and self._identity_ready()
+                                 and (self.dataplane is None or self.dataplane.ready()),
                                  snapshot_json=self._snapshot_json, metrics_text=_metrics_text(),
                                  snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None,
                                  identity_json=self.runtime.identity.to_json if self.identity_source else None)
@@ -273,6 +278,9 @@ class Process:
         data = snap.to_json()
         if self.dataplane is not None:
             data["listenerErrors"] = self.dataplane.listener_errors()
+            kernel = self.dataplane.kernel_state()
+            if kernel is not None:
+                data["nftables"] = kernel
         if self.kube is not None:
             data["kubernetes"] = self.kube.state()
         if self.health is not None and hasattr(self.health, "state"):
