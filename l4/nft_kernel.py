@@ -39,7 +39,7 @@ from typing import Any, Callable
 from meshproxy.core.snapshot import Snapshot
 
 from . import conntrack
-from .nftables import FAMILY, Ruleset, RulesetBuilder, diff, diff_chunks, ruleset_from_listing, setup_commands
+from .nftables import FAMILY, Ruleset, RulesetBuilder, adopt, diff, diff_chunks, ruleset_from_listing, setup_commands
 
 __all__ = ["Nft", "NftError", "KernelProxier", "cleanup", "RETRY", "STALE_DELAY"]
 
@@ -192,18 +192,19 @@ class KernelProxier:
         try:
             while True:
                 with self._cond:
-                    while not self._stopped:
+                    while True:
+                        if self._stopped:
+                            return
                         now = time.monotonic()
-                        due = [t + STALE_DELAY for t in self._stale.values()]
-                        wake = min(due + ([retry_at] if retry_at is not None else []), default=None)
-                        if self._want is not None and (retry_at is None or now >= retry_at):
+                        sync_due = self._want is not None and (retry_at is None or now >= retry_at)
+                        stale_at = min(self._stale.values()) + STALE_DELAY if self._known and self._stale else None
+                        if sync_due or (stale_at is not None and now >= stale_at):
                             break
-                        if wake is not None and now >= wake:
-                            break
-                        self._cond.wait(None if wake is None else max(0.0, wake - now))
-                    if self._stopped:
-                        return
-                    snap, self._want = self._want, None
+                        waits = [t for t in (retry_at if self._want is not None else None, stale_at) if t is not None]
+                        self._cond.wait(max(0.0, min(waits) - now) if waits else None)
+                    snap = self._want if sync_due else None
+                    if sync_due:
+                        self._want = None
                 if snap is not None:
                     try:
                         self._sync(nft, snap)
@@ -238,6 +239,8 @@ class KernelProxier:
             self._stale = {name: self._stale.get(name, time.monotonic()) for name in empty}
             setup = setup_commands(self.table)
         desired = self._builder.build(snap)
+        if not self._known and self._applied is not None:
+            self._applied = adopt(self._applied, desired)
         if self._known:
             txs = [diff(self.table, self._applied, desired, self._stale)]
         else:

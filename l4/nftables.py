@@ -57,7 +57,7 @@ from meshproxy.core.snapshot import Backend, L4Listener, Snapshot
 __all__ = [
     "FAMILY", "MASQ_MARK", "Part", "Ruleset", "Transaction", "SetSpec",
     "base_part", "service_part", "build_ruleset", "diff", "diff_chunks", "chain_digest", "listeners_by_service",
-    "RulesetBuilder", "DIGEST_PREFIX", "ruleset_from_listing", "setup_commands",
+    "RulesetBuilder", "DIGEST_PREFIX", "ruleset_from_listing", "setup_commands", "adopt", "LEFTOVER",
 ]
 
 FAMILY = "inet"
@@ -107,7 +107,7 @@ class Transaction:
     """nft JSON commands in the order they must run, and what they change."""
     commands: list[dict] = field(default_factory=list)
     stale_chains: list[str] = field(default_factory=list)   # flushed now, to delete later
-    touched: set[tuple[str, str]] = field(default_factory=set)   # services whose part changed
+    touched: set[tuple[str, str]] = field(default_factory=set)   # services with commands in it
 
     def __bool__(self) -> bool:
         return bool(self.commands)
@@ -580,9 +580,10 @@ def diff_chunks(table: str, old: Ruleset | None, new: Ruleset, pending_delete: I
     tx = Transaction()
     for k in keys:
         stale: list[str] = []
-        cur.extend(_part_diff(table, old_parts.get(k), new_parts.get(k), pending, stale))
+        got = _part_diff(table, old_parts.get(k), new_parts.get(k), pending, stale)
+        cur.extend(got)
         tx.stale_chains.extend(stale)
-        if k is not None:
+        if k is not None and got:
             tx.touched.add(k)
         if limit is not None and len(cur) >= limit:
             cur.sort(key=lambda pc: pc[0])
@@ -663,3 +664,38 @@ def ruleset_from_listing(listing: list[dict]) -> tuple[Ruleset, set[str]]:
         if not rs:
             empty.add(name)
     return Ruleset(part, {}), empty
+
+
+LEFTOVER = ("", "<kernel>")      # the part holding what the kernel has and nothing wants
+
+
+def adopt(kernel: Ruleset, desired: Ruleset) -> Ruleset:
+    """Sort what the kernel holds (``ruleset_from_listing``: one flat part) into the parts of
+    ``desired`` that declare the same chains, sets and element keys, so that the part-by-part
+    diff compares like with like; what no part declares goes to a ``LEFTOVER`` part, which the
+    diff then removes."""
+    flat = kernel.base
+    chains = dict(flat.chains)
+    sets = dict(flat.sets)
+    elems = {m: dict(els) for m, els in flat.elements.items()}
+
+    def claim(p: Part) -> Part:
+        out = Part()
+        for name in p.chains:
+            if name in chains:
+                out.chains[name] = chains.pop(name)
+        for name in p.sets:
+            if name in sets:
+                out.sets[name] = sets.pop(name)
+        for m, els in p.elements.items():
+            have = elems.get(m, {})
+            mine = {k: have.pop(k) for k in els if k in have}
+            out.elements[m] = mine
+        return out
+
+    base = claim(desired.base)
+    parts = {k: claim(p) for k, p in desired.parts.items()}
+    left = Part(chains, {m: els for m, els in elems.items() if els}, sets)
+    if left.chains or left.elements or left.sets:
+        parts[LEFTOVER] = left
+    return Ruleset(base, parts)

@@ -12,7 +12,8 @@ one more namespace is the client outside the cluster::
 
 - the bridge lives in a namespace of its own (``<prefix>-sw``) and holds the nodes' default
   gateway; the node namespaces route (ip_forward on) and reach their pods over point-to-point
-  veths (the pod's gateway 169.254.1.1 / fe80::1 is an address of the node's end), so every
+  veths (the pod's gateway 169.254.1.1 is answered by proxy ARP, fe80::1 is an address of the
+  node's end), so every
   packet between pods, and between a pod and anything else, passes the node's netfilter
   hooks — as with most CNI plugins;
 - pods of another node are reached through that node (a route per pod address), the outside
@@ -209,13 +210,13 @@ class Cluster:
             self._add_pod(m)
         # Every node reaches every other node's pods through that node.
         for name, n in self.nodes.items():
-            for key, p in self.pods.items():
+            for p in self.pods.values():
                 if p.node == name:
                     continue
                 peer = self.nodes[p.node]
                 for ip in p.ips:
                     via = next((a for a in peer.ips if (":" in a) == (":" in ip)), None)
-                    if via is not None:
+                    if via is not None and any((":" in a) == (":" in ip) for a in n.ips):
                         self._ip("route", "add", ip, "via", via, ns=n.ns)
         return self
 
@@ -238,7 +239,10 @@ class Cluster:
         host = f"vp{m.ifindex}"
         self._ip("link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", m.ns, ns=node.ns)
         self._ip("link", "set", host, "up", ns=node.ns)
-        self._ip("addr", "add", f"{POD_GW_V4}/32", "dev", host, ns=node.ns)
+        # The pod's IPv4 gateway is answered by proxy ARP (no address on the node's end, as
+        # with Calico), so traffic the node masquerades towards a pod carries the node's
+        # address; the IPv6 gateway is a link-local address of the node's end.
+        self._sysctl(node.ns, f"net.ipv4.conf.{host}.proxy_arp=1", f"net.ipv4.neigh.{host}.proxy_delay=0")
         self._ip("addr", "add", f"{POD_GW_V6}/64", "dev", host, "nodad", ns=node.ns)
         self._ip("link", "set", "eth0", "up", ns=m.ns)
         for ip in m.ips:
@@ -358,7 +362,7 @@ class Cluster:
         filled with tcpdump's text lines (``-n``) when the block ends."""
         requires("tcpdump")
         path = os.path.join(self._tmp, f"cap-{secrets.token_hex(3)}.pcap")
-        proc = self.start(where, "tcpdump", "-i", iface, "-n", "-U", "-w", path, *([bpf] if bpf else []))
+        proc = self.start(where, "tcpdump", "-Z", "root", "--immediate-mode", "-i", iface, "-n", "-U", "-w", path, *([bpf] if bpf else []))
         lines: list[str] = []
         deadline = time.monotonic() + 5
         while "listening on" not in proc.output() and proc.alive() and time.monotonic() < deadline:
