@@ -40,6 +40,7 @@ from .core.memory import fix_mmap_threshold
 from .core.runtime import Runtime
 from .core.settings import Settings
 from .dataplane import DataPlane
+from .dnsforward import Forwarder, resolv_conf_servers
 from .dnsserver import ClusterDNS
 from .identity_sources import IdentityDirSource, IssuerClient
 from .observe import MetricSignals
@@ -83,6 +84,7 @@ class Process:
         self.dns_source = None
         self.dns_server = None
         self.identity_source: IdentityDirSource | IssuerClient | None = None
+        self.dns_forwarder: Forwarder | None = None
         self.ready = False
         self.stopping = False
         self._stop = asyncio.Event()
@@ -202,8 +204,11 @@ class Process:
         if not self._start_identity():
             return False
         if self.settings.dns_listen is not None:
+            upstreams = list(self.settings.dns_upstreams) or resolv_conf_servers()
+            self.dns_forwarder = Forwarder(upstreams, own=self.settings.dns_listen)
             self.dns_server = ClusterDNS(lambda: self.controller.snapshot, self.settings.cluster_domain,
-                                         get_pods=lambda: self.controller.store.items("Pod"))
+                                         get_pods=lambda: self.controller.store.items("Pod"),
+                                         forward=self.dns_forwarder.forward)
             await self.dns_server.start(*self.settings.dns_listen)
         self.controller.rebuild()
 
@@ -290,6 +295,9 @@ class Process:
             data["dnsSource"] = self.dns_source.state()
         if self.dns_server is not None:
             data["clusterDNS"] = dict(self.dns_server.stats)
+            if self.dns_forwarder is not None:
+                data["clusterDNS"]["upstreams"] = [f"{h}:{p}" for h, p in self.dns_forwarder.upstreams]
+                data["clusterDNS"].update({f"forward_{k}": v for k, v in self.dns_forwarder.stats.items()})
         return data
 
     async def graceful_stop(self) -> None:

@@ -16,6 +16,8 @@ import socket
 import sys
 import time
 
+import dns.message
+import dns.query
 import pytest
 
 from netns import Cluster, netns_cluster, requires
@@ -111,6 +113,20 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.2
+  ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP}, {name: dns-tcp, port: 53, targetPort: 5353}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: kube-dns, namespace: kube-system}
+subsets:
+- addresses: [{ip: 10.77.0.11, nodeName: node-a}]
+  ports: [{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5353}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: empty}
 spec:
   clusterIP: 10.96.0.99
@@ -127,9 +143,11 @@ class Env:
         self.proxies: dict[str, object] = {}
 
     def start_proxy(self, node: str):
+        # node-a also serves the cluster DNS (hostNetwork style: its endpoint is the node's address).
+        extra = ["--dns-listen", "10.77.0.11:5353", "--dns-upstream", "10.77.0.1:53"] if node == "node-a" else []
         p = self.c.start(node, sys.executable, "-m", "meshproxy", "run", "-f", self.path, "--node", node,
                          "--proxy-mode", "nftables", "--service-cidr", CIDR, "--admin-listen", "%s:%d" % ADMIN,
-                         "--no-health-checks", cwd=ROOT)
+                         "--no-health-checks", *extra, cwd=ROOT)
         self.proxies[node] = p
         self.wait(node, lambda d: True)
         return p
@@ -274,6 +292,20 @@ def test_udp_through_a_clusterip(env):
         assert len(replies) == 1 and replies <= {"dns-a", "dns-b"}   # one flow, one pod (conntrack)
     finally:
         s.close()
+
+
+def test_cluster_dns_through_its_clusterip_over_udp_and_tcp(env):
+    name = "web.default.svc.cluster.local"
+    u = env.c.socket("client-b", socket.AF_INET, socket.SOCK_DGRAM)
+    t = env.c.connect("client-b", ("10.96.0.2", 53), 3)
+    try:
+        r = dns.query.udp(dns.message.make_query(name, "A"), "10.96.0.2", port=53, timeout=3, sock=u)
+        assert {rd.to_text() for rrset in r.answer for rd in rrset} == {"10.96.0.10"}
+        r = dns.query.tcp(dns.message.make_query(name, "AAAA"), "10.96.0.2", port=53, timeout=3, sock=t)
+        assert {rd.to_text() for rrset in r.answer for rd in rrset} == {"fd96::10"}
+    finally:
+        u.close()
+        t.close()
 
 
 def test_no_endpoint_is_rejected_within_a_second(env):
