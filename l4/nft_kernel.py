@@ -148,6 +148,7 @@ class KernelProxier:
         self._on_synced = on_synced
         self._cond = threading.Condition()
         self._want: Snapshot | None = None
+        self._want_changed: frozenset | None = frozenset()
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._builder = RulesetBuilder()
@@ -168,6 +169,12 @@ class KernelProxier:
     def apply(self, snap: Snapshot) -> None:
         with self._cond:
             self._want = snap
+            # The services changed since the last sync, over every snapshot in between (a
+            # burst is applied once); None once any of them was a full build.
+            if snap.changed is None or self._want_changed is None:
+                self._want_changed = None
+            else:
+                self._want_changed = self._want_changed | snap.changed
             self._cond.notify()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -203,11 +210,13 @@ class KernelProxier:
                         waits = [t for t in (retry_at if self._want is not None else None, stale_at) if t is not None]
                         self._cond.wait(max(0.0, min(waits) - now) if waits else None)
                     snap = self._want if sync_due else None
+                    changed = self._want_changed
                     if sync_due:
                         self._want = None
+                        self._want_changed = frozenset()
                 if snap is not None:
                     try:
-                        self._sync(nft, snap)
+                        self._sync(nft, snap, changed)
                         retry_at = None
                     except (NftError, OSError, ValueError) as exc:
                         self._failed(exc)
@@ -215,6 +224,7 @@ class KernelProxier:
                         with self._cond:
                             if self._want is None:
                                 self._want = snap
+                            self._want_changed = None      # after a failure: look at everything
                 self._delete_stale(nft)
         finally:
             nft.close()
@@ -227,7 +237,7 @@ class KernelProxier:
             log.error("nftables: sync failed: %s; reading the table back and retrying every %.0fs", msg, RETRY)
         self.state["lastError"] = msg
 
-    def _sync(self, nft: Nft, snap: Snapshot) -> None:
+    def _sync(self, nft: Nft, snap: Snapshot, changed: frozenset | None = None) -> None:
         t0 = time.perf_counter()
         setup: list[dict] = []
         if not self._known:
@@ -238,18 +248,20 @@ class KernelProxier:
                 self._applied, empty = ruleset_from_listing(listing)
             self._stale = {name: self._stale.get(name, time.monotonic()) for name in empty}
             setup = setup_commands(self.table)
-        desired = self._builder.build(snap)
+        desired = self._builder.build(snap, changed if self._known else None)
         if not self._known and self._applied is not None:
             self._applied = adopt(self._applied, desired)
         if self._known:
             txs = [diff(self.table, self._applied, desired, self._stale)]
         else:
             txs = diff_chunks(self.table, self._applied, desired, self._stale, FIRST_SYNC_CHUNK)
+        t1 = time.perf_counter()
         count = 0
         for i, tx in enumerate(txs):
             cmds = setup + tx.commands if i == 0 else tx.commands
             nft.run(cmds)
             count += len(cmds)
+        t2 = time.perf_counter()
         now = time.monotonic()
         chains = desired.chains()
         for tx in txs:
@@ -261,8 +273,13 @@ class KernelProxier:
         old_snap = self._applied_snap
         self._applied, self._applied_snap, self._known = desired, snap, True
         elapsed = time.perf_counter() - t0
+        # lastSyncSeconds = lastBuildSeconds (desired ruleset and diff, in Python) +
+        # lastApplySeconds (libnftables / nft: its cache refresh and the kernel's commit).
         self.state.update(syncs=self.state["syncs"] + 1, lastSyncSeconds=round(elapsed, 6), lastCommands=count,
-                          lastError=None, version=snap.version)
+                          lastBuildSeconds=round(t1 - t0, 6), lastApplySeconds=round(t2 - t1, 6),
+                          lastTransactions=len(txs), lastError=None, version=snap.version)
+        if "firstSyncSeconds" not in self.state:
+            self.state["firstSyncSeconds"] = round(elapsed, 6)
         if count:
             log.debug("nftables: snapshot %d in %d commands, %.1f ms", snap.version, count, elapsed * 1000)
         flows = conntrack.flows_to_clear(old_snap, snap, touched) if snap.udp or (old_snap is not None and old_snap.udp) else []

@@ -57,6 +57,7 @@ from meshproxy.core.snapshot import Backend, L4Listener, Snapshot
 __all__ = [
     "FAMILY", "MASQ_MARK", "Part", "Ruleset", "Transaction", "SetSpec",
     "base_part", "service_part", "build_ruleset", "diff", "diff_chunks", "chain_digest", "listeners_by_service",
+    "listeners_of",
     "RulesetBuilder", "DIGEST_PREFIX", "ruleset_from_listing", "setup_commands", "adopt", "LEFTOVER",
 ]
 
@@ -418,32 +419,70 @@ def build_ruleset(snap: Snapshot) -> Ruleset:
     return Ruleset(base_part(snap.node.all_addresses), parts)
 
 
+def listeners_of(snap: Snapshot, key: tuple[str, str]) -> dict[tuple[str, str, str], list[L4Listener]]:
+    """The listeners the snapshot gives one service, by backend key, found from the service's
+    own addresses (its ClusterIPs, this node's addresses with its nodePorts, its external
+    and LoadBalancer IPs) rather than by a pass over every listener. O(its addresses)."""
+    svc = snap.services.get(key)
+    out: dict[tuple[str, str, str], list[L4Listener]] = {}
+    if svc is None:
+        return out
+    ns, name = key
+    hosts = list(snap.cluster_ips.get(key, ())) + list(svc.external_ips) + list(svc.lb_ingress_ips)
+    for sp in svc.ports:
+        table = snap.udp if sp.protocol == "UDP" else snap.l4
+        pk = sp.name or str(sp.port)
+        cands = [(h, sp.port) for h in hosts]
+        np_ = sp.node_port or snap.allocated.get(f"{ns}/{name}:{pk}")
+        if np_:
+            cands += [(a, np_) for a in snap.node.all_addresses]
+        for addr in dict.fromkeys(cands):
+            lst = table.get(addr)
+            if lst is not None and lst.backend == (ns, name, pk):
+                out.setdefault(lst.backend, []).append(lst)
+    return out
+
+
 class RulesetBuilder:
     """``build_ruleset`` with memory: a service's part is rebuilt only when its inputs (its
-    Service object, its backends, its listeners) are not the ones of the last build. Grouping
-    the listeners is one pass over them; building parts, the expensive step, is per change."""
+    Service object, its backends, its listeners) are not the ones of the last build.
+
+    ``build(snap, changed)``: when ``changed`` names every service that may differ since the
+    last build (the snapshots' ``changed`` sets, accumulated), only those are looked at — the
+    cost of an endpoint change does not grow with the cluster; ``changed`` None looks at
+    every service (one pass over the listeners)."""
 
     def __init__(self) -> None:
         self._memo: dict[tuple[str, str], tuple[tuple, Part]] = {}
+        self._node: object = None
 
-    def build(self, snap: Snapshot) -> Ruleset:
-        grouped = listeners_by_service(snap)
-        memo: dict[tuple[str, str], tuple[tuple, Part]] = {}
-        parts: dict[tuple[str, str], Part] = {}
-        for key, lsts in grouped.items():
-            svc = snap.services.get(key)
-            if svc is None:
-                continue
-            inputs = (svc,) + tuple((bk, snap.backends.get(bk), tuple(ls)) for bk, ls in sorted(lsts.items()))
-            old = self._memo.get(key)
-            if old is not None and _same(old[0], inputs):
-                part = old[1]
-            else:
-                part = _part_for(snap, key, lsts)
-            memo[key] = (inputs, part)
-            parts[key] = part
-        self._memo = memo
+    def build(self, snap: Snapshot, changed: Iterable[tuple[str, str]] | None = None) -> Ruleset:
+        if changed is None or snap.node != self._node:
+            grouped = listeners_by_service(snap)
+            memo: dict[tuple[str, str], tuple[tuple, Part]] = {}
+            for key, lsts in grouped.items():
+                self._part(snap, key, lsts, memo)
+            self._memo = memo
+        else:
+            for key in changed:
+                lsts = listeners_of(snap, key)
+                if lsts:
+                    self._part(snap, key, lsts, self._memo)
+                else:
+                    self._memo.pop(key, None)
+        self._node = snap.node
+        parts = {key: part for key, (_, part) in self._memo.items()}
         return Ruleset(base_part(snap.node.all_addresses), parts)
+
+    def _part(self, snap: Snapshot, key: tuple[str, str], lsts: Mapping[tuple[str, str, str], list[L4Listener]],
+              memo: dict) -> None:
+        svc = snap.services.get(key)
+        if svc is None:
+            memo.pop(key, None)
+            return
+        inputs = (svc,) + tuple((bk, snap.backends.get(bk), tuple(ls)) for bk, ls in sorted(lsts.items()))
+        old = self._memo.get(key)
+        memo[key] = (inputs, old[1] if old is not None and _same(old[0], inputs) else _part_for(snap, key, lsts))
 
 
 def _same(a: tuple, b: tuple) -> bool:

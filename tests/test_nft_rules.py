@@ -471,3 +471,30 @@ def test_rules_without_our_digest_are_rewritten():
 def test_listed_element_keys(listed, key):
     kernel, _ = N.ruleset_from_listing([{"map": {"name": "m", "elem": [[listed, {"goto": {"target": "c"}}]]}}])
     assert kernel.base.elements["m"] == {key: ("goto", "c")}
+
+
+def test_incremental_builder_follows_the_snapshots_changes():
+    """Fed each snapshot's ``changed`` set, the builder gives what a full build gives."""
+    c, snap = snapshot(BASE3 + svc("np", spec="type: NodePort\n  clusterIP: 10.96.0.30", selector="{app: web}"))
+    b = N.RulesetBuilder()
+    b.build(snap)
+    steps = [
+        [Event(ADDED, o) for o in load_text(pod("a3", ip="10.244.1.4")).objects],
+        [Event("MODIFIED", o) for o in load_text(pod("a1", ready=False)).objects],
+        [Event("DELETED", o) for o in load_text(svc("other", spec="clusterIP: 10.96.0.20", selector="{app: other}")).objects],
+        [Event(ADDED, o) for o in load_text(svc("late", spec="clusterIP: 10.96.0.40")).objects],
+    ]
+    published = []
+    c._publish = published.append
+    for events in steps:
+        published.clear()
+        c.apply_events(events)
+        c.rebuild()
+        assert all(s.changed is not None for s in published)    # incremental snapshot builds
+        snap = published[-1]
+        inc = b.build(snap, frozenset().union(*(s.changed for s in published)))
+        full = N.build_ruleset(snap)
+        assert set(inc.parts) == set(full.parts)
+        assert not N.diff("t", full, inc) and not N.diff("t", inc, full)
+    for key in snap.services:
+        assert N.listeners_of(snap, key) == N.listeners_by_service(snap).get(key, {})

@@ -132,6 +132,10 @@ class Snapshot:
     udp: Mapping[tuple[str, int], L4Listener] = field(default_factory=lambda: MappingProxyType({}))
     # Every ClusterIP of each service that has one, primary family first (dual stack).
     cluster_ips: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # The services whose parts were recomputed for this snapshot (an incremental build), or
+    # None (a full build): lets consumers that keep per-service state (the nftables mode)
+    # work in proportion to the change.
+    changed: frozenset[tuple[str, str]] | None = None
 
     def to_json(self) -> dict:
         services = []
@@ -456,7 +460,8 @@ class SnapshotBuilder:
             allocated.update({f"{ns}/{name}:{pk}": port for (ns, name, pk), port in node_ports.items()})
             self._alloc_cache = (sig, ips, node_ports, _frozen(allocated), cluster_ips, family_problems)
             if self._last is not None and self._last[0] == node and changed is not None and \
-                    (ips, node_ports, dict(cluster_ips)) == (self._last[6], self._last[7], dict(self._last[8])):
+                    (ips, node_ports) == (self._last[6], self._last[7]) and \
+                    not any(self._last[8].get(k, v) != v for k, v in cluster_ips.items()):
                 # Services came or went but nobody's addresses moved: still incremental.
                 changed = changed | (set(services) ^ set(self._last[3]))
             else:
@@ -473,10 +478,12 @@ class SnapshotBuilder:
             owners: dict[tuple[str, int, str], tuple[str, str]] = {}
             svc_problems: dict[tuple[str, str], tuple[str, ...]] = {}
             todo = list(services)
+            changed_keys = None
         else:
             backends, endpoint_sets, owners, svc_problems = dict(last[1]), dict(last[3]), dict(last[4]), dict(last[5])
             tables = {"TCP": dict(last[2]["TCP"]), "UDP": dict(last[2]["UDP"])}
             todo = [k for k in changed]
+            changed_keys = frozenset(todo)
             for key in todo:          # take out what these services contributed last time
                 entry = self._service_cache.get(key)
                 if entry is not None:
@@ -552,7 +559,7 @@ class SnapshotBuilder:
             l4=_frozen(l4), routes=table, ingresses=served, tls_hosts=_frozen(dict(tls_hosts)),
             secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view,
             http_listeners=gw.http_listeners, gateway_status=gw.status,
-            udp=_frozen(tables["UDP"]), cluster_ips=cluster_ips)
+            udp=_frozen(tables["UDP"]), cluster_ips=cluster_ips, changed=changed_keys)
 
     def _gateways(self, store, services: Mapping[tuple[str, str], o.Service], ips: Mapping, l4: Mapping,
                   node: NodeInfo):
