@@ -92,9 +92,13 @@ class Part:
 
 @dataclass(slots=True)
 class Ruleset:
-    """The whole table: the skeleton plus one part per service key."""
+    """The whole table: the skeleton plus one part per service key. ``prev`` / ``changed``:
+    when a builder derived this ruleset from ``prev`` and only the parts of ``changed`` may
+    differ, the diff against ``prev`` looks at those alone."""
     base: Part
     parts: dict[tuple[str, str], Part]
+    prev: Ruleset | None = None
+    changed: frozenset | None = None
 
     def chains(self) -> dict[str, str]:
         out = {n: d for n, (d, _) in self.base.chains.items()}
@@ -454,25 +458,39 @@ class RulesetBuilder:
 
     def __init__(self) -> None:
         self._memo: dict[tuple[str, str], tuple[tuple, Part]] = {}
+        self._parts: dict[tuple[str, str], Part] = {}
         self._node: object = None
+        self._base: tuple[tuple[str, ...], Part] | None = None
+        self._last: Ruleset | None = None
 
     def build(self, snap: Snapshot, changed: Iterable[tuple[str, str]] | None = None) -> Ruleset:
+        addrs = snap.node.all_addresses
+        if self._base is None or self._base[0] != addrs:
+            self._base = (addrs, base_part(addrs))
         if changed is None or snap.node != self._node:
             grouped = listeners_by_service(snap)
             memo: dict[tuple[str, str], tuple[tuple, Part]] = {}
             for key, lsts in grouped.items():
                 self._part(snap, key, lsts, memo)
             self._memo = memo
+            self._parts = {key: part for key, (_, part) in memo.items()}
+            hint = None
         else:
-            for key in changed:
+            hint = frozenset(changed)
+            for key in hint:
                 lsts = listeners_of(snap, key)
                 if lsts:
                     self._part(snap, key, lsts, self._memo)
+                    self._parts[key] = self._memo[key][1]
                 else:
                     self._memo.pop(key, None)
+                    self._parts.pop(key, None)
         self._node = snap.node
-        parts = {key: part for key, (_, part) in self._memo.items()}
-        return Ruleset(base_part(snap.node.all_addresses), parts)
+        rs = Ruleset(self._base[1], dict(self._parts), self._last, hint)
+        if self._last is not None:
+            self._last.prev = None            # keep one step of history, not a chain of them
+        self._last = rs
+        return rs
 
     def _part(self, snap: Snapshot, key: tuple[str, str], lsts: Mapping[tuple[str, str, str], list[L4Listener]],
               memo: dict) -> None:
@@ -592,7 +610,11 @@ def _part_diff(table: str, po: Part | None, pn: Part | None, pending: set[str],
 
 def _changed(old: Ruleset | None, new: Ruleset) -> tuple[dict, dict, list]:
     old_parts, new_parts = _parts(old), _parts(new)
-    keys = [k for k in old_parts.keys() | new_parts.keys() if new_parts.get(k) is not old_parts.get(k)]
+    if old is not None and new.prev is old and new.changed is not None:
+        cands: Iterable = (None, *new.changed)       # the builder says only these may differ
+    else:
+        cands = old_parts.keys() | new_parts.keys()
+    keys = [k for k in cands if new_parts.get(k) is not old_parts.get(k)]
     # The skeleton first (everything refers to it), then removed services, then the others.
     keys.sort(key=lambda k: (k is not None, k in new_parts, k or ("", "")))
     return old_parts, new_parts, keys

@@ -486,6 +486,7 @@ def test_incremental_builder_follows_the_snapshots_changes():
     ]
     published = []
     c._publish = published.append
+    prev = b.build(snap)
     for events in steps:
         published.clear()
         c.apply_events(events)
@@ -496,5 +497,10 @@ def test_incremental_builder_follows_the_snapshots_changes():
         full = N.build_ruleset(snap)
         assert set(inc.parts) == set(full.parts)
         assert not N.diff("t", full, inc) and not N.diff("t", inc, full)
+        # the builder's hint (only the changed services) gives the same diff as a full compare
+        assert inc.prev is prev and inc.changed is not None
+        assert N.diff("t", prev, inc).commands == N.diff("t", N.Ruleset(prev.base, prev.parts),
+                                                          N.Ruleset(inc.base, inc.parts)).commands
+        prev = inc
     for key in snap.services:
         assert N.listeners_of(snap, key) == N.listeners_by_service(snap).get(key, {})
