@@ -44,13 +44,17 @@ from bench.peers import REPO, _env, nofile_limit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT, NODE_C, NODE_S, SERVER = "10.1.0.2", "10.1.0.1", "10.2.0.1", "10.2.0.2"
-SERVER_PORT = 9000
+# One server port per path: a path's TIME_WAIT connections (the server closes first in the
+# connection-rate test) must not share 4-tuples with another path's new ones — through NAT a
+# client's TCP timestamps differ for the same 4-tuple (they are offset per address pair), so
+# the server would take a reused tuple for an old duplicate and stall it.
+SERVER_PORTS = {"direct": 9000, "nftables": 9001, "haproxy": 9002, "meshproxy": 9003}
 CIP_NFT, CIP_USER, SVC_PORT = "10.96.0.10", "10.96.1.10", 80
 HAPROXY_PORT = 8081
 PEERS = ("direct", "nftables", "haproxy", "meshproxy")
 
 
-def _manifests(cip: str) -> str:
+def _manifests(cip: str, port: int) -> str:
     return f"""apiVersion: v1
 kind: Node
 metadata: {{name: node}}
@@ -59,14 +63,14 @@ status: {{addresses: [{{type: InternalIP, address: {NODE_S}}}]}}
 apiVersion: v1
 kind: Service
 metadata: {{name: bench}}
-spec: {{clusterIP: {cip}, ports: [{{name: tcp, port: {SVC_PORT}, targetPort: {SERVER_PORT}}}]}}
+spec: {{clusterIP: {cip}, ports: [{{name: tcp, port: {SVC_PORT}, targetPort: {port}}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: bench-a, labels: {{kubernetes.io/service-name: bench}}}}
 addressType: IPv4
 endpoints: [{{addresses: [{SERVER}]}}]
-ports: [{{name: tcp, port: {SERVER_PORT}}}]
+ports: [{{name: tcp, port: {port}}}]
 """
 
 
@@ -142,14 +146,15 @@ def start_peers(topo: Topology, work: Path, pin: dict | None) -> dict[str, tuple
     """Start the server and the proxies; returns the address each peer is measured at."""
     py = sys.executable
     proxy_cpus = pin and pin["proxy"]
-    srv = Proc("kernel-bench-server", topo.argv("server", [py, "-m", "bench.tcpserver", "--listen",
-                                                           f"{SERVER}:{SERVER_PORT}"]),
-               work / "server.log", cwd=REPO, env=_env(), cpus=pin and pin["load"])
-    _wait_port(topo, "client", SERVER, SERVER_PORT, srv)
-    addrs = {"direct": (SERVER, SERVER_PORT)}
+    for peer, port in SERVER_PORTS.items():
+        srv = Proc(f"kernel-bench-server-{peer}", topo.argv("server", [py, "-m", "bench.tcpserver", "--listen",
+                                                                       f"{SERVER}:{port}"]),
+                   work / f"server-{peer}.log", cwd=REPO, env=_env(), cpus=pin and pin["load"])
+        _wait_port(topo, "client", SERVER, port, srv)
+    addrs = {"direct": (SERVER, SERVER_PORTS["direct"])}
     for cip, mode, admin in ((CIP_NFT, "nftables", 9901), (CIP_USER, "userspace", 9902)):
         f = work / f"{mode}.yaml"
-        f.write_text(_manifests(cip))
+        f.write_text(_manifests(cip, SERVER_PORTS["nftables" if mode == "nftables" else "meshproxy"]))
         p = Proc(f"meshproxy-{mode}", topo.argv("node", [py, "-m", "meshproxy", "run", "-f", str(f), "--node", "node",
                                                          "--proxy-mode", mode, "--nft-table", "meshproxy-bench",
                                                          "--service-cidr", "10.96.0.0/16", "--no-health-checks",
@@ -175,7 +180,7 @@ frontend fe
     default_backend be
 backend be
     option splice-auto
-    server s1 {SERVER}:{SERVER_PORT}
+    server s1 {SERVER}:{SERVER_PORTS["haproxy"]}
 """)
         hp = Proc("haproxy", topo.argv("node", [haproxy, "-db", "-f", str(cfg)]), work / "haproxy.log",
                   cpus=proxy_cpus)
