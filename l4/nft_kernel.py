@@ -273,6 +273,11 @@ class KernelProxier:
         old_snap = self._applied_snap
         self._applied, self._applied_snap, self._known = desired, snap, True
         elapsed = time.perf_counter() - t0
+        # UDP flows to endpoints that left are cut before the snapshot counts as applied: from
+        # then on no datagram may still reach a removed endpoint.
+        flows = conntrack.flows_to_clear(old_snap, snap, touched) if snap.udp or (old_snap is not None and old_snap.udp) else []
+        if flows:
+            conntrack.clear(flows)
         # lastSyncSeconds = lastBuildSeconds (desired ruleset and diff, in Python) +
         # lastApplySeconds (libnftables / nft: its cache refresh and the kernel's commit).
         self.state.update(syncs=self.state["syncs"] + 1, lastSyncSeconds=round(elapsed, 6), lastCommands=count,
@@ -282,9 +287,6 @@ class KernelProxier:
             self.state["firstSyncSeconds"] = round(elapsed, 6)
         if count:
             log.debug("nftables: snapshot %d in %d commands, %.1f ms", snap.version, count, elapsed * 1000)
-        flows = conntrack.flows_to_clear(old_snap, snap, touched) if snap.udp or (old_snap is not None and old_snap.udp) else []
-        if flows:
-            conntrack.clear(flows)
         self.synced_version = snap.version
         if self._on_synced is not None:
             self._on_synced(snap.version)
