@@ -95,6 +95,15 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: web-ext}
+spec:
+  clusterIP: 10.96.0.14
+  externalIPs: [192.0.2.80]
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: web-aff}
 spec:
   clusterIP: 10.96.0.12
@@ -269,6 +278,15 @@ def test_local_policy_without_local_endpoint_is_refused(env):
     assert {who(env.c, "client", ("10.77.0.11", 30082))[0] for _ in range(10)} <= {"web-a1", "web-a2"}
     with pytest.raises(ConnectionRefusedError):
         env.c.connect("client", ("10.77.0.12", 30082), 1.0).close()
+
+
+def test_external_ip_from_the_outside_client(env):
+    # The client's router sends the external IP to node-a (as a load balancer would).
+    if "192.0.2.80" not in env.c.run("client", "ip", "route").stdout:
+        env.c.route("client", "192.0.2.80", "10.77.0.11")
+    seen = [who(env.c, "client", ("192.0.2.80", 80)) for _ in range(30)]
+    assert {n for n, _ in seen} == set(WEB), seen
+    assert {p for _, p in seen} == {"10.77.0.11"}        # Cluster policy: masqueraded by node-a
 
 
 def test_client_ip_affinity_keeps_one_pod(env):

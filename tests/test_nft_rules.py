@@ -504,3 +504,14 @@ def test_incremental_builder_follows_the_snapshots_changes():
         prev = inc
     for key in snap.services:
         assert N.listeners_of(snap, key) == N.listeners_by_service(snap).get(key, {})
+
+
+def test_kernel_mode_reports_what_it_cannot_translate():
+    r = load_text(pod("a1") + svc(spec="type: NodePort\n  clusterIP: 127.96.0.10"))
+    c = Controller(Settings(paths=["x"], health_checks=False, proxy_mode="nftables"), lambda s: None)
+    c.apply_events([Event(ADDED, o) for o in r.objects if o.kind != "Node"])
+    snap = c.rebuild()
+    assert any("--service-cidr 127.96.0.0/16 is a loopback range" in p for p in snap.problems), snap.problems
+    assert any("node address 127.0.0.1 is loopback" in p for p in snap.problems), snap.problems
+    _, snap = snapshot(pod("a1") + svc())                 # userspace (the default): nothing to say
+    assert not any("loopback" in p for p in snap.problems)

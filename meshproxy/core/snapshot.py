@@ -13,6 +13,7 @@ Ingress-related object changed, so a one-pod change costs O(that service), not O
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import time
@@ -189,6 +190,24 @@ def _backend_json(b: Backend) -> dict:
     if b.weighted:
         d["weights"] = {f"{e.ip}:{e.port}": e.weight for e in b.endpoints}
     return d
+
+
+def _kernel_mode_problems(service_cidr: str, node: NodeInfo) -> list[str]:
+    """What --proxy-mode nftables cannot serve here: loopback addresses are never translated
+    to a pod (the kernel would send the pod a packet from 127.0.0.1, which it drops)."""
+    out = []
+    for cidr in service_cidr.split(","):
+        try:
+            if ipaddress.ip_network(cidr.strip(), strict=False).is_loopback:
+                out.append(f"--service-cidr {cidr.strip()} is a loopback range: in nftables mode its ClusterIPs "
+                           "are not translated; use a routable range")
+        except ValueError:
+            pass
+    for addr in node.all_addresses:
+        if ipaddress.ip_address(addr).is_loopback:
+            out.append(f"node address {addr} is loopback: in nftables mode NodePorts are served only on "
+                       "non-loopback InternalIPs")
+    return out
 
 
 def _frozen(d: dict) -> Mapping:
@@ -449,6 +468,8 @@ class SnapshotBuilder:
         problems: list[str] = []
         node, node_problems = self.node_info(store.list("Node"))
         problems.extend(node_problems)
+        if self.settings.proxy_mode == "nftables":
+            problems.extend(_kernel_mode_problems(self.settings.service_cidr, node))
         services: dict[tuple[str, str], o.Service] = dict(store.items("Service"))
         sig = tuple(map(id, services.values()))
         alloc_changed = self._alloc_cache is None or self._alloc_cache[0] != sig
