@@ -1,7 +1,8 @@
 """L4: TCP listeners reconciled from the snapshot (``listeners``), the per-connection byte pump
 (``pump``: raw non-blocking sockets, ``os.splice``), PROXY protocol headers towards pods
 (``proxy_protocol``), UDP relays (``udp``), and the kernel mode: the nftables ruleset as data
-(``nftables``), applied by ``nft_kernel``, with ``conntrack`` clean-up of UDP flows.
+(``nftables``), applied by ``nft_kernel`` (changes over netlink: ``nft_netlink``), with
+``conntrack`` clean-up of UDP flows.
 
 The control plane creates one ``L4Manager(runtime)`` in the running loop and subscribes its
 ``apply`` to snapshot publishes; see docs/l4.md for the semantics.

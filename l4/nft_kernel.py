@@ -14,8 +14,10 @@ first sync takes seconds of kernel time; the event loop must not wait for it):
   (they outlive the process, so traffic keeps flowing across a restart) are diffed, not
   rebuilt, and a changed endpoint set is reconciled;
 - each later sync diffs the new desired ruleset against the last applied one and sends the
-  difference as one transaction; after a failure the table is read back again before the
-  next attempt (retried every ``RETRY`` seconds until one succeeds);
+  difference as one transaction — over netlink (``l4.nft_netlink``: no libnftables cache
+  refresh, which costs more than the change itself in a large table) when every command is
+  one it encodes, else through libnftables; after a failure the table is read back again
+  before the next attempt (retried every ``RETRY`` seconds until one succeeds);
 - chains that fell out of use are flushed in that transaction and deleted ``STALE_DELAY``
   later, in a transaction of their own (kube-proxy's caution for kernels before 6.2);
 - after each sync, conntrack entries of UDP flows to removed endpoints are deleted
@@ -30,6 +32,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -39,6 +42,7 @@ from typing import Any, Callable
 from meshproxy.core.snapshot import Snapshot
 
 from . import conntrack
+from .nft_netlink import NetlinkNft, Unsupported
 from .nftables import FAMILY, Ruleset, RulesetBuilder, adopt, diff, diff_chunks, ruleset_from_listing, setup_commands
 
 __all__ = ["Nft", "NftError", "KernelProxier", "cleanup", "RETRY", "STALE_DELAY"]
@@ -48,6 +52,7 @@ log = logging.getLogger("meshproxy.l4.kernel")
 RETRY = 1.0               # seconds between attempts after a failed transaction
 STALE_DELAY = 1.0         # seconds between flushing an unused chain and deleting it
 FIRST_SYNC_CHUNK = 20000  # commands per transaction when the diff is that large (nftables.diff_chunks)
+NETLINK_MAX = 5000        # larger transactions go through libnftables (a netlink batch is one buffer)
 
 _NFT_CTX_OUTPUT_JSON = 1 << 4
 
@@ -156,6 +161,7 @@ class KernelProxier:
         self._applied_snap: Snapshot | None = None
         self._known = False
         self._stale: dict[str, float] = {}        # flushed chain -> when
+        self._netlink: NetlinkNft | None = None
         self.synced_version = 0
         self.state: dict[str, Any] = {"table": f"{FAMILY} {table}", "syncs": 0, "errors": 0,
                                       "lastError": None, "lastSyncSeconds": None, "lastCommands": 0}
@@ -194,7 +200,13 @@ class KernelProxier:
             log.error("nftables: %s; Services are not programmed in the kernel", exc)
             self.state["lastError"] = str(exc)
             return
-        log.info("nftables: programming table %s %s through %s", FAMILY, self.table, nft.via)
+        if os.environ.get("MESHPROXY_NFT_NETLINK", "1") != "0":
+            try:
+                self._netlink = NetlinkNft()
+            except OSError as exc:        # no netlink here: libnftables does everything
+                log.info("nftables: netlink unavailable (%s); every change goes through %s", exc, nft.via)
+        log.info("nftables: programming table %s %s through %s%s", FAMILY, self.table, nft.via,
+                 " (changes after the first sync: netlink)" if self._netlink is not None else "")
         retry_at = None
         try:
             while True:
@@ -218,7 +230,7 @@ class KernelProxier:
                     try:
                         self._sync(nft, snap, changed)
                         retry_at = None
-                    except (NftError, OSError, ValueError) as exc:
+                    except (NftError, OSError, ValueError) as exc:     # NetlinkError is an OSError
                         self._failed(exc)
                         retry_at = time.monotonic() + RETRY
                         with self._cond:
@@ -228,6 +240,8 @@ class KernelProxier:
                 self._delete_stale(nft)
         finally:
             nft.close()
+            if self._netlink is not None:
+                self._netlink.close()
 
     def _failed(self, exc: BaseException) -> None:
         self._known = False
@@ -257,8 +271,17 @@ class KernelProxier:
             txs = diff_chunks(self.table, self._applied, desired, self._stale, FIRST_SYNC_CHUNK)
         t1 = time.perf_counter()
         count = 0
+        via = nft.via
         for i, tx in enumerate(txs):
             cmds = setup + tx.commands if i == 0 else tx.commands
+            if self._known and self._netlink is not None and 0 < len(cmds) <= NETLINK_MAX:
+                try:
+                    self._netlink.run(self.table, cmds)
+                    via = "netlink"
+                    count += len(cmds)
+                    continue
+                except Unsupported:
+                    pass                  # the skeleton's commands: libnftables below
             nft.run(cmds)
             count += len(cmds)
         t2 = time.perf_counter()
@@ -282,7 +305,7 @@ class KernelProxier:
         # lastApplySeconds (libnftables / nft: its cache refresh and the kernel's commit).
         self.state.update(syncs=self.state["syncs"] + 1, lastSyncSeconds=round(elapsed, 6), lastCommands=count,
                           lastBuildSeconds=round(t1 - t0, 6), lastApplySeconds=round(t2 - t1, 6),
-                          lastTransactions=len(txs), lastError=None, version=snap.version)
+                          lastTransactions=len(txs), lastVia=via, lastError=None, version=snap.version)
         if "firstSyncSeconds" not in self.state:
             self.state["firstSyncSeconds"] = round(elapsed, 6)
         if count:
@@ -298,9 +321,13 @@ class KernelProxier:
         due = sorted(n for n, t in self._stale.items() if now - t >= STALE_DELAY)
         if not due:
             return
+        cmds = [{"delete": {"chain": {"family": FAMILY, "table": self.table, "name": n}}} for n in due]
         try:
-            nft.run([{"delete": {"chain": {"family": FAMILY, "table": self.table, "name": n}}} for n in due])
-        except NftError as exc:
+            if self._netlink is not None and len(cmds) <= NETLINK_MAX:
+                self._netlink.run(self.table, cmds)
+            else:
+                nft.run(cmds)
+        except (NftError, OSError) as exc:
             # Still referenced (an older kernel that has not noticed yet): try again later.
             log.debug("nftables: deleting %d unused chains: %s", len(due), exc)
             for n in due:

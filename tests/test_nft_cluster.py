@@ -346,7 +346,8 @@ def test_udp_flow_moves_when_its_endpoint_leaves(env):
         other = "dns-b" if first == "dns-a" else "dns-a"
         env.write(manifests(dns=(other,)), set(WEB))
         for node in ("node-a", "node-b"):
-            env.wait(node, lambda d: _pods_of(d, "echo") == {other})
+            d = env.wait(node, lambda d: _pods_of(d, "echo") == {other})
+            assert d["nftables"]["lastVia"] == "netlink"      # changes after the first sync
         s.send(b"y")
         assert s.recv(200).split()[0].decode() == other
     finally:
