@@ -397,11 +397,14 @@ def _service_family(p: Part, b: Backend, proto: str, v: int, listeners: list[L4L
 
 
 def listeners_by_service(snap: Snapshot) -> dict[tuple[str, str], dict[tuple[str, str, str], list[L4Listener]]]:
-    """Listeners of the snapshot grouped by service, then by backend key. O(listeners)."""
+    """Listeners of the snapshot grouped by service, then by backend key. O(listeners).
+    Gateway TCP / TLS listeners (``routes``: a route chosen per connection, by SNI) are not
+    Services: the user-space L4 manager keeps serving them."""
     out: dict[tuple[str, str], dict[tuple[str, str, str], list[L4Listener]]] = {}
     for table in (snap.l4, snap.udp):
         for lst in table.values():
-            out.setdefault(lst.backend[:2], {}).setdefault(lst.backend, []).append(lst)
+            if lst.routes is None:
+                out.setdefault(lst.backend[:2], {}).setdefault(lst.backend, []).append(lst)
     return out
 
 
@@ -442,7 +445,7 @@ def listeners_of(snap: Snapshot, key: tuple[str, str]) -> dict[tuple[str, str, s
             cands += [(a, np_) for a in snap.node.all_addresses]
         for addr in dict.fromkeys(cands):
             lst = table.get(addr)
-            if lst is not None and lst.backend == (ns, name, pk):
+            if lst is not None and lst.routes is None and lst.backend == (ns, name, pk):
                 out.setdefault(lst.backend, []).append(lst)
     return out
 

@@ -515,3 +515,18 @@ def test_kernel_mode_reports_what_it_cannot_translate():
     assert any("node address 127.0.0.1 is loopback" in p for p in snap.problems), snap.problems
     _, snap = snapshot(pod("a1") + svc())                 # userspace (the default): nothing to say
     assert not any("loopback" in p for p in snap.problems)
+
+
+def test_gateway_listeners_are_left_to_user_space():
+    """A Gateway TCP / TLS listener picks its route per connection (SNI): not a Service rule."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from meshproxy.core.snapshot import L4Listener
+    _, snap = snapshot(pod("a1") + svc())
+    gw = L4Listener("10.77.0.50", 443, ("default", "web", "http"), "gateway", False, routes=object())
+    snap = dataclasses.replace(snap, l4=MappingProxyType({**snap.l4, ("10.77.0.50", 443): gw}))
+    rs = N.build_ruleset(snap)
+    assert set(elements(rs, "service-ips")) == {("10.96.0.10", "tcp", 80)}
+    assert N.listeners_of(snap, ("default", "web")) == N.listeners_by_service(snap)[("default", "web")]
+    assert all(lst.routes is None for ls in N.listeners_of(snap, ("default", "web")).values() for lst in ls)
