@@ -1,4 +1,6 @@
-"""Control-plane scale: ``python -m bench.scale --pods 10000 --services 1000``.
+"""Control-plane scale: ``python -m bench.scale --pods 10000 --services 1000``; the kernel mode's
+scale (10,000 Services / 50,000 endpoints by default) with ``--proxy-mode nftables``
+(bench/nft_scale.py).
 
 For each size (by default 1,000 pods and the requested size, services in the same ratio, so the
 growth is visible side by side) it:
@@ -46,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import procstat
+from bench import nft_scale, procstat
 from bench._util import (
     VENV_PYTHON,
     Proc,
@@ -469,7 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--keep", action="store_true", help="keep the generated manifests")
+    p.add_argument("--proxy-mode", choices=("userspace", "nftables"), default="userspace",
+                   help="nftables: Services in the kernel, measured in a network namespace of its own "
+                        "(root; bench/nft_scale.py): first sync and endpoint changes at --services")
+    p.add_argument("--endpoints", type=int, default=5, help="with --proxy-mode nftables: endpoints per Service [5]")
     a = p.parse_args(argv)
+    if a.proxy_mode == "nftables":
+        if a.services == 1000 and "--services" not in (argv or sys.argv):
+            a.services = 10000
+        return nft_scale.main(a)
     if a.pods < 1 or a.services < 1 or a.pods_per_file < 1:
         p.error("--pods, --services and --pods-per-file must be >= 1")
     ok, why = meshproxy_runnable(VENV_PYTHON)

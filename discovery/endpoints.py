@@ -60,16 +60,30 @@ class Endpoint:
     # Relative share of new traffic (SRV weight; 1 for everything else). Balancers honour it
     # only when the weights of a backend's endpoints differ; 0 means "very rarely" (RFC 2782).
     weight: int = 1
+    # The pod's addresses of its other family (status.podIPs on a dual-stack cluster): what a
+    # ClusterIP of that family is translated to in the kernel (l4/nftables.py).
+    alt: tuple[str, ...] = ()
 
     @property
     def addr(self) -> tuple[str, int]:
         return (self.ip, self.port)
+
+    def ip_of(self, version: int) -> str | None:
+        """This endpoint's address of IP ``version`` (4 or 6), None when it has none."""
+        if (":" in self.ip) == (version == 6):
+            return self.ip
+        for a in self.alt:
+            if (":" in a) == (version == 6):
+                return a
+        return None
 
     def to_json(self) -> dict:
         d = {"ip": self.ip, "port": self.port, "pod": self.pod, "node": self.node,
              "ready": self.ready, "serving": self.serving, "terminating": self.terminating}
         if self.weight != 1:
             d["weight"] = self.weight
+        if self.alt:
+            d["alt"] = list(self.alt)
         return d
 
 
@@ -85,6 +99,7 @@ class EndpointSet:
     port_name: str               # service port name ("" when unnamed)
     port: int                    # service port number
     endpoints: tuple[Endpoint, ...]   # every known endpoint, sorted by (ip, port)
+    protocol: str = "TCP"        # TCP or UDP (SCTP ports get no set)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -130,7 +145,7 @@ def _resolve_target(sp: ServicePort, pod: Pod) -> int | None:
     t = sp.target_port
     if isinstance(t, int):
         return t
-    return pod.named_port(t)
+    return pod.named_port(t, sp.protocol)
 
 
 def _pod_endpoints(svc: Service, sp: ServicePort, pods: Iterable[Pod],
@@ -148,7 +163,8 @@ def _pod_endpoints(svc: Service, sp: ServicePort, pods: Iterable[Pod],
         serving = pod_ready(pod, probe_results)
         terminating = pod.terminating
         ready = svc.publish_not_ready or (serving and not terminating)
-        out.append(Endpoint(pod.pod_ip, port, pod.name, pod.node_name, ready, serving, terminating))
+        alt = tuple(a for a in pod.pod_ips if a != pod.pod_ip)
+        out.append(Endpoint(pod.pod_ip, port, pod.name, pod.node_name, ready, serving, terminating, 1, alt))
     return out
 
 
@@ -178,7 +194,8 @@ def _slice_endpoints(sp: ServicePort, slices: Iterable[EndpointSlice], publish_n
 def compute_endpoint_sets(svc: Service, pods: Iterable[Pod] | Callable[[], Iterable[Pod]],
                           slices: Iterable[EndpointSlice] = (),
                           probe_results: Mapping[tuple[str, str], bool] | None = None) -> tuple[EndpointSet, ...]:
-    """Endpoint sets of every TCP port of ``svc``.
+    """Endpoint sets of every TCP and UDP port of ``svc`` (SCTP is not served: the snapshot
+    reports it).
 
     ``pods`` are the pods that match the service's selector (same namespace) — the caller
     selects them, because it keeps the index that makes that cheap; ``slices`` are the
@@ -197,7 +214,7 @@ def compute_endpoint_sets(svc: Service, pods: Iterable[Pod] | Callable[[], Itera
         slice_list = modern or [s for s in slice_list if s.legacy]
     out = []
     for sp in svc.ports:
-        if sp.protocol != "TCP":
+        if sp.protocol not in ("TCP", "UDP"):
             continue
         if use_pods:
             eps = _pod_endpoints(svc, sp, pod_list, probe_results)
@@ -208,7 +225,7 @@ def compute_endpoint_sets(svc: Service, pods: Iterable[Pod] | Callable[[], Itera
         for e in eps:
             uniq.setdefault((e.ip, e.port), e)
         out.append(EndpointSet(svc.namespace, svc.name, sp.name, sp.port,
-                               tuple(sorted(uniq.values(), key=_sort_key))))
+                               tuple(sorted(uniq.values(), key=_sort_key)), sp.protocol))
     return tuple(out)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from . import gateway_api, istio
+from . import gateway_api, ipfamilies, istio
 from . import objects as o
 from .selectors import validate_label_key, validate_label_value
 
@@ -469,6 +469,13 @@ def _parse_pod(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Pod:
     pod_ip = ctx.str(status, "podIP", "status.podIP")
     if pod_ip is not None and not _check_ip(ctx, pod_ip, "status.podIP", status, "podIP"):
         pod_ip = None
+    pod_ips = []
+    for i, item in enumerate(ctx.list(status, "podIPs", "status.podIPs")):
+        ip = ctx.str(item, "ip", f"status.podIPs[{i}].ip", required=True) if isinstance(item, dict) else None
+        if ip is not None and _check_ip(ctx, ip, f"status.podIPs[{i}].ip", item, "ip"):
+            pod_ips.append(ip)
+    if pod_ips and pod_ip is None:
+        pod_ip = pod_ips[0]
     ready = None
     for i, cond in enumerate(ctx.list(status, "conditions", "status.conditions")):
         if isinstance(cond, dict) and cond.get("type") == "Ready":
@@ -480,7 +487,8 @@ def _parse_pod(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Pod:
             else:
                 ctx.error(f"status.conditions[{i}].status", f"{st!r} must be True, False or Unknown", cond, "status")
     return o.Pod(meta=m, origin=origin, node_name=ctx.str(spec, "nodeName", "spec.nodeName"),
-                 ports=tuple(ports), readiness_probe=probe, pod_ip=pod_ip, ready_condition=ready,
+                 ports=tuple(ports), readiness_probe=probe, pod_ip=pod_ip, pod_ips=tuple(pod_ips),
+                 ready_condition=ready,
                  phase=ctx.str(status, "phase", "status.phase", default="") or "",
                  hostname=ctx.str(spec, "hostname", "spec.hostname"),
                  subdomain=ctx.str(spec, "subdomain", "spec.subdomain"),
@@ -501,6 +509,9 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
     if cip is not None and cip != "None":
         if not _check_ip(ctx, cip, "spec.clusterIP", spec, "clusterIP"):
             cip = None
+    cips, families, family_policy = _parse_ip_families(ctx, spec, cip)
+    if cip is None and cips:
+        cip = cips[0]
     selector = ctx.string_map(spec, "selector", "spec.selector")
     if selector is not None:
         _check_labels(ctx, {"labels": spec.get("selector")}, selector)
@@ -582,12 +593,27 @@ def _parse_service(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Servi
     if "clusterIP" in spec:
         fields.append(("spec.clusterIP", _line_of(spec, "clusterIP")))
     origin = o.Origin(origin.file, origin.line, tuple((k, n) for k, n in fields if n))
-    return o.Service(meta=m, origin=origin, type=stype, cluster_ip=cip,
+    return o.Service(meta=m, origin=origin, type=stype, cluster_ip=cip, cluster_ips=cips,
+                     ip_families=families, ip_family_policy=family_policy,
                      selector=MappingProxyType(selector) if selector is not None else None,
                      ports=tuple(ports), session_affinity=affinity, affinity_timeout=timeout,
                      external_traffic_policy=etp or "Cluster", internal_traffic_policy=itp,
                      publish_not_ready=ctx.bool(spec, "publishNotReadyAddresses", "spec.publishNotReadyAddresses"),
                      external_ips=tuple(ext_ips), lb_ingress_ips=tuple(lb_ips), external_name=ext_name)
+
+
+def _parse_ip_families(ctx: _Doc, spec: dict, cip: str | None) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+    """spec.clusterIPs / ipFamilies / ipFamilyPolicy, checked as the API server does
+    (discovery/ipfamilies.py)."""
+    raw_ips = [v for v in ctx.list(spec, "clusterIPs", "spec.clusterIPs") if isinstance(v, str)]
+    raw_fams = [v for v in ctx.list(spec, "ipFamilies", "spec.ipFamilies") if isinstance(v, str)]
+    policy = ctx.str(spec, "ipFamilyPolicy", "spec.ipFamilyPolicy")
+    errors = ipfamilies.check_service(cip, raw_ips, raw_fams, policy)
+    for path, msg in errors:
+        ctx.error(path, msg, spec, path.split(".")[1].split("[")[0])
+    if errors:
+        return (), (), None
+    return tuple(raw_ips), tuple(raw_fams), policy
 
 
 def _opt_bool(v: Any) -> bool | None:
@@ -954,7 +980,7 @@ def validate_set(objs: Iterable[Any], service_cidr: str | None = None) -> list[C
     seen: dict[tuple, Any] = {}
     node_ports: dict[tuple[int, str], Any] = {}
     cluster_ips: dict[str, Any] = {}
-    net = ipaddress.ip_network(service_cidr, strict=False) if service_cidr else None
+    nets = ipfamilies.parse_cidrs(service_cidr) if service_cidr else ()
     for obj in objs:
         if obj.key in seen:
             first = seen[obj.key]
@@ -973,15 +999,21 @@ def validate_set(objs: Iterable[Any], service_cidr: str | None = None) -> list[C
                                                   f"{p.node_port} is already allocated to {other.ref} ({other.origin})"))
                     else:
                         node_ports[k] = obj
-            ip = obj.cluster_ip
-            if ip and ip != "None":
+            given = obj.cluster_ips or ((obj.cluster_ip,) if obj.cluster_ip else ())
+            for i, ip in enumerate(given):
+                if ip == "None":
+                    continue
+                path = "spec.clusterIP" if i == 0 else f"spec.clusterIPs[{i}]"
+                line = obj.origin.line_of("spec.clusterIP")
                 if ip in cluster_ips:
                     other = cluster_ips[ip]
-                    errors.append(ConfigError(obj.origin.file, obj.origin.line_of("spec.clusterIP"), obj.ref, "spec.clusterIP",
+                    errors.append(ConfigError(obj.origin.file, line, obj.ref, path,
                                               f"{ip} is already allocated to {other.ref} ({other.origin})"))
                 else:
                     cluster_ips[ip] = obj
-                if net is not None and ipaddress.ip_address(ip) not in net:
-                    errors.append(ConfigError(obj.origin.file, obj.origin.line_of("spec.clusterIP"), obj.ref, "spec.clusterIP",
-                                              f"{ip} is not in the service range {net}"))
+                addr = ipaddress.ip_address(ip)
+                if nets and not any(addr in n for n in nets):
+                    ranges = ",".join(str(n) for n in nets)
+                    errors.append(ConfigError(obj.origin.file, line, obj.ref, path,
+                                              f"{ip} is not in the service range {ranges}"))
     return errors

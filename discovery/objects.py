@@ -111,6 +111,11 @@ class Node(_Base):
                 return addr
         return None
 
+    @property
+    def internal_ips(self) -> tuple[str, ...]:
+        """Every InternalIP (a dual-stack node has one per family), the first one first."""
+        return tuple(addr for kind, addr in self.addresses if kind == "InternalIP")
+
 
 @dataclass(frozen=True, slots=True)
 class ContainerPort:
@@ -142,6 +147,9 @@ class Pod(_Base):
     ports: tuple[ContainerPort, ...] = ()
     readiness_probe: Probe | None = None
     pod_ip: str | None = None
+    # status.podIPs: every address of the pod, podIP first (one per family on a dual-stack
+    # cluster); empty when the manifest gives only podIP.
+    pod_ips: tuple[str, ...] = ()
     # status.conditions[type=Ready]: True / False / None when absent
     ready_condition: bool | None = None
     phase: str = ""
@@ -153,11 +161,18 @@ class Pod(_Base):
     def terminating(self) -> bool:
         return self.meta.deletion_timestamp is not None
 
-    def named_port(self, name: str) -> int | None:
+    def named_port(self, name: str, protocol: str = "TCP") -> int | None:
         for p in self.ports:
-            if p.name == name and p.protocol == "TCP":
+            if p.name == name and p.protocol == protocol:
                 return p.container_port
         return None
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address of the pod, podIP first."""
+        if not self.pod_ip:
+            return ()
+        return (self.pod_ip,) + tuple(ip for ip in self.pod_ips if ip != self.pod_ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +190,11 @@ class Service(_Base):
     kind = "Service"
     type: str = "ClusterIP"
     cluster_ip: str | None = None        # None: to be allocated; "None": headless
+    # Dual stack (docs/l4-kernel.md "IPv6 and dual stack"): spec.clusterIPs as given (the first
+    # is cluster_ip), spec.ipFamilies as given, spec.ipFamilyPolicy (None: SingleStack).
+    cluster_ips: tuple[str, ...] = ()
+    ip_families: tuple[str, ...] = ()
+    ip_family_policy: str | None = None
     selector: Mapping[str, str] | None = None
     ports: tuple[ServicePort, ...] = ()
     session_affinity: str = "None"

@@ -19,11 +19,11 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from . import ipfamilies
 from . import objects as o
 from .endpoints import EndpointSet, compute_endpoint_sets
 from .selectors import Selector, selector_from_map
@@ -278,16 +278,23 @@ class Allocator:
 
     def __init__(self, service_cidr: str = "127.96.0.0/16",
                  node_port_range: tuple[int, int] = (30000, 32767)) -> None:
-        self.net = ipaddress.ip_network(service_cidr, strict=False)
+        # One range, or two of different families (dual stack): the first is the primary.
+        self.nets = ipfamilies.parse_cidrs(service_cidr)
+        self.net = self.nets[0]
+        self.families = ipfamilies.cluster_families(self.nets)
         self.node_port_range = node_port_range
         self.ips: dict[NsName, str] = {}
         self.node_ports: dict[tuple[str, str, str], int] = {}
+        # Every ClusterIP of each non-headless service, in its family order (given ones and
+        # allocated ones), and why a service has fewer families than it asked for.
+        self.cluster_ips: dict[NsName, tuple[str, ...]] = {}
+        self.problems: dict[NsName, str] = {}
 
     def assign(self, services: Mapping[NsName, o.Service]) -> tuple[dict[NsName, str], dict[tuple[str, str, str], int]]:
         """Return the allocated ClusterIP per service and nodePort per (ns, svc, port key) for
         the services that need them. Explicit addresses are reserved first; the rest are
         processed in namespace/name order so a restart with the same input agrees."""
-        taken_ips = {s.cluster_ip for s in services.values() if s.cluster_ip and s.cluster_ip != "None"}
+        taken_ips = {ip for s in services.values() for ip in (s.cluster_ips or (s.cluster_ip,)) if ip and ip != "None"}
         taken_ports = {p.node_port for s in services.values() for p in s.ports if p.node_port}
         ips: dict[NsName, str] = {}
         ports: dict[tuple[str, str, str], int] = {}
@@ -302,7 +309,10 @@ class Allocator:
         for key in sorted(services):
             svc = services[key]
             if svc.cluster_ip is None and svc.type != "ExternalName" and key not in ips:
-                ip = self._pick_ip(f"{key[0]}/{key[1]}", taken_ips)
+                fams, _ = ipfamilies.wanted_families((), svc.ip_families, svc.ip_family_policy, self.families)
+                if not fams:
+                    continue      # a family this cluster has no range for: reported by _assign_families
+                ip = self._pick_ip(f"{key[0]}/{key[1]}", taken_ips, self.nets[self.families.index(fams[0])])
                 if ip is None:
                     log.error("service range %s is full: Service/%s/%s gets no ClusterIP", self.net, *key)
                     continue
@@ -310,7 +320,7 @@ class Allocator:
                 taken_ips.add(ip)
             if svc.type in ("NodePort", "LoadBalancer"):
                 for sp in svc.ports:
-                    if sp.node_port is None and sp.protocol == "TCP":
+                    if sp.node_port is None and sp.protocol in ("TCP", "UDP"):
                         pk = (key[0], key[1], sp.name or str(sp.port))
                         prev_port = self.node_ports.get(pk)
                         if prev_port is not None and prev_port not in taken_ports:
@@ -323,14 +333,50 @@ class Allocator:
                         ports[pk] = port
                         taken_ports.add(port)
         self.ips, self.node_ports = ips, ports
+        self._assign_families(services, ips, taken_ips)
         return ips, ports
 
-    def _pick_ip(self, ident: str, taken: set[str]) -> str | None:
-        size = self.net.num_addresses
-        usable = size - 2 if size > 2 else size
+    def _assign_families(self, services: Mapping[NsName, o.Service], primary: dict[NsName, str],
+                         taken: set[str]) -> None:
+        """Fill ``cluster_ips``: for each family a service asks for (discovery/ipfamilies.py),
+        its given address or one allocated from that family's range. Earlier allocations are
+        kept while running, like the primary ones."""
+        prev, out, problems = self.cluster_ips, {}, {}
+        for key in sorted(services):
+            svc = services[key]
+            if svc.type == "ExternalName" or svc.headless:
+                continue
+            given = tuple(ip for ip in (svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())))
+            if not given and key in primary:
+                given = (primary[key],)
+            fams, problem = ipfamilies.wanted_families(given if svc.cluster_ips or svc.cluster_ip else (),
+                                                       svc.ip_families, svc.ip_family_policy, self.families)
+            if problem:
+                problems[key] = problem
+            by_family = {ipfamilies.family_of(ip): ip for ip in given}
+            ips = []
+            for fam in fams:
+                ip = by_family.get(fam)
+                if ip is None:
+                    old = [a for a in prev.get(key, ()) if ipfamilies.family_of(a) == fam and a not in taken]
+                    net = self.nets[self.families.index(fam)]
+                    ip = old[0] if old else self._pick_ip(f"{key[0]}/{key[1]}", taken, net)
+                    if ip is None:
+                        log.error("service range %s is full: Service/%s/%s gets no %s ClusterIP", net, key[0], key[1], fam)
+                        continue
+                    taken.add(ip)
+                ips.append(ip)
+            if ips:
+                out[key] = tuple(ips)
+        self.cluster_ips, self.problems = out, problems
+
+    def _pick_ip(self, ident: str, taken: set[str], net=None) -> str | None:
+        net = net if net is not None else self.net
+        size = net.num_addresses
+        usable = min(size - 2 if size > 2 else size, 1 << 32)
         start = _stable_hash(ident) % usable
-        for i in range(usable):
-            cand = str(self.net.network_address + 1 + (start + i) % usable) if size > 2 else str(self.net.network_address + (start + i) % usable)
+        for i in range(min(usable, 1 << 20)):      # bounded: a huge IPv6 range is never full
+            cand = str(net.network_address + 1 + (start + i) % usable) if size > 2 else str(net.network_address + (start + i) % usable)
             if cand not in taken:
                 return cand
         return None

@@ -35,7 +35,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from meshproxy.core import metrics, sockets
 from meshproxy.core.runtime import Runtime
@@ -167,6 +167,7 @@ class L4Manager:
         "_tick",
         "_timer",
         "balancers",
+        "only",
         "by_endpoint",
         "conns",
         "draining",
@@ -179,8 +180,12 @@ class L4Manager:
         "settings",
     )
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, only: Callable[[L4Listener], bool] | None = None) -> None:
+        """``only``: serve just the listeners it accepts (``--proxy-mode nftables`` leaves the
+        Services to the kernel and keeps the Gateway listeners, which pick a route per
+        connection)."""
         self.runtime = runtime
+        self.only = only
         self.settings = runtime.settings
         self.balancers = runtime.balancers
         self.loop = asyncio.get_running_loop()
@@ -215,7 +220,7 @@ class L4Manager:
             log.exception("l4: applying snapshot %d failed", snap.version)
 
     def _apply(self, snap: Snapshot) -> None:
-        wanted = snap.l4
+        wanted = snap.l4 if self.only is None else {k: v for k, v in snap.l4.items() if self.only(v)}
         for key in [k for k in self.listeners if k not in wanted]:
             self._remove(key)
         if not self._stopped:

@@ -1,8 +1,8 @@
 """Command line: ``meshproxy run | validate | get | top | stat | demo | capture | identity
-serve`` (docs/configuration.md, docs/observability.md, docs/mesh.md).
+serve | cleanup`` (docs/configuration.md, docs/observability.md, docs/mesh.md, docs/l4-kernel.md).
 
-The process-layer modules (controller, process, workers, demo, top, issuer) are imported inside the
-commands that need them, never at the top: they import prometheus_client, and ``run
+The process-layer modules (controller, process, workers, demo, top, issuer, dataplane) are
+imported inside the commands that need them, never at the top: they import prometheus_client, and ``run
 --workers N`` must set up multiprocess metrics before that first import
 (``meshproxy.multiproc``). tests/test_layers.py allows exactly these late imports.
 """
@@ -18,6 +18,7 @@ import sys
 import urllib.parse
 from typing import Sequence
 
+from discovery.ipfamilies import parse_cidrs
 from discovery.manifests import load_paths
 from discovery.sources.dns import parse_servers
 from discovery.sources.ingress_status import check_publish_settings
@@ -25,7 +26,7 @@ from discovery.store import ADDED, Event
 
 from .core.logformat import FormatError, compile_format
 from . import capture
-from .core.settings import LB_POLICIES, Settings, parse_hostport
+from .core.settings import LB_POLICIES, PROXY_MODES, Settings, parse_hostport
 from .gateway_cli import GATEWAY_TABLES, gateway_table
 from .multiproc import prepare_multiprocess_metrics
 
@@ -37,6 +38,22 @@ def _hostport(text: str) -> tuple[str, int]:
         return parse_hostport(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cidrs(text: str) -> str:
+    try:
+        parse_cidrs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _nft_name(text: str) -> str:
+    # nft identifiers: a letter or underscore, then letters, digits, '_', '-', '.'.
+    if not text or len(text) > 255 or not (text[0].isalpha() or text[0] == "_") or \
+            any(not (c.isalnum() or c in "_-.") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an nftables table name")
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -65,8 +82,9 @@ def _duration(text: str) -> float:
 def _add_files(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("-f", "--filename", dest="paths", action="append", required=required, metavar="PATH",
                    help="manifest file or folder (repeatable); folders are read recursively (*.yaml, *.yml, *.json)")
-    p.add_argument("--service-cidr", default="127.96.0.0/16",
-                   help="range for ClusterIPs; given ones must lie inside, missing ones are allocated from it (default %(default)s)")
+    p.add_argument("--service-cidr", default="127.96.0.0/16", type=_cidrs,
+                   help="range for ClusterIPs, or an IPv4 and an IPv6 range separated by a comma (dual stack); "
+                        "given ones must lie inside, missing ones are allocated from it (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dns-max-ttl", type=_positive_float, default=None, help="longest DNS refresh, seconds (default 300)")
     run.add_argument("--dns-listen", type=_hostport, metavar="HOST:PORT", help="answer cluster DNS (<svc>.<ns>.svc.<domain>) here, UDP and TCP")
     run.add_argument("--cluster-domain", default=None, help="cluster DNS domain (default cluster.local)")
+    run.add_argument("--dns-upstream", action="append", metavar="HOST[:PORT]",
+                     help="where --dns-listen forwards names outside the cluster domain (repeatable; default: the "
+                          "nameservers of /etc/resolv.conf)")
+    run.add_argument("--proxy-mode", choices=PROXY_MODES, default=None,
+                     help="L4 Services: userspace (listeners in this process) or nftables (rules in the kernel of this "
+                          "network namespace, kept when the process exits; see 'meshproxy cleanup') (default userspace)")
+    run.add_argument("--nft-table", type=_nft_name, default=None, metavar="NAME",
+                     help="the nftables table (family inet) --proxy-mode nftables owns (default meshproxy)")
+    run.add_argument("--udp-idle-timeout", type=_positive_float, default=None,
+                     help="userspace mode: a UDP client's flow to its endpoint ends after this many idle seconds (default 30)")
     run.add_argument("--http-parser", choices=("auto", "strict", "fast"), default=None,
                      help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
                           "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
@@ -202,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     init_ca.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)")
     init_ca.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
+    clean = sub.add_parser("cleanup", help="remove the nftables rules --proxy-mode nftables left in this network namespace")
+    clean.add_argument("--nft-table", type=_nft_name, default="meshproxy", metavar="NAME",
+                       help="the table to delete (default %(default)s)")
+
     demo = sub.add_parser("demo", help="start demo pods and services and print the commands that show them")
     demo.add_argument("--check", action="store_true", help="run the tour itself and exit 0/1")
     demo.add_argument("--admin-listen", type=_hostport, default=("127.0.0.1", 9901), metavar="HOST:PORT")
@@ -234,6 +266,7 @@ _FLAG_FIELDS = {
     "max_connections": "max_connections", "default_tls_secret": "default_tls_secret", "service_cidr": "service_cidr",
     "dns_min_ttl": "dns_min_ttl", "dns_max_ttl": "dns_max_ttl", "dns_listen": "dns_listen",
     "cluster_domain": "cluster_domain", "http_parser": "http_parser",
+    "proxy_mode": "proxy_mode", "nft_table": "nft_table", "udp_idle_timeout": "udp_idle_timeout",
     "kubeconfig": "kubeconfig", "context": "kube_context", "namespace": "kube_namespace",
     "publish_service": "publish_service",
     "access_log_format": "access_log_format", "access_log_buffer": "access_log_buffer",
@@ -282,6 +315,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.dns_servers = tuple(parse_servers(args.dns_server))
     if getattr(args, "gateway_address", None):
         s.gateway_addresses = _gateway_addresses(args.gateway_address)
+    if getattr(args, "dns_upstream", None):
+        s.dns_upstreams = tuple(parse_servers(args.dns_upstream))
     if s.dns_min_ttl > s.dns_max_ttl:
         raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
     if getattr(args, "no_health_checks", False):
@@ -297,7 +332,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s.kube_api = bool(s.kubeconfig) or not s.paths
     for cidr in s.trusted_proxies:
         ipaddress.ip_network(cidr, strict=False)   # ValueError names the bad one
-    ipaddress.ip_network(s.service_cidr, strict=False)
+    parse_cidrs(s.service_cidr)
+    if s.proxy_mode not in PROXY_MODES:
+        raise ValueError(f"proxy-mode: {s.proxy_mode!r} is not one of {', '.join(PROXY_MODES)}")
     if s.workers < 1:
         raise ValueError("--workers must be at least 1")
     _check_observability(s)
@@ -458,9 +495,22 @@ def _cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from .dataplane import NftError, cleanup   # late: see the module docstring
+    try:
+        found = cleanup(args.nft_table)
+    except (OSError, NftError) as exc:
+        print(f"meshproxy cleanup: table inet {args.nft_table}: {exc}", file=sys.stderr)
+        return 1
+    print(f"table inet {args.nft_table} {'deleted' if found else 'not present'}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "cleanup":
+        return _cmd_cleanup(args)
     if args.command == "validate":
         return _cmd_validate(args)
     if args.command == "get":

@@ -17,8 +17,9 @@ The records follow the Kubernetes DNS specification for services and pods
   (CoreDNS's "pods verified").
 
 Invariants:
-- authoritative for ``<domain>`` only and not a recursive resolver: every other name gets
-  REFUSED, so a stub resolver moves on to its next server at once;
+- authoritative for ``<domain>`` only and not a recursive resolver: every other name is
+  passed to the upstream resolvers (``meshproxy.dnsforward``, as CoreDNS's forward plugin),
+  or gets REFUSED when no forwarder is given, so a stub resolver moves on at once;
 - the zone is a function of one snapshot, made once per ``snapshot.version``: one
   ``Fragment`` (relative name -> rdtype -> plain values) per Service, reused while the
   Service and endpoint-set objects are the same ones, so a query is a split of the name and
@@ -49,7 +50,7 @@ import struct
 import time
 from collections import Counter
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 import dns.exception
 import dns.flags
@@ -71,7 +72,7 @@ from discovery.objects import Pod, Service
 
 from .core.snapshot import Snapshot
 
-__all__ = ["ClusterDNS", "Zone", "build_zone", "dashed", "key_of"]
+__all__ = ["ClusterDNS", "Zone", "build_zone", "dashed", "key_of", "FORWARD"]
 
 log = logging.getLogger("meshproxy.dns")
 
@@ -91,6 +92,9 @@ Key = tuple[bytes, ...]
 _Entry = tuple[tuple[dns.rrset.RRset, ...], tuple[dns.rrset.RRset, ...]]
 _NONE: _Entry = ((), ())
 _CHASE_LIMIT = 8              # CNAME hops followed inside the zone
+# What handle() returns for a question outside the zone when a forwarder is set: the
+# protocol passes the query to the forwarder and sends its answer when it comes.
+FORWARD = object()
 
 
 def key_of(name: dns.name.Name) -> Key:
@@ -238,7 +242,7 @@ def _hostname(svc: Service, e, pods: Mapping[tuple[str, str], Pod] | None) -> st
     return None
 
 
-def service_fragment(svc: Service, sets, cluster_ip: str | None, hostnames: tuple[tuple[str, str], ...],
+def service_fragment(svc: Service, sets, cluster_ip: str | tuple[str, ...] | None, hostnames: tuple[tuple[str, str], ...],
                      base: Key, ttl: int) -> Fragment:
     """The records of one Service under ``base`` (``<svc>.<ns>.svc.<domain>``)."""
     n = _Nodes()
@@ -251,8 +255,9 @@ def service_fragment(svc: Service, sets, cluster_ip: str | None, hostnames: tupl
         return Fragment(base, n.freeze(), ttl)
     protocols = {sp.name: sp.protocol.lower() for sp in svc.ports}
     if not svc.headless:
-        if cluster_ip:
-            n.add_address((), cluster_ip)
+        # Every ClusterIP (A and AAAA for a dual-stack service).
+        for ip in (cluster_ip,) if isinstance(cluster_ip, str) else (cluster_ip or ()):
+            n.add_address((), ip)
         for sp in svc.ports:
             label = _label(f"_{sp.name}") if sp.name else None
             if label is not None:
@@ -413,7 +418,7 @@ def build_zone(snap: Snapshot, origin: dns.name.Name, ttl: int = 5,
         sets = snap.endpoint_sets.get((ns, name), ())
         ip = None
         if svc.type != "ExternalName" and not svc.headless:
-            ip = svc.cluster_ip or snap.allocated.get(f"{ns}/{name}")
+            ip = snap.cluster_ips.get((ns, name)) or svc.cluster_ip or snap.allocated.get(f"{ns}/{name}")
         hostnames = _hostnames(svc, sets, pods) if svc.headless else ()
         sig = (ip, hostnames, ttl)
         prev = cache.get((ns, name)) if cache is not None else None
@@ -537,9 +542,11 @@ class ClusterDNS:
     def __init__(self, get_snapshot: Callable[[], Snapshot | None], domain: str = "cluster.local",
                  ttl: int = 5, *, get_pods: Callable[[], Mapping[tuple[str, str], Pod]] | None = None,
                  udp_payload: int = UDP_EDNS_MAX, tcp_idle_timeout: float = 10.0,
-                 max_tcp_connections: int = 256) -> None:
+                 max_tcp_connections: int = 256,
+                 forward: Callable[[bytes, bool], Awaitable[bytes]] | None = None) -> None:
         self._get_snapshot = get_snapshot
         self._get_pods = get_pods
+        self.forward = forward
         self.origin = dns.name.from_text(domain)
         self.domain = self.origin.to_text(omit_final_dot=True)
         self.ttl = int(ttl)
@@ -580,8 +587,9 @@ class ClusterDNS:
 
     # -- one query ----------------------------------------------------------------------------
 
-    def handle(self, data: bytes, udp: bool) -> bytes | None:
-        """A query in wire format -> the response in wire format, or None to send nothing.
+    def handle(self, data: bytes, udp: bool) -> bytes | object | None:
+        """A query in wire format -> the response in wire format, or None to send nothing, or
+        ``FORWARD`` (a question for the upstream resolvers).
         Over UDP the response is cut to the size the client can take (TC set)."""
         ckey = None
         plain = _parse_plain(data)
@@ -616,6 +624,11 @@ class ClusterDNS:
         if query.flags & dns.flags.QR:
             self.stats["dropped"] += 1
             return None
+        if self.forward is not None and query.opcode() == dns.opcode.QUERY and len(query.question) == 1 \
+                and not query.question[0].name.is_subdomain(self.origin) \
+                and query.question[0].rdtype not in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+            self.stats["forwarded"] += 1
+            return FORWARD
         try:
             wire, several = self._respond(query, udp)
         except Exception:  # a bug here must not kill the listener: answer SERVFAIL, log it
@@ -732,7 +745,14 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         self.server.stats["udp"] += 1
         wire = self.server.handle(data, True)
-        if wire is not None and self.transport is not None:
+        if wire is FORWARD:
+            asyncio.get_running_loop().create_task(self._forward(data, addr))
+        elif wire is not None and self.transport is not None:
+            self.transport.sendto(wire, addr)
+
+    async def _forward(self, data: bytes, addr) -> None:
+        wire = await self.server.forward(data, True)
+        if self.transport is not None:
             self.transport.sendto(wire, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -778,8 +798,16 @@ class _TcpProtocol(asyncio.Protocol):
             del buf[:2 + size]
             self.server.stats["tcp"] += 1
             wire = self.server.handle(msg, False)
-            if wire is not None and self.transport is not None:
+            if wire is FORWARD:
+                # RFC 7766 §6.2.1.1: answers to pipelined queries may go out of order.
+                asyncio.get_running_loop().create_task(self._forward(msg))
+            elif wire is not None and self.transport is not None:
                 self.transport.write(len(wire).to_bytes(2, "big") + wire)
+
+    async def _forward(self, msg: bytes) -> None:
+        wire = await self.server.forward(msg, False)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(wire).to_bytes(2, "big") + wire)
 
     def eof_received(self) -> bool:
         return False                              # answers are written: close our side too

@@ -40,6 +40,7 @@ from .core.memory import fix_mmap_threshold
 from .core.runtime import Runtime
 from .core.settings import Settings
 from .dataplane import DataPlane
+from .dnsforward import Forwarder, resolv_conf_servers
 from .dnsserver import ClusterDNS
 from .identity_sources import IdentityDirSource, IssuerClient
 from .observe import MetricSignals
@@ -83,6 +84,7 @@ class Process:
         self.dns_source = None
         self.dns_server = None
         self.identity_source: IdentityDirSource | IssuerClient | None = None
+        self.dns_forwarder: Forwarder | None = None
         self.ready = False
         self.stopping = False
         self._stop = asyncio.Event()
@@ -202,17 +204,25 @@ class Process:
         if not self._start_identity():
             return False
         if self.settings.dns_listen is not None:
+            upstreams = list(self.settings.dns_upstreams) or resolv_conf_servers()
+            self.dns_forwarder = Forwarder(upstreams, own=self.settings.dns_listen)
             self.dns_server = ClusterDNS(lambda: self.controller.snapshot, self.settings.cluster_domain,
-                                         get_pods=lambda: self.controller.store.items("Pod"))
+                                         get_pods=lambda: self.controller.store.items("Pod"),
+                                         forward=self.dns_forwarder.forward)
             await self.dns_server.start(*self.settings.dns_listen)
         self.controller.rebuild()
 
         if self.data_plane:
             self.dataplane = DataPlane(self.runtime)
             await self.dataplane.start()
+        elif self.settings.proxy_mode == "nftables":
+            # --workers: the workers serve sockets; the kernel's rules are programmed here, once.
+            self.dataplane = DataPlane(self.runtime, listeners=False)
+            await self.dataplane.start()
         host, port = self.settings.admin_listen
         self.admin = AdminServer(host, port, is_ready=lambda: self.ready and not self.stopping and self.extra_ready()
-                                 and self._kube_synced() and self._identity_ready(),
+                                 and self._kube_synced() and self._identity_ready()
+                                 and (self.dataplane is None or self.dataplane.ready()),
                                  snapshot_json=self._snapshot_json, metrics_text=_metrics_text(),
                                  snapshot_version=lambda: self.runtime.snapshot.version if self.runtime.snapshot else None,
                                  identity_json=self.runtime.identity.to_json if self.identity_source else None)
@@ -273,6 +283,9 @@ class Process:
         data = snap.to_json()
         if self.dataplane is not None:
             data["listenerErrors"] = self.dataplane.listener_errors()
+            kernel = self.dataplane.kernel_state()
+            if kernel is not None:
+                data["nftables"] = kernel
         if self.kube is not None:
             data["kubernetes"] = self.kube.state()
         if self.health is not None and hasattr(self.health, "state"):
@@ -282,6 +295,9 @@ class Process:
             data["dnsSource"] = self.dns_source.state()
         if self.dns_server is not None:
             data["clusterDNS"] = dict(self.dns_server.stats)
+            if self.dns_forwarder is not None:
+                data["clusterDNS"]["upstreams"] = [f"{h}:{p}" for h, p in self.dns_forwarder.upstreams]
+                data["clusterDNS"].update({f"forward_{k}": v for k, v in self.dns_forwarder.stats.items()})
         return data
 
     async def graceful_stop(self) -> None:

@@ -93,7 +93,7 @@ async def _worker_main(fd: int) -> int:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
     runtime = Runtime(settings)
-    dataplane = DataPlane(runtime)
+    dataplane = DataPlane(runtime, kernel=False)    # nftables rules: the control plane's job
     await dataplane.start()
     reopen[0] = dataplane.reopen_logs
     # The parent decides when to stop; a Ctrl-C in the terminal reaches the whole group.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real programs some tests talk to (curl, dnsmasq, dig, nft, ip, nginx, haproxy, wrk) when
+# Installs the real programs some tests talk to (curl, dnsmasq, dig, nft, conntrack, ip, tcpdump,
+# nginx, haproxy, wrk) when
 # they are missing and we may install them (root with apt-get). Best effort: a test whose
 # program is still missing skips and says why.
 set -u
@@ -9,9 +10,12 @@ command -v dnsmasq >/dev/null 2>&1 || want+=(dnsmasq-base)
 command -v dig >/dev/null 2>&1 || want+=(dnsutils)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)   # promtool check metrics
 command -v slowhttptest >/dev/null 2>&1 || want+=(slowhttptest)   # the slow-read attack (tests/test_hostile.py)
-# The mesh's capture test: nftables rules inside network namespaces the test creates.
+# nftables rules inside network namespaces the tests create (the mesh's capture, --proxy-mode
+# nftables and the namespace cluster of tests/netns.py)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || want+=(iproute2)
+command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || want+=(conntrack)
+command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || want+=(tcpdump)
 if [ "${MESHPROXY_BENCH_DEPS:-0}" = 1 ]; then
   command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
   command -v haproxy >/dev/null 2>&1 || want+=(haproxy)

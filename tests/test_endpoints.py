@@ -339,10 +339,11 @@ def test_broken_ingress_backend_affects_only_that_path():
     assert any("spec.rules[0].http.paths[1]" in p for p in snap.problems)
 
 
-def test_compute_endpoint_sets_skips_non_tcp_ports():
-    (svc,) = objs("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {selector: {a: b}, ports: [{name: dns, port: 53, protocol: UDP}, {name: t, port: 53}]}\n")
+def test_compute_endpoint_sets_serves_tcp_and_udp_not_sctp():
+    (svc,) = objs("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {selector: {a: b}, ports: [{name: dns, port: 53, protocol: UDP}, "
+                  "{name: t, port: 53}, {name: s, port: 99, protocol: SCTP}]}\n")
     sets = compute_endpoint_sets(svc, [])
-    assert [s.port_name for s in sets] == ["t"]
+    assert [(s.port_name, s.protocol) for s in sets] == [("dns", "UDP"), ("t", "TCP")]
 
 
 def test_incremental_builds_equal_full_builds():

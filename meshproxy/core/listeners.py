@@ -89,6 +89,7 @@ class L4Listener:
     # Gateway TCP / TLS listeners: the backend is chosen per connection (``backend`` is then
     # only the label of the listener's first route, for metrics).
     routes: L4Routes | None = None
+    protocol: str = "TCP"                 # TCP (in Snapshot.l4) or UDP (in Snapshot.udp)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Settings", "parse_hostport", "LB_POLICIES"]
+__all__ = ["Settings", "parse_hostport", "LB_POLICIES", "PROXY_MODES"]
 
+PROXY_MODES = ("userspace", "nftables")
 LB_POLICIES = ("random", "round_robin", "least_connections", "p2c", "ring_hash", "maglev")
 
 
@@ -99,3 +100,7 @@ class Settings:
     # The L7 server speaks HTTP/2 (h2c prior knowledge, ALPN h2). Until it does, GRPCRoutes are
     # not accepted and Service ports with appProtocol kubernetes.io/h2c / grpc stay at L4.
     http2: bool = False
+    dns_upstreams: tuple[tuple[str, int], ...] = ()  # where cluster DNS forwards other names (default: /etc/resolv.conf)
+    proxy_mode: str = "userspace"          # L4: "userspace" (listeners, l4/) or "nftables" (kernel rules)
+    nft_table: str = "meshproxy"           # the inet table nftables mode owns
+    udp_idle_timeout: float = 30.0         # userspace UDP: a client's flow is forgotten after this long

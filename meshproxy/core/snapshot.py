@@ -13,6 +13,7 @@ Ingress-related object changed, so a one-pod change costs O(that service), not O
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import time
@@ -74,6 +75,7 @@ class Backend:
     affinity_timeout: int | None = None   # ClientIP session affinity, seconds; None = off
     proxy_protocol: int = 0               # 0 off, 1 or 2: PROXY protocol version towards pods
     l7_policy: str = "p2c"                # policy for L7 requests (annotation, else --l7-lb-policy)
+    protocol: str = "TCP"                 # TCP or UDP
     # True when the endpoints' weights (SRV weights, discovery/endpoints.py) are not all equal:
     # computed once here, so the balancers' equal-weight path costs one flag test per pick.
     weighted: bool = field(init=False, default=False)
@@ -96,6 +98,13 @@ class Backend:
 class NodeInfo:
     name: str
     address: str | None
+    # Every InternalIP of the node (one per family on a dual-stack node), address first:
+    # where NodePorts are served.
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def all_addresses(self) -> tuple[str, ...]:
+        return self.addresses or ((self.address,) if self.address else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,15 @@ class Snapshot:
     # Gateway API status by (kind, namespace, name), as the API's status field holds it
     # (meshproxy.core.gateway_status): for the status writer and `meshproxy get`.
     gateway_status: Mapping[tuple[str, str, str], dict] = field(default_factory=lambda: MappingProxyType({}))
+    # UDP listeners, keyed like ``l4`` (which holds the TCP ones): a TCP and a UDP port may
+    # share an address and number (DNS on 53).
+    udp: Mapping[tuple[str, int], L4Listener] = field(default_factory=lambda: MappingProxyType({}))
+    # Every ClusterIP of each service that has one, primary family first (dual stack).
+    cluster_ips: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # The services whose parts were recomputed for this snapshot (an incremental build), or
+    # None (a full build): lets consumers that keep per-service state (the nftables mode)
+    # work in proportion to the change.
+    changed: frozenset[tuple[str, str]] | None = None
 
     def to_json(self) -> dict:
         services = []
@@ -126,6 +144,7 @@ class Snapshot:
             services.append({
                 "namespace": ns, "name": name, "type": svc.type,
                 "clusterIP": self.allocated.get(f"{ns}/{name}", svc.cluster_ip),
+                "clusterIPs": list(self.cluster_ips.get((ns, name), ())),
                 "ports": [{"name": p.name, "port": p.port, "targetPort": p.target_port,
                            "nodePort": self.allocated.get(f"{ns}/{name}:{p.name or p.port}", p.node_port),
                            "protocol": p.protocol} for p in svc.ports],
@@ -144,9 +163,10 @@ class Snapshot:
             "node": {"name": self.node.name, "address": self.node.address},
             "services": services, "endpoints": endpoints,
             "backends": [_backend_json(b) for _, b in sorted(self.backends.items())],
-            "listeners": [{"address": f"{h}:{p}", "backend": "/".join(lst.backend[:2]) + f":{lst.backend[2]}",
+            "listeners": [{"address": _hostport(h, p), "protocol": lst.protocol,
+                           "backend": "/".join(lst.backend[:2]) + f":{lst.backend[2]}",
                            "scope": lst.scope, "localOnly": lst.local_only}
-                          for (h, p), lst in sorted(self.l4.items())],
+                          for (h, p), lst in sorted(self.l4.items()) + sorted(self.udp.items())],
             "routes": self.routes.describe(),
             "ingresses": list(self.ingresses),
             "tls": {h: f"{ns}/{n}" for h, (ns, n) in sorted(self.tls_hosts.items())},
@@ -160,12 +180,34 @@ class Snapshot:
         }
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _backend_json(b: Backend) -> dict:
     d = {"backend": b.label, "policy": b.policy, "usable": [f"{e.ip}:{e.port}" for e in b.usable],
          "local": [f"{e.ip}:{e.port}" for e in b.local], "affinityTimeout": b.affinity_timeout}
     if b.weighted:
         d["weights"] = {f"{e.ip}:{e.port}": e.weight for e in b.endpoints}
     return d
+
+
+def _kernel_mode_problems(service_cidr: str, node: NodeInfo) -> list[str]:
+    """What --proxy-mode nftables cannot serve here: loopback addresses are never translated
+    to a pod (the kernel would send the pod a packet from 127.0.0.1, which it drops)."""
+    out = []
+    for cidr in service_cidr.split(","):
+        try:
+            if ipaddress.ip_network(cidr.strip(), strict=False).is_loopback:
+                out.append(f"--service-cidr {cidr.strip()} is a loopback range: in nftables mode its ClusterIPs "
+                           "are not translated; use a routable range")
+        except ValueError:
+            pass
+    for addr in node.all_addresses:
+        if ipaddress.ip_address(addr).is_loopback:
+            out.append(f"node address {addr} is loopback: in nftables mode NodePorts are served only on "
+                       "non-loopback InternalIPs")
+    return out
 
 
 def _frozen(d: dict) -> Mapping:
@@ -210,13 +252,13 @@ class SnapshotBuilder:
             if not nodes:
                 return NodeInfo("", "127.0.0.1"), []
             if len(nodes) == 1:
-                return NodeInfo(nodes[0].name, nodes[0].internal_ip), []
+                return NodeInfo(nodes[0].name, nodes[0].internal_ip, nodes[0].internal_ips), []
             return NodeInfo("", None), ["several Node objects and no --node: NodePorts are not served"]
         for n in nodes:
             if n.name == name:
                 if n.internal_ip is None:
                     return NodeInfo(name, None), [f"Node/{name} has no InternalIP address: NodePorts are not served"]
-                return NodeInfo(name, n.internal_ip), []
+                return NodeInfo(name, n.internal_ip, n.internal_ips), []
         if not nodes:
             return NodeInfo(name, "127.0.0.1"), []
         return NodeInfo(name, None), [f"--node {name}: no Node object of that name: NodePorts are not served"]
@@ -245,35 +287,44 @@ class SnapshotBuilder:
             local_ready = tuple(e for e in local_all if e.ready)
             local = local_ready or tuple(e for e in local_all if e.serving and e.terminating)
             out.append(Backend(es.key, svc.namespace, svc.name, es.port_name, es.port, es.endpoints,
-                               es.usable, local, policy, affinity, proxy_protocol, l7_policy))
+                               es.usable, local, policy, affinity, proxy_protocol, l7_policy, es.protocol))
         result = tuple(out)
         self._backend_cache[key] = (svc, sets, node, result)
         return result
 
-    def _listeners(self, svc: o.Service, cluster_ip: str | None, node_addr: str | None,
+    def _listeners(self, svc: o.Service, cluster_ips: tuple[str, ...], node_addrs: tuple[str, ...],
                    node_ports: Mapping[tuple[str, str, str], int], l4: dict, problems: list[str]) -> None:
+        """The listeners of one service into ``l4``, keyed ``(host, port, protocol)``."""
         if svc.type == "ExternalName" or svc.headless:
             return
-        for sp in svc.ports:
-            if sp.protocol != "TCP":
+        for i, sp in enumerate(svc.ports):
+            if sp.protocol not in ("TCP", "UDP"):
+                problems.append(f"{svc.ref}: spec.ports[{i}].protocol: {sp.protocol} is not supported; "
+                                f"port {sp.port} is not served")
                 continue
             bkey = (svc.namespace, svc.name, sp.name or str(sp.port))
             wanted = []
-            if cluster_ip:
-                wanted.append((cluster_ip, sp.port, "cluster", svc.internal_traffic_policy == "Local"))
+            for cip in cluster_ips:
+                wanted.append((cip, sp.port, "cluster", svc.internal_traffic_policy == "Local"))
             if svc.type in ("NodePort", "LoadBalancer"):
                 np_ = sp.node_port or node_ports.get(bkey)
-                if np_ and node_addr:
-                    wanted.append((node_addr, np_, "node", svc.external_traffic_policy == "Local"))
+                if np_:
+                    # A dual-stack service on a dual-stack node: the node's address of each of
+                    # the service's families; else the node's first address, as before.
+                    fams = {":" in ip for ip in cluster_ips}
+                    addrs = [a for a in node_addrs if (":" in a) in fams] or list(node_addrs[:1])
+                    for addr in addrs:
+                        wanted.append((addr, np_, "node", svc.external_traffic_policy == "Local"))
             if svc.type == "LoadBalancer" or svc.external_ips:
                 for ip in dict.fromkeys(svc.external_ips + (svc.lb_ingress_ips if svc.type == "LoadBalancer" else ())):
                     wanted.append((ip, sp.port, "external", svc.external_traffic_policy == "Local"))
             for host, port, scope, local in wanted:
-                other = l4.get((host, port))
+                other = l4.get((host, port, sp.protocol))
                 if other is not None:
-                    problems.append(f"{svc.ref}: {host}:{port} is already used by {other.backend[0]}/{other.backend[1]}; not served twice")
+                    problems.append(f"{svc.ref}: {host}:{port}/{sp.protocol} is already used by "
+                                    f"{other.backend[0]}/{other.backend[1]}; not served twice")
                     continue
-                l4[(host, port)] = L4Listener(host, port, bkey, scope, local)
+                l4[(host, port, sp.protocol)] = L4Listener(host, port, bkey, scope, local, protocol=sp.protocol)
 
     def _ingress_served(self, ing: o.Ingress, classes: dict[str, o.IngressClass]) -> bool:
         name = ing.class_name
@@ -417,42 +468,52 @@ class SnapshotBuilder:
         problems: list[str] = []
         node, node_problems = self.node_info(store.list("Node"))
         problems.extend(node_problems)
+        if self.settings.proxy_mode == "nftables":
+            problems.extend(_kernel_mode_problems(self.settings.service_cidr, node))
         services: dict[tuple[str, str], o.Service] = dict(store.items("Service"))
         sig = tuple(map(id, services.values()))
         alloc_changed = self._alloc_cache is None or self._alloc_cache[0] != sig
         if alloc_changed:
             ips, node_ports = allocator.assign(services)
+            cluster_ips = _frozen(dict(getattr(allocator, "cluster_ips", {})))
+            family_problems = dict(getattr(allocator, "problems", {}))
             allocated: dict[str, Any] = {f"{ns}/{name}": ip for (ns, name), ip in ips.items()}
             allocated.update({f"{ns}/{name}:{pk}": port for (ns, name, pk), port in node_ports.items()})
-            self._alloc_cache = (sig, ips, node_ports, _frozen(allocated))
-            if self._last is not None and self._last[0] == node and \
-                    (ips, node_ports) == (self._last[6], self._last[7]) and changed is not None:
+            self._alloc_cache = (sig, ips, node_ports, _frozen(allocated), cluster_ips, family_problems)
+            if self._last is not None and self._last[0] == node and changed is not None and \
+                    (ips, node_ports) == (self._last[6], self._last[7]) and \
+                    not any(self._last[8].get(k, v) != v for k, v in cluster_ips.items()):
                 # Services came or went but nobody's addresses moved: still incremental.
                 changed = changed | (set(services) ^ set(self._last[3]))
             else:
                 changed = None
-        _, ips, node_ports, allocated_view = self._alloc_cache
+        _, ips, node_ports, allocated_view, cluster_ips, family_problems = self._alloc_cache
         last = self._last
+        # Listeners by protocol: l4 holds TCP, udp holds UDP, both keyed (host, port); owners
+        # says which service holds each (host, port, protocol).
+        tables: dict[str, dict[tuple[str, int], L4Listener]]
         if changed is None or last is None or last[0] != node:
             backends: dict[tuple[str, str, str], Backend] = {}
-            l4: dict[tuple[str, int], L4Listener] = {}
+            tables = {"TCP": {}, "UDP": {}}
             endpoint_sets: dict = {}
-            owners: dict[tuple[str, int], tuple[str, str]] = {}
+            owners: dict[tuple[str, int, str], tuple[str, str]] = {}
             svc_problems: dict[tuple[str, str], tuple[str, ...]] = {}
             todo = list(services)
+            changed_keys = None
         else:
-            _, backends, l4, endpoint_sets, owners, svc_problems = (last[0], dict(last[1]), dict(last[2]),
-                                                                     dict(last[3]), dict(last[4]), dict(last[5]))
+            backends, endpoint_sets, owners, svc_problems = dict(last[1]), dict(last[3]), dict(last[4]), dict(last[5])
+            tables = {"TCP": dict(last[2]["TCP"]), "UDP": dict(last[2]["UDP"])}
             todo = [k for k in changed]
+            changed_keys = frozenset(todo)
             for key in todo:          # take out what these services contributed last time
                 entry = self._service_cache.get(key)
                 if entry is not None:
                     for b in entry[1]:
                         backends.pop(b.key, None)
                     for lst in entry[2]:
-                        if owners.get((lst.host, lst.port)) == key:
-                            del owners[(lst.host, lst.port)]
-                            del l4[(lst.host, lst.port)]
+                        if owners.get((lst.host, lst.port, lst.protocol)) == key:
+                            del owners[(lst.host, lst.port, lst.protocol)]
+                            del tables[lst.protocol][(lst.host, lst.port)]
                 endpoint_sets.pop(key, None)
                 svc_problems.pop(key, None)
         sets_of = index.sets
@@ -465,37 +526,37 @@ class SnapshotBuilder:
                 continue
             sets = sets_of.get(key, ())
             endpoint_sets[key] = sets
-            cip = svc.cluster_ip if svc.cluster_ip and svc.cluster_ip != "None" else ips.get(key)
+            cips = cluster_ips.get(key, ())
             nps = tuple(node_ports.get((key[0], key[1], sp.name or str(sp.port))) for sp in svc.ports) \
                 if svc.type in ("NodePort", "LoadBalancer") else ()
-            inputs = (svc, sets, node, cip, nps)
+            inputs = (svc, sets, node, cips, nps, family_problems.get(key))
             entry = cache.get(key)
             if entry is None or entry[0] != inputs:
-                probs: list[str] = []
+                probs: list[str] = [f"{svc.ref}: {family_problems[key]}"] if key in family_problems else []
                 bks = self._backends_for(svc, sets, node.name or None, probs)
-                wanted: dict[tuple[str, int], L4Listener] = {}
-                self._listeners(svc, cip, node.address, node_ports, wanted, probs)
+                wanted: dict[tuple[str, int, str], L4Listener] = {}
+                self._listeners(svc, cips, node.all_addresses, node_ports, wanted, probs)
                 entry = (inputs, bks, tuple(wanted.values()), tuple(probs))
                 cache[key] = entry
             for b in entry[1]:
                 backends[b.key] = b
             probs2 = list(entry[3])
             for lst in entry[2]:
-                addr = (lst.host, lst.port)
+                addr = (lst.host, lst.port, lst.protocol)
                 other = owners.get(addr)
                 if other is not None and other != key:
-                    probs2.append(f"{svc.ref}: {lst.host}:{lst.port} is already used by "
+                    probs2.append(f"{svc.ref}: {lst.host}:{lst.port}/{lst.protocol} is already used by "
                                   f"{other[0]}/{other[1]}; not served twice")
                     continue
                 owners[addr] = key
-                l4[addr] = lst
+                tables[lst.protocol][(lst.host, lst.port)] = lst
             if probs2:
                 svc_problems[key] = tuple(probs2)
         if changed is None and len(cache) > len(services):
             for key in [k for k in cache if k not in services]:
                 del cache[key]
                 self._backend_cache.pop(key, None)
-        self._last = (node, backends, l4, endpoint_sets, owners, svc_problems, ips, node_ports)
+        self._last = (node, backends, tables, endpoint_sets, owners, svc_problems, ips, node_ports, cluster_ips)
         for p in svc_problems.values():
             problems.extend(p)
         classes = {c.name: c for c in store.list("IngressClass")}
@@ -503,6 +564,7 @@ class SnapshotBuilder:
             sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,
             {k: v for k, v in store.items("Secret").items()})
         problems.extend(route_problems)
+        l4 = tables["TCP"]
         gw = self._gateways(store, services, ips, l4, node)
         problems.extend(gw.problem_lines())
         if gw.mesh_l7 or gw.l4_listeners:
@@ -517,7 +579,8 @@ class SnapshotBuilder:
             services=_frozen(services), endpoint_sets=_frozen(endpoint_sets), backends=_frozen(backends),
             l4=_frozen(l4), routes=table, ingresses=served, tls_hosts=_frozen(dict(tls_hosts)),
             secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view,
-            http_listeners=gw.http_listeners, gateway_status=gw.status)
+            http_listeners=gw.http_listeners, gateway_status=gw.status,
+            udp=_frozen(tables["UDP"]), cluster_ips=cluster_ips, changed=changed_keys)
 
     def _gateways(self, store, services: Mapping[tuple[str, str], o.Service], ips: Mapping, l4: Mapping,
                   node: NodeInfo):
