@@ -567,27 +567,33 @@ class ClientConnection(asyncio.Protocol):
         self.out.append(response_head_bytes(status, reason, fields, cl, chunked))
 
     def send_whole(self, status: int, reason: bytes, fields, content_length: int, body: bytes,
-                   complete: bool) -> None:
-        """A complete Content-Length response: head and body in one write."""
+                   complete: bool, cached: bytes | None = None, tail: bytes = b"") -> bytes:
+        """A complete Content-Length response: head and body in one write. ``cached``: the head
+        as returned by an earlier call for the same response head (``fields`` is then None);
+        ``tail``: fields of this response only. Returns the head without the fields that
+        depend on the request (tail, Connection) and without its final CRLF."""
         head = self.head
         server = self.server
         keep = (head.keep_alive and complete and not self.client_eof and not server.draining
                 and not server.runtime.draining and head.upgrade is None)
         self.resp_keep = keep
         self.resp_mode = _M_RAW
+        base = cached if cached is not None else response_head_bytes(status, reason, fields, content_length, False)[:-2]
         if not keep:
-            fields.append((b"Connection", b"close"))
+            tail += b"Connection: close\r\n"
         elif head.version != 11:
-            fields.append((b"Connection", b"keep-alive"))
-        data = response_head_bytes(status, reason, fields, content_length, False)
+            tail += b"Connection: keep-alive\r\n"
         if body and head.method != b"HEAD":
-            data += body
+            data = b"".join((base, tail, b"\r\n", body))
+        else:
+            data = b"".join((base, tail, b"\r\n"))
         out = self.out
         if out:
             out.append(data)
             self.flush()
         else:
             self.transport.write(data)
+        return base
 
     def send_data(self, data: bytes) -> None:
         self.out.append(b"%x\r\n%b\r\n" % (len(data), data) if self.resp_mode == _M_CHUNKED else data)

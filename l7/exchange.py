@@ -559,18 +559,32 @@ class Exchange(Attempts):
         self.up_keep = head.keep_alive
         self.resp_status = status
         self.resp_bytes = len(body)
-        fields = response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
-        if not self.action.plain_response:
-            fields = self._response_filters(fields, status)
-        if self.rid_generated:
-            # A generated id goes back to the client too, unless the pod names one itself.
+        via = self.ctx.via
+        plain = self.action.plain_response
+        memo = conn.memo_out
+        if plain and memo is not None and memo[0] is head and memo[1] is via:
+            # The same response head as this connection's previous one (same bytes from the
+            # pod, see UpstreamConnection): the same head for the client, without the header
+            # policy and the serializer; only the per-request fields are added.
+            cached, pod_rid = memo[2], memo[3]
+            fields = None
+        else:
+            fields = response_headers(head.headers, head.connection_tokens, False, via)
+            if not plain:
+                fields = self._response_filters(fields, status)
+            cached = None
+            pod_rid = False
             for n, _ in fields:
                 if len(n) == 12 and n.lower() == b"x-request-id":
+                    pod_rid = True
                     break
-            else:
-                fields.append((b"x-request-id", self.request_id))
+        # A generated id goes back to the client too, unless the pod names one itself.
+        tail = b"x-request-id: " + self.request_id + b"\r\n" if self.rid_generated and not pod_rid else b""
         self.state = DONE               # event: whole (hot path: assigned directly)
-        self.down.send_whole(status, head.reason, fields, head.content_length, body, self.req == COMPLETE)
+        base = self.down.send_whole(status, head.reason, fields, head.content_length, body, self.req == COMPLETE,
+                                    cached, tail)
+        if plain and cached is None and base is not None:
+            conn.memo_out = (head, via, base, pod_rid)
         self._response_complete()
         return True
 

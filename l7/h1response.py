@@ -67,6 +67,16 @@ class ResponseParser(MessageParser):
             raise HTTPError(502, "upstream sent data with no request outstanding")
         return super()._read_head()
 
+    def repeat_whole(self) -> bool:
+        """The caller got a response whose head bytes are identical to one ``parse_whole``
+        accepted on this parser, and as long: move to the state ``parse_whole`` would leave,
+        if it may run now (the request method matters: a HEAD answer has no body)."""
+        method = self._method
+        if method is None or method == b"HEAD" or method == b"CONNECT" or not self._whole_ok():
+            return False
+        self._state = S_DONE
+        return True
+
     def parse_whole(self, data: bytes) -> tuple[ResponseHead, bytes] | None:
         """Fast path, as ``RequestParser.parse_whole``: ``data`` is exactly one complete
         response with a Content-Length body (the usual small keep-alive answer). Returns (head,

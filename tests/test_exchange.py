@@ -95,7 +95,7 @@ def test_request_response_keepalive_and_idle_timeout(h):
     assert ut.data().startswith(b"GET /x HTTP/1.1\r\nHost: example.com\r\n")
     up.data_received(OK)
     data = t.take()
-    assert data.startswith(b"HTTP/1.1 200 OK\r\nx-request-id: ") and data.endswith(b"\r\nContent-Length: 2\r\n\r\nok")
+    assert data.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: ") and data.endswith(b"\r\n\r\nok")
     rid = data.split(b"x-request-id: ")[1][:36]
     assert ut.data().count(b"x-request-id: " + rid + b"\r\n") == 1   # the same id went to the pod
     assert h.pool.idle_count() == 1 and not t.closing
@@ -362,3 +362,32 @@ def test_moves_outside_the_table_are_refused(h):
         ex._to("end", exchange_mod.DONE)          # CONNECTING --end--> is not a move
     with pytest.raises(AssertionError, match="no move"):
         ex.state = exchange_mod.TUNNEL            # CONNECTING -> TUNNEL by no event
+
+
+def test_repeated_responses_reuse_the_parse_and_the_client_head():
+    """The repeated-head shortcut on the response side: the same head bytes from the pod give the
+    same head to the client (with this request's own id), a different head is parsed afresh,
+    and a HEAD request after a GET is not mistaken for it (its answer has no body)."""
+    h = Harness(manifests(pods=1))
+    conn, t = h.client()
+    bodies = []
+    for i, answer in enumerate((OK, OK, OK.replace(b"ok", b"no"), OK)):
+        conn.data_received(GET)
+        if i == 0:
+            up, _ = h.pool.open()
+        up.data_received(answer)
+        bodies.append(t.take())
+    ids = [b.split(b"x-request-id: ")[1][:36] for b in bodies]
+    assert len(set(ids)) == 4
+    assert [b.replace(i, b"ID") for b, i in zip(bodies, ids)] == [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: ID\r\n\r\nok"] * 2 + [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: ID\r\n\r\nno",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: ID\r\n\r\nok"]
+    conn.data_received(b"HEAD /x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    head_answer = t.take()
+    assert head_answer.startswith(b"HTTP/1.1 200 OK\r\n") and head_answer.endswith(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 2\r\n" in head_answer and not head_answer.endswith(b"ok")
+    conn.data_received(GET)
+    up.data_received(OK)
+    assert t.take().endswith(b"\r\n\r\nok")
