@@ -205,9 +205,12 @@ def test_sigint_stops_at_once_with_a_request_in_flight(tmp_path, workers):
         mp.send(signal.SIGINT)
         t0 = time.monotonic()
         mp.proc.wait(5)
-        assert time.monotonic() - t0 < 1.0
+        # Not drained: the request in flight (2 s) is cut off, and the exit does not wait for
+        # it - the bound stays under what waiting for it would take, with room for a busy
+        # machine (workers stop too).
+        assert time.monotonic() - t0 < 1.8
         t.join(5)
-        assert "error" in result, result          # cut off, not drained
+        assert "error" in result, result
         idle.close()
     finally:
         mp.stop()
