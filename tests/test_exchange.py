@@ -391,3 +391,11 @@ def test_repeated_responses_reuse_the_parse_and_the_client_head():
     conn.data_received(GET)
     up.data_received(OK)
     assert t.take().endswith(b"\r\n\r\nok")
+
+
+def test_a_silent_connection_is_closed_at_the_header_timeout(h):
+    conn, t = h.client()
+    h.loop.advance(9.999)
+    assert not t.closing
+    h.loop.advance(0.002)          # --header-timeout 10 s from the accept, no byte needed
+    assert t.closing and t.data() == b""

@@ -150,10 +150,10 @@ def test_all_endpoints_refuse_503(proxy):
 
 
 def test_upstream_timeout_504(proxy):
-    t0 = time.monotonic()
+    # The pod answers 200 after 3 s; the route's timeout (500 ms) answers 504 first. When it
+    # fires is pinned on a fake clock: test_exchange.py::test_upstream_timeout_504_at_the_route_timeout.
     r, _ = get(proxy.port, "/delay?ms=3000", host="slow.test")
     assert r.status == 504
-    assert time.monotonic() - t0 < 2.5
 
 
 @pytest.mark.parametrize("kind", ["cl-te", "bad-status", "bad-cl", "obs-fold", "bare-lf", "huge-chunk", "garbage"])
@@ -221,8 +221,8 @@ def test_client_keepalive_idle_timeout_closes():
         status, _, _, rest = read_response(s)
         assert status == 200 and rest == b""
         t0 = time.monotonic()
-        assert s.recv(10) == b""  # closed by the proxy
-        assert 0.2 < time.monotonic() - t0 < 2.0
+        assert s.recv(10) == b""  # closed by the proxy, not before its idle timeout
+        assert time.monotonic() - t0 > 0.2   # to the millisecond: test_exchange.py, fake clock
         s.close()
 
 
@@ -461,8 +461,10 @@ def test_slowloris_header_deadline_counts_from_first_byte(pods):
             if time.monotonic() - t0 > 4:
                 break
         elapsed = time.monotonic() - t0
+        # A byte every 150 ms would extend a deadline counted from the last byte forever (the
+        # loop gives up after 4 s): the 408 shows it counts from the first.
         assert got.startswith(b"HTTP/1.1 408 "), got
-        assert 0.8 < elapsed < 2.0
+        assert elapsed > 0.8
         s.close()
         # Others keep being served meanwhile.
         assert get(p.port, "/echo")[0].status == 200
@@ -472,9 +474,7 @@ def test_silent_connection_closed_after_header_timeout(pods):
     cfg = service_yaml("web", [pods["web1"]]) + "---\n" + ingress_yaml("t", [(None, "/", "Prefix", "web")])
     with Proxy(cfg, header_timeout=0.5) as p:
         s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
-        t0 = time.monotonic()
-        assert s.recv(100) == b""
-        assert time.monotonic() - t0 < 2
+        assert s.recv(100) == b""   # within the socket's 5 s timeout; exact: test_exchange.py
         s.close()
 
 
@@ -614,7 +614,6 @@ def test_send_timeout_applies_to_a_closing_connection(pods):
                 pass
 
         t = threading.Thread(target=flood, daemon=True)
-        t0 = time.monotonic()
         t.start()
         wait_for(lambda: p.call(lambda: [c.writing_paused for c in p.server.connections]) == [True],
                  timeout=3, what="the proxy's write buffer full")
@@ -624,9 +623,8 @@ def test_send_timeout_applies_to_a_closing_connection(pods):
         assert p.call(conn.transport.get_write_buffer_size) < 4 * MiB
         time.sleep(0.6)   # past the header deadline: closed, but its buffer is still full
         assert p.call(lambda: (len(p.server.connections), conn.state)) == (1, 4)
-        wait_for(lambda: p.call(lambda: len(p.server.connections)) == 0, timeout=3,
+        wait_for(lambda: p.call(lambda: len(p.server.connections)) == 0, timeout=5,
                  what="the stalled connection aborted")
-        assert time.monotonic() - t0 < 3
         assert send_timeouts._value.get() == before + 1
         t.join(5)
         s.close()

@@ -305,10 +305,8 @@ def test_http09_request_line_refused_at_once(setup):
     pod, port = setup
     before = pod.total()
     for data in (b"GET /\r\n", b"GET /\r\nHost: a\r\n"):
-        t0 = time.monotonic()
         out = exchange(port, data, half_close=False)
-        assert out.startswith(b"HTTP/1.1 400 "), out[:200]
-        assert time.monotonic() - t0 < 2.0
+        assert out.startswith(b"HTTP/1.1 400 "), out[:200]   # after the header timeout it would be 408
     assert pod.total() == before
 
 
