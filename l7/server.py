@@ -28,6 +28,7 @@ from meshproxy.core.paths import normalize_request_path
 from .downstream import ClientConnection
 from .headers import TrustedProxies
 from .stats import RouteStats
+from .subrequest import subrequest
 from .tls import TLSContexts
 from .tracing import Tracing
 from .upstream import UpstreamPool
@@ -230,6 +231,10 @@ class IngressServer:
         self._peak_connections = 0
         self._secrets_seen = None
         self.now = None   # the loop's clock, set in start()
+        # What extension filters keep across requests and snapshots (rate-limit buckets,
+        # concurrency counts, checked passwords), by keys the filters derive from their config.
+        self.filter_state: dict = {}
+        self._side_tasks: set = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -388,6 +393,24 @@ class IngressServer:
             self.pool.export_metrics()
 
     # -- what exchanges call -----------------------------------------------------------------------
+
+    def subrequest(self, url: str, method: bytes, fields: list, connect_timeout: float, read_timeout: float,
+                   done) -> None:
+        """For filters: an HTTP request of our own (l7.subrequest); ``done`` gets the answer."""
+        subrequest(self.loop, url, method, fields, connect_timeout, read_timeout, done, self._side_tasks)
+
+    def offload(self, fn, args: tuple, done) -> None:
+        """For filters: ``fn(*args)`` in a thread (a slow password hash must not stall every
+        client); ``done(result, None)`` or ``done(None, exc)`` runs on the loop."""
+        fut = self.loop.run_in_executor(None, fn, *args)
+
+        def finished(f) -> None:
+            exc = f.exception() if not f.cancelled() else None
+            try:
+                done(None if exc is not None or f.cancelled() else f.result(), exc)
+            except Exception:  # noqa: BLE001 - a filter's bug must not go unnoticed, nor kill the loop
+                log.exception("L7: filter callback failed")
+        fut.add_done_callback(finished)
 
     def bad_request(self, status: int) -> None:
         metrics.http_bad_requests.labels(str(status)).inc()
