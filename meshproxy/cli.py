@@ -24,6 +24,7 @@ from discovery.sources.dns import parse_servers
 from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
+from .core.gateway import format_problem
 from .core.logformat import FormatError, compile_format
 from . import capture
 from .core.settings import LB_POLICIES, PROXY_MODES, Settings, parse_hostport
@@ -404,6 +405,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     ctl = _offline_controller(args, result)
     gw = ctl.builder.gateway_result if ctl is not None else None
     lines = gw.problem_lines(with_place=True) if gw is not None else []
+    # ingress-nginx annotations refused (the Ingress is not served), denied (its paths answer
+    # 503) or not applied: one line each, so a migrating user sees what will not happen.
+    if ctl is not None:
+        for ing, f in ctl.builder.ingress_findings:
+            lines.append(format_problem(ing, f"metadata.annotations[{f.annotation}]", f.message, with_place=True))
     for line in lines:
         print(line, file=sys.stdout)
     if lines:

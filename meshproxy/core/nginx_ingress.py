@@ -156,9 +156,8 @@ def build(nginx: list[tuple[Any, NginxIngress]], others: list[RouteEntry], *,
         if _host_key(e.host) in regex_hosts and e.route.path_kind in (EXACT, PREFIX):
             r = e.route
             written = r.written_kind or r.path_kind
-            ing = r.source.partition(" ")[2]
             entries.append(RouteEntry(e.host, _regex_route(r.name, r.source, r.host, r.path or "/", written, r.action, out),
-                                      (_regex_rank(r.path or "/"), ingress_rank("", ing))))
+                                      (_regex_rank(r.path or "/"), e.rank)))
         else:
             entries.append(e)
 
