@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http-parser", choices=("auto", "strict", "fast"), default=None,
                      help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
                           "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
+    run.add_argument("--enable-ssl-passthrough", action="store_true",
+                     help="on --ingress-tls-listen, relay TLS unterminated to the pods of Ingresses annotated "
+                          "nginx.ingress.kubernetes.io/ssl-passthrough, chosen by SNI (docs/ingress-nginx.md)")
     run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
     run.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
                      help="where a Gateway without spec.addresses binds its listeners (repeatable; default 0.0.0.0)")
@@ -322,6 +325,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
     if getattr(args, "no_health_checks", False):
         s.health_checks = False
+    if getattr(args, "enable_ssl_passthrough", False):
+        s.ssl_passthrough = True
     s.takeover = bool(getattr(args, "takeover", False))
     if getattr(args, "update_status", None) is not None:
         s.update_status = args.update_status == "true"
