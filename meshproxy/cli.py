@@ -26,6 +26,7 @@ from discovery.store import ADDED, Event
 
 from .core.gateway import format_problem
 from .core.logformat import FormatError, compile_format
+from .core.nginx_convert import ConvertOptions, convert
 from . import capture
 from .core.settings import LB_POLICIES, PROXY_MODES, Settings, parse_hostport
 from .gateway_cli import GATEWAY_TABLES, gateway_table
@@ -195,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_files(val)
     val.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
                      help="as for run: where Gateways without spec.addresses would bind")
+
+    conv = sub.add_parser("convert", help="print the Gateway API equivalent of ingress-nginx Ingresses "
+                                          "(warnings for what does not translate on stderr)")
+    _add_files(conv)
+    conv.add_argument("--ingress-class", default="nginx",
+                      help="convert Ingresses of this class (and those without a class) (default nginx)")
+    conv.add_argument("--gateway-class", default="meshproxy", help="name of the GatewayClass written (default meshproxy)")
+    conv.add_argument("--gateway-name", default="nginx", help="name of the Gateway written (default nginx)")
+    conv.add_argument("--gateway-namespace", default="default", help="namespace of the Gateway (default default)")
+    conv.add_argument("--http-port", type=int, default=80, help="port of the Gateway's HTTP listener (default 80)")
+    conv.add_argument("--https-port", type=int, default=443, help="port of its HTTPS / TLS listeners (default 443)")
+    conv.add_argument("--address", action="append", default=None, metavar="IP",
+                      help="spec.addresses of the Gateway (repeatable; default none: --gateway-address applies)")
 
     get = sub.add_parser("get", help="what the proxy would do, as a table")
     get.add_argument("what", choices=("services", "endpoints", "routes", "gateways", "httproutes", "grpcroutes",
@@ -423,6 +437,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import yaml
+    result = load_paths(args.paths, args.service_cidr)
+    for err in result.errors:
+        print(err, file=sys.stderr)
+    if result.errors:
+        return 1
+    try:
+        addresses = _gateway_addresses(args.address or ())
+    except ValueError as exc:
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 2
+    opts = ConvertOptions(ingress_class=args.ingress_class, gateway_class=args.gateway_class,
+                          gateway_name=args.gateway_name, gateway_namespace=args.gateway_namespace,
+                          http_port=args.http_port, https_port=args.https_port, addresses=addresses)
+    docs, warnings = convert(result.objects, opts)
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:   # each rule written out in full, no &anchors
+            return True
+    sys.stdout.write(yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, default_flow_style=False))
+    sys.stdout.flush()
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
 def _offline_controller(args: argparse.Namespace, result):
     from .controller import Controller   # late: see the module docstring
     # Problems are printed once, as warnings, by the caller.
@@ -526,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_validate(args)
     if args.command == "get":
         return _cmd_get(args)
+    if args.command == "convert":
+        return _cmd_convert(args)
     if args.command in ("top", "stat"):
         from .top import run_top      # late: see the module docstring
         return run_top(args)

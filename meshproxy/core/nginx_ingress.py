@@ -37,7 +37,7 @@ from .ingress import check_path, ingress_rank
 from .nginx_annotations import NginxIngress, backend_key, upstream_name
 from .routes import EXACT, PREFIX, REGEX, Action, BackendRef, HeaderEdits, Rewrite, Route, RouteEntry
 
-__all__ = ["NginxBuild", "build"]
+__all__ = ["NginxBuild", "build", "filter_chain"]
 
 
 @dataclass(slots=True)
@@ -233,18 +233,31 @@ def _action(loc: _Location, cert_hosts: frozenset[str], alternatives: Mapping, a
     base = Action(backends=(loc.ref,), timeout=cfg.read_timeout, per_try_timeout=per_try, attempts=attempts,
                   retry_on=retry_on, request_headers=req_headers, rewrite=rewrite,
                   connect_timeout=cfg.connect_timeout, invalid_status=503)
-    svc = loc.ref.key[1] if loc.ref.key is not None else ""
-    tell = ((b"X-Namespace", ns.encode()), (b"X-Ingress-Name", loc.ing.name.encode()),
-            (b"X-Service-Name", (svc or _service_of(loc)).encode()), (b"X-Service-Port", loc.port.encode()))
-
-    # custom-http-errors and default-backend: the error backend.
     error_key = None
     if cfg.default_backend:
         error_key = service_port(ns, cfg.default_backend)
         if error_key is None:
             out.problems.append(f"{loc.ing.ref}: metadata.annotations[nginx.ingress.kubernetes.io/default-backend]: "
                                 f"service {ns}/{cfg.default_backend} not found or without ports; ignored")
-    intercept = ()
+    alt = alternatives.get(loc.ref.key) if loc.ref.key is not None else None
+    chain, intercept = filter_chain(cfg, namespace=ns, ingress=loc.ing.name, host=loc.host, path=loc.path,
+                                    ref=loc.ref, port=loc.port, service=_service_of(loc), cert_hosts=cert_hosts,
+                                    error_key=error_key, default_key=default_key, problems=out.problems,
+                                    where=loc.ing.ref, alternative=alt, affinity_keys=affinity_keys)
+    return replace(base, filters=chain, intercept=intercept)
+
+
+def filter_chain(cfg: NginxIngress, *, namespace: str, ingress: str, host: str | None, path: str, ref: BackendRef,
+                 port: str, service: str, cert_hosts: frozenset[str], error_key: tuple | None,
+                 default_key: tuple | None, problems: list[str], where: str, alternative=None,
+                 affinity_keys: Mapping | None = None) -> tuple[tuple, tuple]:
+    """The filters of one location (in nginx's phase order, see nginx_filters) and the
+    intercepted statuses of custom-http-errors: (chain, intercept) for ``Action``. Also what
+    an ``IngressNginxFilter`` extension of a Gateway API rule compiles into."""
+    affinity_keys = affinity_keys or {}
+    tell = ((b"X-Namespace", namespace.encode()), (b"X-Ingress-Name", ingress.encode()),
+            (b"X-Service-Name", service.encode()), (b"X-Service-Port", port.encode()))
+    intercept: tuple = ()
     if cfg.custom_http_errors and (error_key or default_key):
         ek = error_key or default_key
         intercept = tuple(
@@ -253,72 +266,72 @@ def _action(loc: _Location, cert_hosts: frozenset[str], alternatives: Mapping, a
                           filters=(nf.ErrorPage(),), attempts=1, retry_on=frozenset(), timeout=cfg.read_timeout,
                           connect_timeout=cfg.connect_timeout))
             for code in cfg.custom_http_errors)
-
-    chain: list = []
     if cfg.denied:
-        chain.append(nf.Denied(cfg.denied))
-    else:
-        if cfg.body_size:
-            chain.append(nf.BodyLimit(cfg.body_size))
-        if cfg.cors is not None:
-            c = cfg.cors
-            chain.append(nf.Cors(c.origin_regex, c.methods.encode(), c.headers.encode(), c.expose.encode(),
-                                 c.credentials, c.max_age))
-        if cfg.redirect is not None:
-            chain.append(nf.Redirect(cfg.redirect[0], cfg.redirect[1]))
-        if cfg.force_ssl_redirect or (cfg.ssl_redirect and _may_have_cert(loc.host, cert_hosts)):
-            chain.append(nf.SslRedirect(cfg.force_ssl_redirect, cert_hosts, cfg.preserve_trailing_slash,
-                                        cfg.use_port_in_redirects))
-        lim = cfg.limits
-        if lim is not None:
-            if lim.connections:
-                chain.append(nf.LimitConnections(f"{cfg.ingress}:conn", lim.connections, lim.allow))
-            if lim.rps:
-                chain.append(nf.LimitRequests(f"{cfg.ingress}:rps", lim.rps * 1000, lim.rps * lim.burst_multiplier,
-                                              lim.allow))
-            if lim.rpm:
-                chain.append(nf.LimitRequests(f"{cfg.ingress}:rpm", lim.rpm * 1000 // 60,
-                                              lim.rpm * lim.burst_multiplier, lim.allow))
-        if cfg.allow or cfg.deny:
-            chain.append(nf.IpAccess(cfg.allow, cfg.deny))
-        if cfg.basic_auth is not None:
-            chain.append(nf.BasicAuth(cfg.basic_auth.realm, dict(cfg.basic_auth.users)))
-        if cfg.ext_auth is not None:
-            a = cfg.ext_auth
-            bad = _unknown_variables(a.url) | _unknown_variables(a.signin) | _unknown_variables(a.request_redirect)
-            if bad:
-                out.problems.append(f"{loc.ing.ref}: metadata.annotations[nginx.ingress.kubernetes.io/auth-url]: "
-                                    f"nginx variables {', '.join(sorted(bad))} are not known to meshproxy; "
-                                    f"its paths answer 503")
-                chain = [nf.Denied("unknown nginx variables in the auth annotations")]
-                return replace(base, filters=tuple(chain))
-            chain.append(nf.ExternalAuth(a.url, (a.method or "GET").encode(), a.signin, a.signin_param,
-                                         tuple(h.lower().encode() for h in a.response_headers), a.request_redirect,
-                                         a.always_set_cookie, cfg.connect_timeout, cfg.read_timeout))
-        if error_key is not None:
-            chain.append(nf.DefaultBackend(loc.ref.key, BackendRef(error_key), ((b"X-Code", b"503"),) + tell))
-        alt = alternatives.get(loc.ref.key) if loc.ref.key is not None else None
-        if alt is not None:
-            ref, ccfg, _name = alt
-            c = ccfg.canary
-            affinity = loc.cfg.affinity
-            chain.append(nf.Canary(
-                ref, loc.ref.key, c.header.lower().encode(), c.header_value.encode(), c.pattern, c.pattern_invalid,
-                c.cookie, c.weight, c.weight_total, affinity.cookie if affinity is not None else "",
-                affinity_keys.get(loc.ref.key, "") if affinity is not None else "",
-                affinity_keys.get(ref.key, "") if affinity is not None else ""))
-        if cfg.affinity is not None:
-            a = cfg.affinity
-            keys = {k: v for k, v in affinity_keys.items()
-                    if k == loc.ref.key or (alt is not None and k == alt[0].key)}
-            chain.append(nf.CookieAffinity(a.cookie, keys, a.path or loc.path, a.domain,
-                                           int(a.expires) if a.expires else None, a.max_age, a.secure,
-                                           a.samesite))
-    return replace(base, filters=tuple(chain), intercept=intercept)
+        return (nf.Denied(cfg.denied),), intercept
+    chain: list = []
+    if cfg.body_size:
+        chain.append(nf.BodyLimit(cfg.body_size))
+    if cfg.cors is not None:
+        c = cfg.cors
+        chain.append(nf.Cors(c.origin_regex, c.methods.encode(), c.headers.encode(), c.expose.encode(),
+                             c.credentials, c.max_age))
+    if cfg.redirect is not None:
+        chain.append(nf.Redirect(cfg.redirect[0], cfg.redirect[1]))
+    if cfg.force_ssl_redirect or (cfg.ssl_redirect and _may_have_cert(host, cert_hosts)):
+        chain.append(nf.SslRedirect(cfg.force_ssl_redirect, cert_hosts, cfg.preserve_trailing_slash,
+                                    cfg.use_port_in_redirects))
+    lim = cfg.limits
+    if lim is not None:
+        if lim.connections:
+            chain.append(nf.LimitConnections(f"{cfg.ingress}:conn", lim.connections, lim.allow))
+        if lim.rps:
+            chain.append(nf.LimitRequests(f"{cfg.ingress}:rps", lim.rps * 1000, lim.rps * lim.burst_multiplier,
+                                          lim.allow))
+        if lim.rpm:
+            chain.append(nf.LimitRequests(f"{cfg.ingress}:rpm", lim.rpm * 1000 // 60,
+                                          lim.rpm * lim.burst_multiplier, lim.allow))
+    if cfg.allow or cfg.deny:
+        chain.append(nf.IpAccess(cfg.allow, cfg.deny))
+    if cfg.basic_auth is not None:
+        chain.append(nf.BasicAuth(cfg.basic_auth.realm, dict(cfg.basic_auth.users)))
+    if cfg.ext_auth is not None:
+        a = cfg.ext_auth
+        bad = _unknown_variables(a.url) | _unknown_variables(a.signin) | _unknown_variables(a.request_redirect)
+        if bad:
+            problems.append(f"{where}: metadata.annotations[nginx.ingress.kubernetes.io/auth-url]: nginx variables "
+                            f"{', '.join(sorted(bad))} are not known to meshproxy; its paths answer 503")
+            return (nf.Denied("unknown nginx variables in the auth annotations"),), intercept
+        chain.append(nf.ExternalAuth(a.url, (a.method or "GET").encode(), a.signin, a.signin_param,
+                                     tuple(h.lower().encode() for h in a.response_headers), a.request_redirect,
+                                     a.always_set_cookie, cfg.connect_timeout, cfg.read_timeout))
+    if error_key is not None:
+        chain.append(nf.DefaultBackend(ref.key, BackendRef(error_key), ((b"X-Code", b"503"),) + tell))
+    if alternative is not None:
+        aref, ccfg, _name = alternative
+        c = ccfg.canary
+        affinity = cfg.affinity
+        chain.append(nf.Canary(
+            aref, ref.key, c.header.lower().encode(), c.header_value.encode(), c.pattern, c.pattern_invalid,
+            c.cookie, c.weight, c.weight_total, affinity.cookie if affinity is not None else "",
+            affinity_keys.get(ref.key, "") if affinity is not None else "",
+            affinity_keys.get(aref.key, "") if affinity is not None else ""))
+    if cfg.affinity is not None:
+        a = cfg.affinity
+        keys = {k: v for k, v in affinity_keys.items()
+                if k == ref.key or (alternative is not None and k == alternative[0].key)}
+        if ref.key is not None and ref.key not in keys:
+            keys[ref.key] = backend_key(upstream_name(namespace, ref.key[1], port))
+        chain.append(nf.CookieAffinity(a.cookie, keys, a.path or path, a.domain,
+                                       int(a.expires) if a.expires else None, a.max_age, a.secure, a.samesite))
+    return tuple(chain), intercept
 
 
 def _service_of(loc: _Location) -> str:
-    return loc.ref.error.split(" ")[1].split("/")[-1] if loc.ref.error and loc.ref.error.startswith("service ") else ""
+    """The Service the location names (also when it does not exist: X-Service-Name)."""
+    if loc.ref.key is not None:
+        return loc.ref.key[1]
+    err = loc.ref.error or ""
+    return err.split(" ")[1].split("/")[-1] if err.startswith("service ") else ""
 
 
 def _unknown_variables(text: str) -> set[str]:
