@@ -167,3 +167,94 @@ def test_tls_hosts_get_an_https_listener_and_a_redirect_route():
     assert routes["plain-com"]["spec"]["parentRefs"][0]["sectionName"] == "http"
     assert routes["pass-com"]["kind"] == "TLSRoute"
     assert any("trailing '/'" in w for w in warnings)
+
+
+def test_refusal_is_a_problem_a_log_line_and_a_validate_line(tmp_path, pods):
+    web, _ = pods
+    text = "---\n".join([CLASS, service("web", [(web.host, web.port)]),
+                         ingress("good", "a.com", "/good", "web"),
+                         ingress("bad", "a.com", "/bad", "web", {"server-snippet": "return 200;", "what-is-this": "1"})])
+    path = tmp_path / "ingresses.yaml"
+    path.write_text(text)
+    port = free_port()
+    with Meshproxy([str(path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks") as p:
+        problems = p.snapshot()["problems"]
+        refusal = ("Ingress/default/bad: metadata.annotations[nginx.ingress.kubernetes.io/server-snippet]: holds nginx "
+                   "configuration, which meshproxy cannot apply; the Ingress is not served")
+        unknown = ("Ingress/default/bad: metadata.annotations[nginx.ingress.kubernetes.io/what-is-this]: not an "
+                   "ingress-nginx annotation meshproxy knows; ignored")
+        assert refusal in problems and unknown in problems
+        assert answer(port, "GET", "/good", "a.com", {})["status"] == 200
+        assert answer(port, "GET", "/bad", "a.com", {})["status"] == 404
+        log = p.output()
+        assert log.count(refusal) == 1 and log.count(unknown) == 1
+    out = subprocess.run([sys.executable, "-m", "meshproxy", "validate", "-f", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    line = text.splitlines().index([x for x in text.splitlines() if "server-snippet" in x][0]) + 1
+    assert f"{path}:{line}: {refusal}" in lines
+    assert any(x.endswith(unknown) for x in lines)
+
+
+def test_ingress_nginx_filter_manifests_and_references(tmp_path):
+    bad = load_text("""apiVersion: meshproxy.dev/v1alpha1
+kind: IngressNginxFilter
+metadata: {name: f, namespace: default}
+spec:
+  annotations: {other.io/x: "1", enable-cors: true}
+""")
+    assert [str(e).split(": ", 1)[1] for e in bad.errors] == [
+        "IngressNginxFilter/default/f: spec.annotations.other.io/x: must be an ingress-nginx annotation "
+        "(nginx.ingress.kubernetes.io/...)",
+        "IngressNginxFilter/default/f: spec.annotations.enable-cors: must be a string"]
+    route = """apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: meshproxy}
+spec: {controllerName: meshproxy.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: meshproxy
+  addresses: [{type: IPAddress, value: 127.0.0.1}]
+  listeners: [{name: http, port: PORT, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /missing}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: meshproxy.dev, kind: IngressNginxFilter, name: nope}}]
+    backendRefs: [{name: web, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /snippet}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: meshproxy.dev, kind: IngressNginxFilter, name: snippet}}]
+    backendRefs: [{name: web, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /allow}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: meshproxy.dev, kind: IngressNginxFilter, name: allow}}]
+    backendRefs: [{name: web, port: 80}]
+---
+apiVersion: meshproxy.dev/v1alpha1
+kind: IngressNginxFilter
+metadata: {name: snippet, namespace: default}
+spec: {annotations: {configuration-snippet: "return 200;"}}
+---
+apiVersion: meshproxy.dev/v1alpha1
+kind: IngressNginxFilter
+metadata: {name: allow, namespace: default}
+spec: {annotations: {nginx.ingress.kubernetes.io/whitelist-source-range: 10.0.0.0/8}}
+"""
+    with Backend("127.0.10.63", name="web") as web:
+        port = free_port()
+        path = tmp_path / "gw.yaml"
+        path.write_text(service("web", [(web.host, web.port)]) + "---\n" + route.replace("PORT", str(port)))
+        with Meshproxy([str(path)], "--no-health-checks") as p:
+            assert answer(port, "GET", "/missing", "x", {})["status"] == 500
+            assert answer(port, "GET", "/snippet", "x", {})["status"] == 500
+            assert answer(port, "GET", "/allow", "x", {})["status"] == 403
+            problems = "\n".join(p.snapshot()["problems"])
+            assert "IngressNginxFilter default/nope not found" in problems
+            assert "configuration-snippet" in problems

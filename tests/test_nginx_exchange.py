@@ -6,11 +6,16 @@ request fields, a filter that holds the request while a thread checks a password
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from types import SimpleNamespace
 
 import pytest
 
 import l7.exchange as exchange_mod
+from l7.upstream import UpstreamPool
+from meshproxy.core.routes import Action
+from meshproxy.core.settings import Settings
 
 from fakes import Harness
 from nginx_fixtures import ingress, manifests, secret, service
@@ -134,7 +139,7 @@ def test_an_answer_carries_the_fields_of_the_filters_before_it():
 
 
 def test_slow_password_hash_holds_the_request_until_the_thread_answers():
-    import bcrypt
+    bcrypt = pytest.importorskip("bcrypt")
     h = harness(secret("basic", {"auth": b"foo:" + bcrypt.hashpw(b"bar", bcrypt.gensalt(4))}),
                 ingress("web", "a.com", "/", "web", {"auth-type": "basic", "auth-secret": "basic"}))
     calls = []
@@ -180,3 +185,21 @@ def test_affinity_key_keeps_a_client_on_one_pod():
         assert h.pool.requests[-1][0] == first
         h.pool.open()[0].data_received(OK)
         assert b"Set-Cookie" not in tt.data()
+
+
+def test_route_connect_timeout_bounds_the_connect():
+    """proxy-connect-timeout: the pool gives up on a connect after the route's timeout, not
+    after the proxy's (30 s here)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        pool = UpstreamPool(loop, Settings(connect_timeout=30.0))
+
+        async def never(*_a, **_k):
+            await asyncio.sleep(3600)
+        loop.create_connection = never        # a pod that never answers the SYN
+        done = loop.create_future()
+        ex = SimpleNamespace(action=Action(connect_timeout=0.05),
+                             connected=lambda token, conn, exc: done.set_result(exc))
+        pool.connect(("127.0.0.1", 9), ("default", "web"), ex, 1)
+        return await asyncio.wait_for(done, 5)
+    assert isinstance(asyncio.run(main()), TimeoutError)
