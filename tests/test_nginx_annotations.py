@@ -433,6 +433,25 @@ def test_ssl_redirect(kw, host, target, tls, expected):
         assert ex.answered[0] == 308 and ex.answered[2] == [(b"Location", expected)]
 
 
+def test_https_redirect_uses_the_forwarded_host_of_a_trusted_proxy():
+    f = nf.SslRedirect(False, frozenset({"secure.com"}))
+    ex = FakeExchange(host=b"secure.com", headers=[("X-Forwarded-Host", "example.com:80")], trusted=("127.0.0.0/8",))
+    f.on_request(ex)
+    assert ex.answered[2] == [(b"Location", b"https://example.com")]
+    ex = FakeExchange(host=b"secure.com", headers=[("X-Forwarded-Host", "example.com:80")])
+    f.on_request(ex)
+    assert ex.answered[2] == [(b"Location", b"https://secure.com")]
+
+
+def test_hsts_on_https_responses_of_hosts_with_a_certificate():
+    f = nf.Hsts(frozenset({"secure.com", "*.wild.com"}))
+    for host, tls, expected in [(b"secure.com", True, True), (b"a.wild.com:8443", True, True),
+                                (b"secure.com", False, False), (b"other.com", True, False)]:
+        ex = FakeExchange(host=host, tls=tls)
+        fields = f.on_response(ex, 200, [(b"Strict-Transport-Security", b"max-age=1")])
+        assert (fields == [(b"Strict-Transport-Security", b"max-age=31536000; includeSubDomains")]) is expected
+
+
 def test_forwarded_https_from_a_trusted_proxy_is_not_redirected():
     f = nf.SslRedirect(True, frozenset())
     ex = FakeExchange(headers=[("X-Forwarded-Proto", "https")], trusted=("127.0.0.0/8",))

@@ -177,8 +177,10 @@ def test_https_redirect_by_default_when_the_ingress_has_tls(pods, ca):
         assert call(p.port, "/x", "off.com")[0] == 200
         st, h, _ = call(p.port, "/", "forcesslredirect.bar.com")
         assert st == 308 and h["location"] == "https://forcesslredirect.bar.com"
-        st, _, data = tls_get(p.tls_port, "secure.com", "/x", ca)
+        st, h, data = tls_get(p.tls_port, "secure.com", "/x", ca)
         assert st == 200 and echoed(data)["target"] == "/x"
+        assert h["strict-transport-security"] == "max-age=31536000; includeSubDomains"
+        assert "strict-transport-security" not in call(p.port, "/x", "plain.com")[1]
 
 
 # -- canary -------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .routes import HeaderEdits
 
 __all__ = [
     "AppRoot", "BasicAuth", "BodyLimit", "Canary", "CookieAffinity", "Cors", "DefaultBackend",
-    "Denied", "ErrorPage", "ExternalAuth", "IpAccess", "LimitConnections", "LimitRequests",
+    "Denied", "ErrorPage", "ExternalAuth", "Hsts", "IpAccess", "LimitConnections", "LimitRequests",
     "NotFound", "Redirect", "SslRedirect", "client_ip", "cookie_value", "expand",
 ]
 
@@ -212,32 +212,64 @@ class AppRoot:
         exchange.answer(302, b"", ((b"Location", scheme + b"://" + exchange.head.host + self.path.encode()),))
 
 
+def _has_cert(cert_hosts: frozenset[str], host: str) -> bool:
+    if host in cert_hosts:
+        return True
+    dot = host.find(".")
+    return dot > 0 and "*" + host[dot:] in cert_hosts
+
+
+def _bare_host(http_host: str) -> str:
+    return http_host.rpartition(":")[0] if ":" in http_host and not http_host.endswith("]") else http_host
+
+
+@dataclass(frozen=True, slots=True)
+class Hsts:
+    """ingress-nginx's default HSTS: an HTTPS response for a host with a certificate from some
+    Ingress carries ``Strict-Transport-Security: max-age=31536000; includeSubDomains`` (the
+    pod's own field replaced). First in a chain, so meshproxy's own answers carry it too."""
+
+    cert_hosts: frozenset[str]
+    value: bytes = b"max-age=31536000; includeSubDomains"
+
+    def on_request(self, exchange) -> None:
+        pass
+
+    def on_response(self, exchange, status: int, fields: list) -> list:
+        if not exchange.down.tls:
+            return fields
+        host = _bare_host(exchange.head.host.decode("latin-1")).rstrip(".")
+        if not _has_cert(self.cert_hosts, host):
+            return fields
+        return [f for f in fields if f[0].lower() != b"strict-transport-security"] + \
+            [(b"Strict-Transport-Security", self.value)]
+
+
 @dataclass(frozen=True, slots=True)
 class SslRedirect:
     """ssl-redirect / force-ssl-redirect: a plain-HTTP request is answered 308 to
     ``https://HOST<request-uri>`` - HOST without its port, the request URI without a trailing
     "/" unless preserve-trailing-slash - when forced, or when the request's host has a TLS
-    certificate from some Ingress (``cert_hosts``: exact names and "*." wildcards)."""
+    certificate from some Ingress (``cert_hosts``: exact names and "*." wildcards). From a
+    trusted proxy, the first X-Forwarded-Host names the host (ingress-nginx's
+    use-forwarded-headers)."""
 
     force: bool
     cert_hosts: frozenset[str]
     preserve_trailing_slash: bool = False
     use_port: bool = False
 
-    def _has_cert(self, host: str) -> bool:
-        if host in self.cert_hosts:
-            return True
-        dot = host.find(".")
-        return dot > 0 and "*" + host[dot:] in self.cert_hosts
-
     def on_request(self, exchange) -> None:
         if _https(exchange):
             return
         head = exchange.head
-        http_host = head.host.decode("latin-1")
-        host = http_host.rpartition(":")[0] if ":" in http_host and not http_host.endswith("]") else http_host
-        if not self.force and not self._has_cert(host.lower().rstrip(".")):
+        host = _bare_host(head.host.decode("latin-1"))
+        if not self.force and not _has_cert(self.cert_hosts, host.lower().rstrip(".")):
             return
+        if exchange.down.client.trusted:
+            forwarded = _header(head, b"x-forwarded-host")
+            if forwarded:
+                host = _bare_host(forwarded.decode("latin-1").split(",")[0].strip())
         uri = _request_uri(head)
         if not self.preserve_trailing_slash and uri.endswith("/"):
             uri = uri[:-1]

@@ -269,6 +269,8 @@ def filter_chain(cfg: NginxIngress, *, namespace: str, ingress: str, host: str |
     if cfg.denied:
         return (nf.Denied(cfg.denied),), intercept
     chain: list = []
+    if _may_have_cert(host, cert_hosts):
+        chain.append(nf.Hsts(cert_hosts))
     if cfg.body_size:
         chain.append(nf.BodyLimit(cfg.body_size))
     if cfg.cors is not None:
@@ -371,7 +373,7 @@ def _host_routes(mains: list, locations: list[_Location], regex_hosts: set[str],
                 break
         if not hk or (hk, "/") in taken:
             continue
-        chain: list = []
+        chain: list = [nf.Hsts(cert_hosts)] if _may_have_cert(host, cert_hosts) else []
         if cfg.force_ssl_redirect or (cfg.ssl_redirect and _may_have_cert(host, cert_hosts)):
             chain.append(nf.SslRedirect(cfg.force_ssl_redirect, cert_hosts, cfg.preserve_trailing_slash,
                                         cfg.use_port_in_redirects))
