@@ -186,6 +186,7 @@ class FakeExchange:
         self.filter_data: dict = {}
         self.ending: list = []
         self.request_id = b"rid"
+        self.req_bytes = 0
         self.finished = False
         self.proceeded = 0
 

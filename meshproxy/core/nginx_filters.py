@@ -183,7 +183,8 @@ class BodyLimit:
 
     def on_request(self, exchange) -> None:
         cl = exchange.head.content_length
-        if cl is not None and cl > self.limit:
+        # req_bytes: a body read before the filters ran (--request-buffer-size).
+        if (cl is not None and cl > self.limit) or exchange.req_bytes > self.limit:
             exchange.answer(413, b"413 Request Entity Too Large\n")
             return
         exchange.body_limit = self.limit
