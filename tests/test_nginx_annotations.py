@@ -706,7 +706,7 @@ def test_canary_ingress_merges_into_the_main_backend():
     assert target(snap, "foo", "/info") == ("service1", ("Canary",))
     assert target(snap, "bar", "/x") == ("service1", ("Canary",))   # same backend: same alternative
     alone = table(ingress("canary", "foo", "/info", "service2", {"canary": "true", "canary-by-header": "X"}))
-    assert target(alone, "foo", "/info") is None
+    assert target(alone, "foo", "/info") == (None, ("NotFound",))      # the default server
     assert any("canary: no main Ingress" in p for p in alone.problems)
 
 

@@ -168,10 +168,11 @@ class Denied:
 @dataclass(frozen=True, slots=True)
 class NotFound:
     """A host's own catch-all (nginx's root location to the default backend): a path of a known
-    host that no rule matches is answered here, not by the rules of other hosts."""
+    host that no rule matches is answered here, not by the rules of other hosts; also the
+    default server's answer to a host no rule names. The body carries nginx's title."""
 
     def on_request(self, exchange) -> None:
-        exchange.answer(404, b"default backend - 404\n")
+        exchange.answer(404, b"404 Not Found\n")
 
 
 @dataclass(frozen=True, slots=True)

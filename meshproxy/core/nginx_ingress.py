@@ -35,9 +35,9 @@ from typing import Any, Callable, Mapping
 from . import nginx_filters as nf
 from .ingress import check_path, ingress_rank
 from .nginx_annotations import NginxIngress, backend_key, upstream_name
-from .routes import EXACT, PREFIX, REGEX, Action, BackendRef, HeaderEdits, Rewrite, Route, RouteEntry
+from .routes import DEFAULT, EXACT, PREFIX, REGEX, Action, BackendRef, HeaderEdits, Rewrite, Route, RouteEntry
 
-__all__ = ["NginxBuild", "build", "filter_chain"]
+__all__ = ["NginxBuild", "build", "default_server", "filter_chain"]
 
 
 @dataclass(slots=True)
@@ -170,6 +170,13 @@ def build(nginx: list[tuple[Any, NginxIngress]], others: list[RouteEntry], *,
                 if loc.ing is ing and loc.path == "/" and loc.ref.key is not None and loc.host:
                     out.passthrough.setdefault(_host_key(loc.host), loc.ref.key)
     return out
+
+
+def default_server() -> Route:
+    """ingress-nginx's default server ("_"): with no Ingress ``spec.defaultBackend``, a request
+    for a host no rule names gets nginx's 404 (ingress-nginx mode only)."""
+    return Route(name="", source="ingress-nginx default server", host=None, path_kind=DEFAULT, path="",
+                 action=Action(filters=(nf.NotFound(),)))
 
 
 def _regex_route(name: str, source: str, host: str | None, path: str, written: str, action: Action,

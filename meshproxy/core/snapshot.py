@@ -30,6 +30,7 @@ from .listeners import HTTPListener, L4Listener
 from .nginx_annotations import Finding, is_nginx
 from .nginx_annotations import parse as parse_nginx
 from .nginx_ingress import build as build_nginx
+from .nginx_ingress import default_server as nginx_default_server
 from .routes import Action, BackendRef, RouteTable
 from .tls import make_context
 
@@ -493,6 +494,8 @@ class SnapshotBuilder:
                                 cert_hosts=frozenset(h for h in tls_hosts if h), default_key=default_key)
             entries = built.entries
             problems.extend(built.problems)
+            if default is None:
+                default = nginx_default_server()
             upstream_tls = frozenset(built.upstream_tls)
             passthrough = built.passthrough
         if self.settings.default_tls_secret:
