@@ -335,7 +335,8 @@ def test_upstream_vhost_and_x_forwarded_prefix(pods):
                          ingress("xfp", "xfp.baz.com", "/", "echo", {"x-forwarded-prefix": "/test/value",
                                                                        "rewrite-target": "/foo"}),
                          ingress("noxfp", "noxfp.baz.com", "/", "echo", {"x-forwarded-prefix": "",
-                                                                           "rewrite-target": "/foo"})]
+                                                                           "rewrite-target": "/foo"}),
+                         ingress("conn", "connection.foo.com", "/", "echo", {"connection-proxy-header": "keep-alive"})]
     with Proxy(manifests(*docs)) as p:
         d = echoed(call(p.port, "/", "upstreamvhost.foo.com")[2])
         assert d["hdrs"]["host"] == "upstreamvhost.bar.com"
@@ -343,6 +344,7 @@ def test_upstream_vhost_and_x_forwarded_prefix(pods):
         assert d["hdrs"]["x-forwarded-prefix"] == "/test/value" and d["target"] == "/foo"
         d = echoed(call(p.port, "/", "noxfp.baz.com")[2])
         assert "x-forwarded-prefix" not in d["hdrs"] and d["target"] == "/foo"
+        assert echoed(call(p.port, "/", "connection.foo.com")[2])["hdrs"]["connection"] == "keep-alive"
 
 
 # -- affinity, aliases ----------------------------------------------------------------------------------

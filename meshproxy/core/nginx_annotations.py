@@ -66,7 +66,7 @@ _APPLIED = frozenset({
     "auth-type", "auth-secret", "auth-secret-type", "auth-realm",
     "limit-rps", "limit-rpm", "limit-connections", "limit-burst-multiplier", "limit-allowlist",
     "limit-whitelist",
-    "custom-http-errors", "default-backend", "disable-proxy-intercept-errors",
+    "custom-http-errors", "default-backend", "disable-proxy-intercept-errors", "connection-proxy-header",
 })
 # Tuning of nginx's own buffers, caches and logs: no behaviour a client can see changes when
 # meshproxy does without them (it streams, and logs every request).
@@ -82,7 +82,7 @@ _NO_EFFECT = frozenset({
 # Known to ingress-nginx, not implemented here: the Ingress is served without them. (Those whose
 # absence would weaken access control are in _REFUSED instead.)
 _NOT_APPLIED = frozenset({
-    "custom-headers", "connection-proxy-header", "from-to-www-redirect", "proxy-redirect-from",
+    "custom-headers", "from-to-www-redirect", "proxy-redirect-from",
     "proxy-redirect-to", "proxy-cookie-domain", "proxy-cookie-path", "upstream-hash-by",
     "upstream-hash-by-subset", "upstream-hash-by-subset-size", "mirror-target", "mirror-host",
     "mirror-request-body", "limit-rate", "limit-rate-after", "ssl-ciphers", "proxy-ssl-name",
@@ -221,6 +221,7 @@ class NginxIngress:
     next_upstream_timeout: float = 0.0
     upstream_vhost: str = ""
     x_forwarded_prefix: str = ""
+    connection_header: str = ""                    # connection-proxy-header: Connection sent to the pod
     affinity: Affinity | None = None
     backend_protocol: str = "HTTP"
     ssl_passthrough: bool = False
@@ -629,6 +630,7 @@ def parse(ingress, secrets: Mapping[tuple[str, str], object] = {}) -> NginxIngre
         next_upstream=tuple(next_upstream.split()), next_upstream_tries=r.integer("proxy-next-upstream-tries", 3),
         next_upstream_timeout=float(r.integer("proxy-next-upstream-timeout", 0)),
         upstream_vhost=r.string("upstream-vhost"), x_forwarded_prefix=xfp,
+        connection_header=r.string("connection-proxy-header", pattern=_BASIC_CHARS, what="a Connection value"),
         affinity=_affinity(r), backend_protocol=protocol,
         ssl_passthrough=r.boolean("ssl-passthrough", False), aliases=tuple(aliases),
         ext_auth=ext_auth, basic_auth=basic, limits=_limits(r), custom_http_errors=tuple(dict.fromkeys(codes)),

@@ -58,6 +58,7 @@ _NATIVE = frozenset({
     "server-alias", "ssl-passthrough", "canary", "canary-by-header", "canary-by-header-value",
     "canary-by-header-pattern", "canary-by-cookie", "canary-weight", "canary-weight-total",
     "proxy-read-timeout", "proxy-next-upstream", "proxy-next-upstream-tries", "backend-protocol",
+    "connection-proxy-header",
 })
 
 
@@ -322,9 +323,13 @@ class _Converter:
             rewrite["hostname"] = cfg.upstream_vhost
         if rewrite:
             filters.append({"type": "URLRewrite", "urlRewrite": rewrite})
+        sets = []
         if needs_rewrite and cfg.x_forwarded_prefix:
-            filters.append({"type": "RequestHeaderModifier", "requestHeaderModifier": {
-                "set": [{"name": "X-Forwarded-Prefix", "value": cfg.x_forwarded_prefix}]}})
+            sets.append({"name": "X-Forwarded-Prefix", "value": cfg.x_forwarded_prefix})
+        if cfg.connection_header:
+            sets.append({"name": "Connection", "value": cfg.connection_header})
+        if sets:
+            filters.append({"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": sets}})
         ext = {PREFIX + k: v for k, v in ann.items() if k in _EXTENSION}
         if needs_rewrite and "$" in cfg.rewrite_target:
             ext[PREFIX + "rewrite-target"] = cfg.rewrite_target

@@ -235,8 +235,13 @@ def _action(loc: _Location, cert_hosts: frozenset[str], alternatives: Mapping, a
         rewrite = Rewrite(hostname=cfg.upstream_vhost or None,
                           path_kind="RegexReplace" if _needs_rewrite(loc) else None,
                           path=cfg.rewrite_target if _needs_rewrite(loc) else "")
+    sets = []
     if _needs_rewrite(loc) and cfg.x_forwarded_prefix:
-        req_headers = HeaderEdits(set=((b"x-forwarded-prefix", cfg.x_forwarded_prefix.encode()),))
+        sets.append((b"x-forwarded-prefix", cfg.x_forwarded_prefix.encode()))
+    if cfg.connection_header:
+        sets.append((b"connection", cfg.connection_header.encode()))
+    if sets:
+        req_headers = HeaderEdits(set=tuple(sets))
     base = Action(backends=(loc.ref,), timeout=cfg.read_timeout, per_try_timeout=per_try, attempts=attempts,
                   retry_on=retry_on, request_headers=req_headers, rewrite=rewrite,
                   connect_timeout=cfg.connect_timeout, invalid_status=503)
