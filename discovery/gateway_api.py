@@ -51,6 +51,7 @@ KINDS = {
     (_V1, "ReferenceGrant"), (_V1B1, "ReferenceGrant"), (_V1A2, "ReferenceGrant"),
     ("v1", "Namespace"),
     (f"{g.FAULT_GROUP}/v1alpha1", "FaultInjection"),
+    (f"{g.FAULT_GROUP}/v1alpha1", "IngressNginxFilter"),
 }
 CLUSTER_SCOPED = frozenset({"GatewayClass", "Namespace"})
 
@@ -99,6 +100,23 @@ def _parse_fault(ctx, doc: dict, m: o.Meta, origin: o.Origin) -> g.FaultInjectio
         out["abort_status"] = ctx.int(abort, "httpStatus", "spec.abort.httpStatus", required=True, lo=200, hi=599) or 0
         out["abort_percent"] = _percentage(ctx, abort, "spec.abort.percentage")
     return g.FaultInjection(meta=m, origin=origin, **out)
+
+
+def _parse_nginx_filter(ctx, doc: dict, m: o.Meta, origin: o.Origin) -> g.IngressNginxFilter:
+    spec = ctx.map(doc, "spec", "spec", required=True) or {}
+    ann = ctx.map(spec, "annotations", "spec.annotations", required=True) or {}
+    out: dict[str, str] = {}
+    for k, v in ann.items():
+        if not isinstance(v, str):
+            ctx.error(f"spec.annotations.{k}", "must be a string", ann, k)
+            continue
+        key = str(k) if "/" in str(k) else "nginx.ingress.kubernetes.io/" + str(k)
+        if not key.startswith("nginx.ingress.kubernetes.io/"):
+            ctx.error(f"spec.annotations.{k}", "must be an ingress-nginx annotation (nginx.ingress.kubernetes.io/...)",
+                      ann, k)
+            continue
+        out[key] = v
+    return g.IngressNginxFilter(meta=m, origin=origin, annotations=out)
 
 
 def _percentage(ctx, parent: dict, path: str) -> float:
@@ -307,4 +325,5 @@ PARSERS = {
     "Namespace": _parse_namespace, "GatewayClass": _parse_gateway_class, "Gateway": _parse_gateway,
     "HTTPRoute": parse_http_route, "GRPCRoute": parse_grpc_route, "TLSRoute": parse_tls_route,
     "TCPRoute": parse_tcp_route, "ReferenceGrant": _parse_reference_grant, "FaultInjection": _parse_fault,
+    "IngressNginxFilter": _parse_nginx_filter,
 }

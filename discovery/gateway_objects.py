@@ -14,7 +14,8 @@ status, routing) is computed in ``meshproxy.core.gateway``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from .objects import Base
 from .selectors import Selector
@@ -26,7 +27,7 @@ __all__ = [
     "RedirectFilter", "RewriteFilter", "MirrorFilter", "Filter", "BackendRef", "PathMatch",
     "ValueMatch", "HTTPMatch", "Timeouts", "Retry", "HTTPRule", "HTTPRoute", "GRPCMethodMatch",
     "GRPCMatch", "GRPCRule", "GRPCRoute", "L4Rule", "TLSRoute", "TCPRoute", "GrantFrom",
-    "GrantTo", "ReferenceGrant", "FaultInjection",
+    "GrantTo", "ReferenceGrant", "FaultInjection", "IngressNginxFilter",
 ]
 
 GROUP = "gateway.networking.k8s.io"
@@ -316,3 +317,14 @@ class FaultInjection(Base):
     delay_percent: float = 0.0
     abort_status: int = 0
     abort_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class IngressNginxFilter(Base):
+    """meshproxy.dev IngressNginxFilter: ingress-nginx annotations (``annotations``, keys with
+    their nginx.ingress.kubernetes.io/ prefix) applied to the Gateway API rule whose
+    ExtensionRef names it - what ``meshproxy convert`` writes where Gateway API has no
+    equivalent (CORS, authentication, rate limits, allow / deny lists, body size, cookie
+    affinity, a rewrite with capture groups, custom error pages)."""
+    kind = "IngressNginxFilter"
+    annotations: Mapping[str, str] = field(default_factory=dict)

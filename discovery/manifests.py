@@ -806,6 +806,11 @@ def _parse_ingress(ctx: _Doc, doc: dict, m: o.Meta, origin: o.Origin) -> o.Ingre
             continue
         hosts = tuple(h for h in ctx.list(t, "hosts", f"spec.tls[{ti}].hosts") if isinstance(h, str))
         tls.append(o.IngressTLS(hosts, ctx.str(t, "secretName", f"spec.tls[{ti}].secretName")))
+    # Where each annotation is written, for messages about one of them (ingress-nginx's).
+    ann = (doc.get("metadata") or {}).get("annotations") if isinstance(doc.get("metadata"), dict) else None
+    if isinstance(ann, dict):
+        lines = tuple((f"metadata.annotations[{k}]", n) for k in ann if (n := _line_of(ann, k)))
+        origin = o.Origin(origin.file, origin.line, origin.fields + lines)
     return o.Ingress(meta=m, origin=origin, class_name=cls, default_backend=default,
                      rules=tuple(rules), tls=tuple(tls))
 

@@ -117,6 +117,9 @@ class Attempts:
     def _filtered_request(self, tgt: bytes, fields: list) -> tuple[bytes, list]:
         tgt, fields = filtered_request(self.action, self.ref, self.route, self.head, tgt, fields)
         if self.extra_fields is not None:
+            drop = self.replaced
+            if drop:
+                fields = [f for f in fields if f[0].lower() not in drop]
             fields = fields + self.extra_fields
         return tgt, fields
 
@@ -263,6 +266,47 @@ class Attempts:
             self.ctx.retry_budget_overflows += 1
             return False
         self.retrying = True
+        return True
+
+    def _special_status(self, conn, head, whole: bool) -> bool:
+        """A status the route retries on or intercepts: True when this response is not
+        relayed (a retry or the intercept's request is under way)."""
+        action = self.action
+        if head.status in action.retry_on and self._retry_status(conn, head, whole):
+            return True
+        divert = action.intercepts.get(head.status)
+        return divert is not None and self._divert(conn, head, whole, divert)
+
+    def _divert(self, conn, head, whole: bool, action) -> bool:
+        """The pod answered a status the route intercepts (ingress-nginx's custom-http-errors):
+        discard that response and send the request with ``action`` instead - once; its
+        response is relayed whatever it is. Only a request read completely and kept for replay
+        can be sent again; otherwise (or with no endpoint for ``action``) the pod's response
+        is relayed as is."""
+        if self.replay is None or self.req != COMPLETE or not action.backends:
+            return False
+        ref = action.backends[0]
+        backend = self.snap.backends.get(ref.key) if ref.key is not None else None
+        if backend is None or not backend.usable:
+            return False
+        ctx = self.ctx
+        ep = ctx.balancers.pick(backend, self.down.peer_ip, policy=backend.l7_policy)
+        if ep is None:
+            return False
+        complete = whole or conn.discard_rest()
+        self._detach(reuse=complete and head.keep_alive)
+        self.action = action
+        self.ref = ref
+        self.backend = backend
+        self.extra_fields = self.replaced = None
+        for f in action.filters:
+            f.on_request(self)   # synchronous: they only add header fields
+        self.resp_status = 0
+        self.up_keep = False
+        self.interim = self.interim_bytes = 0
+        self.timeout = action.per_try_timeout or action.timeout or 0.0
+        self._arm(ctx.now())
+        self._attempt(ep, "retry")
         return True
 
     def _retry_status(self, conn, head, whole: bool) -> bool:

@@ -52,10 +52,19 @@ log = logging.getLogger("meshproxy.l7")
 
 # Extension filters (``Action.filters``) are objects with ``on_request(exchange)`` and, if they
 # change responses, ``on_response(exchange, status, fields) -> fields``. ``on_request`` may
-# answer (``exchange.answer(status, body, headers)``), add upstream fields
+# answer (``exchange.answer(status, body, headers)``), add or replace upstream fields
 # (``exchange.add_request_header``), or return HOLD and later call ``exchange.proceed()`` or
 # ``exchange.answer()`` (an external authorization call, a rate limiter's wait). The exchange
-# stays in ROUTING meanwhile and the request body waits with it.
+# stays in ROUTING meanwhile and the request body waits with it. What else a filter may touch
+# (the only other ways filters steer an exchange):
+#   use_action(a)   send the request with action ``a`` instead of the route's (a canary, a
+#                   fallback backend); ``a`` carries the same filters, the chain goes on
+#   pick_key        bytes: the endpoint is chosen by consistent hash of it (cookie affinity)
+#   body_limit      bytes of request body allowed (413 beyond); 0: no limit
+#   on_end(fn)      fn() runs once when the exchange is accounted (a concurrency limit's release)
+#   filter_data     a dict for the filters' per-request state, keyed by filter
+# and, in the context (``exchange.ctx``), the services the server offers filters:
+# ``filter_state`` (a dict that outlives snapshots), ``subrequest``, ``offload``, ``now``.
 HOLD = object()
 
 # Request bytes kept for a retry (head + body as sent); beyond this a request is not replayable.
@@ -82,8 +91,10 @@ class Exchange(Attempts):
         "up_keep", "interim", "interim_bytes", "budget", "retrying", "deadline", "hard_deadline",
         "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at", "buffering", "mirrored",
         "bodiless", "done_keep", "filter_next", "extra_fields", "request_id", "rid_generated", "trace",
-        "req_bytes", "flags",
+        "req_bytes", "flags", "pick_key", "body_limit", "ending", "filter_data", "replaced",
     )
+
+    HOLD = HOLD   # for filters, which live below l7 and cannot import it
 
     def __init__(self, ctx: Any, down: Any, head: Any, now: float, listener: Any = None,
                  complete: bool = False) -> None:
@@ -134,6 +145,12 @@ class Exchange(Attempts):
         self.trace = None                 # l7.tracing.RequestTrace with --otlp-endpoint
         self.req_bytes = 0
         self.flags = ""                   # the access log's response flags (Envoy's codes)
+        # Set by extension filters only (see HOLD above); plain routes never touch them.
+        self.pick_key = None              # consistent-hash key for the endpoint choice
+        self.body_limit = 0               # request body bytes allowed (0: unlimited)
+        self.ending = None                # callbacks run once at accounting (on_end)
+        self.filter_data = None           # per-request state of filters
+        self.replaced = None              # lower-case names of client fields filters replace
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -214,6 +231,7 @@ class Exchange(Attempts):
         """Filters, faults, then the backend and the first attempt."""
         action = self.action
         if action.filters:
+            self.filter_data = {}
             self._run_filters()
         elif action.fault is not None:
             self._after_filters()
@@ -246,15 +264,45 @@ class Exchange(Attempts):
             self._run_filters()
 
     def answer(self, status: int, body: bytes = b"", headers=()) -> None:
-        """A filter answers the request itself (403, 401, a CORS preflight, 429 ...)."""
+        """A filter answers the request itself (403, 401, a CORS preflight, 429 ...). The
+        response filters of the filters before it, which let the request pass, see the answer
+        too (a 401 carries the CORS fields, as nginx's header filters add them to every
+        response of the location)."""
         if self.state == ROUTING and not self.accounted:
+            if self.filter_next > 1:
+                fields = list(headers)
+                for f in self.action.filters[:self.filter_next - 1]:
+                    on_response = getattr(f, "on_response", None)
+                    if on_response is not None:
+                        fields = on_response(self, status, fields)
+                headers = fields
             self._local(status, body, extra=tuple(headers))
 
-    def add_request_header(self, name: bytes, value: bytes) -> None:
-        """A filter adds a field to what goes upstream (e.g. from an auth service's answer)."""
+    def add_request_header(self, name: bytes, value: bytes | None, replace: bool = False) -> None:
+        """A filter adds a field to what goes upstream (e.g. from an auth service's answer);
+        ``replace``: the client's fields of that name are not forwarded (``value`` None: just
+        that)."""
         if self.extra_fields is None:
             self.extra_fields = []
-        self.extra_fields.append((name, value))
+        if replace:
+            low = name.lower()
+            if self.replaced is None:
+                self.replaced = set()
+            self.replaced.add(low)
+            self.extra_fields = [f for f in self.extra_fields if f[0].lower() != low]
+        if value is not None:
+            self.extra_fields.append((name, value))
+
+    def use_action(self, action) -> None:
+        """A filter sends this request with ``action`` instead of the route's (same filters)."""
+        self.action = action
+
+    def on_end(self, fn) -> None:
+        """``fn()`` runs once when the exchange is accounted, however it ends."""
+        if self.ending is None:
+            self.ending = [fn]
+        else:
+            self.ending.append(fn)
 
     def _after_filters(self) -> None:
         action = self.action
@@ -295,7 +343,11 @@ class Exchange(Attempts):
             stats.error("no_endpoints")
             return self._local(503, b"no endpoint available for this route\n")
         usable = backend.usable
-        if len(usable) == 1 and backend.affinity_timeout is None:
+        if self.pick_key is not None:
+            # A filter's affinity key (ingress-nginx's session cookie): consistent hash over
+            # the usable endpoints, so the same key keeps reaching the same pod.
+            ep = ctx.balancers.pick(backend, self.down.peer_ip, hash_key=self.pick_key, policy="ring_hash")
+        elif len(usable) == 1 and backend.affinity_timeout is None:
             ep = usable[0]  # nothing to choose (and no affinity pin to record)
         else:
             ep = ctx.balancers.pick(backend, self.down.peer_ip, policy=backend.l7_policy)
@@ -378,6 +430,12 @@ class Exchange(Attempts):
         if self.state != ROUTING and self.state != CONNECTING and self.state != WAITING:
             return  # answered or ended: the body is discarded (the shell closes after)
         self.req_bytes += len(data)
+        if self.body_limit and self.req_bytes > self.body_limit:
+            # A filter's body limit (ingress-nginx's proxy-body-size) passed by a body that did
+            # not declare its length: whatever went upstream is dropped, the client gets 413.
+            self._detach(reuse=False)
+            self._local(413, b"request body too large\n", close=True)
+            return
         replay = self.replay
         if replay is not None:
             size = self.replay_bytes + len(data)
@@ -554,7 +612,7 @@ class Exchange(Attempts):
         status = head.status
         if self.trace is not None:
             self.trace.attempt_done(self.ctx.now(), status=status)
-        if status in self.action.retry_on and self._retry_status(conn, head, True):
+        if status in self.action.special_statuses and self._special_status(conn, head, True):
             return True
         self.up_keep = head.keep_alive
         self.resp_status = status
@@ -619,7 +677,7 @@ class Exchange(Attempts):
             return
         if self.trace is not None:
             self.trace.attempt_done(self.ctx.now(), status=status)
-        if status in self.action.retry_on and self._retry_status(conn, head, False):
+        if status in self.action.special_statuses and self._special_status(conn, head, False):
             return
         self.resp_status = status
         self.up_keep = head.keep_alive
@@ -756,6 +814,11 @@ class Exchange(Attempts):
         self.accounted = True
         ctx = self.ctx
         ctx.active -= 1
+        ending = self.ending
+        if ending is not None:
+            self.ending = None
+            for fn in ending:
+                fn()
         budget = self.budget
         if budget is not None:
             self.budget = None

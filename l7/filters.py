@@ -77,8 +77,10 @@ def replace_prefix(route, path: bytes, replacement: str) -> str:
 
 
 def regex_replace(route, path: bytes, template: str) -> bytes:
-    """ingress-nginx rewrite-target: ``$1``.. are the groups of the route's expression."""
-    p = path.decode("latin-1")
+    """ingress-nginx rewrite-target: ``$1``.. are the groups of the route's expression, matched
+    against the path in the form it was routed by (canonical, as nginx matches its $uri)."""
+    raw = path.decode("latin-1")
+    p = normalize_request_path(raw) or raw
     m = None
     if route is not None and route.regex is not None:
         m = route.regex.match(p) if route.regex_prefix else route.regex.fullmatch(p)

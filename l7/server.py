@@ -27,7 +27,9 @@ from meshproxy.core.paths import normalize_request_path
 
 from .downstream import ClientConnection
 from .headers import TrustedProxies
+from .passthrough import Sniffer
 from .stats import RouteStats
+from .subrequest import subrequest
 from .tls import TLSContexts
 from .tracing import Tracing
 from .upstream import UpstreamPool
@@ -109,12 +111,15 @@ class Listener:
     it serves (None: the Ingress table of the snapshot in force).
     """
 
-    def __init__(self, server: IngressServer, host: str, port: int, ssl_ctx, http=None) -> None:
+    def __init__(self, server: IngressServer, host: str, port: int, ssl_ctx, http=None, sniff: bool = False) -> None:
         self.server = server
         self.tls = ssl_ctx is not None
         self.ssl_ctx = ssl_ctx
         self.http = http
         self.contexts: TLSContexts | None = None   # a Gateway HTTPS listener's certificates
+        # ssl-passthrough: accept here and peek at SNI before terminating (l7.passthrough).
+        self.sniff = sniff
+        self.sniffer: Sniffer | None = None
         self.count = 0
         self.limit = server.settings.max_connections
         self.aserver = None
@@ -133,6 +138,11 @@ class Listener:
         self.local_host = None if wildcard else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
 
     async def start(self) -> None:
+        if self.sniff:
+            if not self.stopped and not self.paused and self.sniffer is None:
+                self.sniffer = Sniffer(self.server, self)
+                self.sniffer.start(self.sock.dup())
+            return
         if self.stopped or self.aserver is not None or self._starting:
             return
         self._starting = True
@@ -151,6 +161,10 @@ class Listener:
     def _factory(self) -> ClientConnection:
         return ClientConnection(self.server, self)
 
+    def new_connection(self) -> ClientConnection:
+        """The protocol of one client connection (l7.passthrough hands sockets over)."""
+        return ClientConnection(self.server, self)
+
     def opened(self) -> None:
         # Counted in connection_made (after a TLS handshake): a failed handshake never
         # reaches the protocol, so counting in the factory would leak.
@@ -167,6 +181,10 @@ class Listener:
                 self.server.loop.create_task(self.start())
 
     def _stop_server(self) -> None:
+        sniffer = self.sniffer
+        if sniffer is not None:
+            self.sniffer = None
+            sniffer.stop()
         srv = self.aserver
         if srv is not None:
             self.aserver = None
@@ -230,6 +248,10 @@ class IngressServer:
         self._peak_connections = 0
         self._secrets_seen = None
         self.now = None   # the loop's clock, set in start()
+        # What extension filters keep across requests and snapshots (rate-limit buckets,
+        # concurrency counts, checked passwords), by keys the filters derive from their config.
+        self.filter_state: dict = {}
+        self._side_tasks: set = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -247,7 +269,7 @@ class IngressServer:
             self.tls = TLSContexts()
             self._update_tls(self.runtime.snapshot)
             host, port = settings.ingress_tls_listen
-            lst = Listener(self, host, port, self.tls.listener_context)
+            lst = Listener(self, host, port, self.tls.listener_context, sniff=settings.ssl_passthrough)
             self.tls_port = lst.port
             self.listeners.append(lst)
         for lst in self.listeners:
@@ -388,6 +410,24 @@ class IngressServer:
             self.pool.export_metrics()
 
     # -- what exchanges call -----------------------------------------------------------------------
+
+    def subrequest(self, url: str, method: bytes, fields: list, connect_timeout: float, read_timeout: float,
+                   done) -> None:
+        """For filters: an HTTP request of our own (l7.subrequest); ``done`` gets the answer."""
+        subrequest(self.loop, url, method, fields, connect_timeout, read_timeout, done, self._side_tasks)
+
+    def offload(self, fn, args: tuple, done) -> None:
+        """For filters: ``fn(*args)`` in a thread (a slow password hash must not stall every
+        client); ``done(result, None)`` or ``done(None, exc)`` runs on the loop."""
+        fut = self.loop.run_in_executor(None, fn, *args)
+
+        def finished(f) -> None:
+            exc = f.exception() if not f.cancelled() else None
+            try:
+                done(None if exc is not None or f.cancelled() else f.result(), exc)
+            except Exception:  # noqa: BLE001 - a filter's bug must not go unnoticed, nor kill the loop
+                log.exception("L7: filter callback failed")
+        fut.add_done_callback(finished)
 
     def bad_request(self, status: int) -> None:
         metrics.http_bad_requests.labels(str(status)).inc()

@@ -23,6 +23,11 @@ Invariants:
   after ``settings.upstream_idle_timeout``, and ``apply(snapshot)`` closes idle connections to
   endpoints that are no longer usable; active ones to such endpoints finish their request and
   are then closed instead of pooled.
+* A pod address listed in ``snapshot.upstream_tls`` (its Service port speaks HTTPS: an
+  Ingress said so with ingress-nginx's backend-protocol) is reached over TLS 1.2+, without
+  verifying the pod's certificate and without SNI - nginx's proxy_ssl defaults, which
+  ingress-nginx keeps unless told otherwise. Idle connections are pooled per address, so a
+  pooled connection always speaks what its address speaks.
 * Connection counts per (namespace, service) and state live in plain ints and are exported
   to the ``meshproxy_upstream_connections`` gauge by ``export_metrics`` (called once a second):
   the hot path does integer arithmetic, not metric calls.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from meshproxy.core import metrics
 
@@ -352,6 +358,8 @@ class UpstreamPool:
         self._live: frozenset[tuple[str, int]] | None = None
         self._counts: dict[tuple[str, str], list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._tls_addrs: frozenset[tuple[str, int]] = frozenset()   # pods reached over TLS
+        self._tls_ctx: ssl.SSLContext | None = None
         self._closed = False
         # Coarse clock for idle_since, refreshed by sweep() once a second: the idle timeout
         # needs no better precision and a loop.time() call per request is saved.
@@ -391,12 +399,27 @@ class UpstreamPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _client_tls(self) -> ssl.SSLContext:
+        ctx = self._tls_ctx
+        if ctx is None:
+            ctx = self._tls_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
     async def _connect(self, conn: UpstreamConnection, exchange, token: int) -> None:
+        # The route's own connect timeout (ingress-nginx's proxy-connect-timeout), else ours.
+        action = getattr(exchange, "action", None)
+        timeout = (action.connect_timeout if action is not None else None) or self.connect_timeout
+        tls = {} if conn.addr not in self._tls_addrs else {"ssl": self._client_tls(), "server_hostname": ""}
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                await self.loop.create_connection(lambda: conn, conn.addr[0], conn.addr[1])
+            async with asyncio.timeout(timeout):
+                await self.loop.create_connection(lambda: conn, conn.addr[0], conn.addr[1], **tls)
         except (OSError, TimeoutError) as exc:
-            # OSError: refused / unreachable / reset during connect; TimeoutError: our deadline.
+            # OSError: refused / unreachable / reset during connect, or a failed TLS handshake
+            # (ssl.SSLError); TimeoutError: our deadline.
             conn.state = _CLOSED
             self._report(exchange, token, None, exc)
             return
@@ -481,6 +504,15 @@ class UpstreamPool:
             for ep in backend.usable:
                 live.add((ep.ip, ep.port))
         self._live = frozenset(live)
+        tls_keys = getattr(snapshot, "upstream_tls", ())
+        tls = frozenset((ep.ip, ep.port) for k in tls_keys if k in snapshot.backends
+                        for ep in snapshot.backends[k].endpoints)
+        if tls != self._tls_addrs:
+            # An address that changed protocol must not reuse what it pooled before.
+            for addr in tls.symmetric_difference(self._tls_addrs):
+                for conn in list(self._idle.get(addr, ())):
+                    conn.abort()
+            self._tls_addrs = tls
         for addr in [a for a in self._idle if a not in live]:
             for conn in list(self._idle.get(addr, ())):
                 conn.abort()

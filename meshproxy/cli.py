@@ -24,7 +24,9 @@ from discovery.sources.dns import parse_servers
 from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
+from .core.gateway import format_problem
 from .core.logformat import FormatError, compile_format
+from .core.nginx_convert import ConvertOptions, convert
 from . import capture
 from .core.settings import LB_POLICIES, PROXY_MODES, Settings, parse_hostport
 from .gateway_cli import GATEWAY_TABLES, gateway_table
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http-parser", choices=("auto", "strict", "fast"), default=None,
                      help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
                           "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
+    run.add_argument("--enable-ssl-passthrough", action="store_true",
+                     help="on --ingress-tls-listen, relay TLS unterminated to the pods of Ingresses annotated "
+                          "nginx.ingress.kubernetes.io/ssl-passthrough, chosen by SNI (docs/ingress-nginx.md)")
     run.add_argument("--takeover", action="store_true", help="start next to a running instance on the same ports (upgrade without dropping connections)")
     run.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
                      help="where a Gateway without spec.addresses binds its listeners (repeatable; default 0.0.0.0)")
@@ -191,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_files(val)
     val.add_argument("--gateway-address", action="append", metavar="ADDR", default=None,
                      help="as for run: where Gateways without spec.addresses would bind")
+
+    conv = sub.add_parser("convert", help="print the Gateway API equivalent of ingress-nginx Ingresses "
+                                          "(warnings for what does not translate on stderr)")
+    _add_files(conv)
+    conv.add_argument("--ingress-class", default="nginx",
+                      help="convert Ingresses of this class (and those without a class) (default nginx)")
+    conv.add_argument("--gateway-class", default="meshproxy", help="name of the GatewayClass written (default meshproxy)")
+    conv.add_argument("--gateway-name", default="nginx", help="name of the Gateway written (default nginx)")
+    conv.add_argument("--gateway-namespace", default="default", help="namespace of the Gateway (default default)")
+    conv.add_argument("--http-port", type=int, default=80, help="port of the Gateway's HTTP listener (default 80)")
+    conv.add_argument("--https-port", type=int, default=443, help="port of its HTTPS / TLS listeners (default 443)")
+    conv.add_argument("--address", action="append", default=None, metavar="IP",
+                      help="spec.addresses of the Gateway (repeatable; default none: --gateway-address applies)")
 
     get = sub.add_parser("get", help="what the proxy would do, as a table")
     get.add_argument("what", choices=("services", "endpoints", "routes", "gateways", "httproutes", "grpcroutes",
@@ -321,6 +339,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
     if getattr(args, "no_health_checks", False):
         s.health_checks = False
+    if getattr(args, "enable_ssl_passthrough", False):
+        s.ssl_passthrough = True
     s.takeover = bool(getattr(args, "takeover", False))
     if getattr(args, "update_status", None) is not None:
         s.update_status = args.update_status == "true"
@@ -404,11 +424,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     ctl = _offline_controller(args, result)
     gw = ctl.builder.gateway_result if ctl is not None else None
     lines = gw.problem_lines(with_place=True) if gw is not None else []
+    # ingress-nginx annotations refused (the Ingress is not served), denied (its paths answer
+    # 503) or not applied: one line each, so a migrating user sees what will not happen.
+    if ctl is not None:
+        for ing, f in ctl.builder.ingress_findings:
+            lines.append(format_problem(ing, f"metadata.annotations[{f.annotation}]", f.message, with_place=True))
     for line in lines:
         print(line, file=sys.stdout)
     if lines:
         return 1
     print(f"ok: {len(result.objects)} objects", file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import yaml
+    result = load_paths(args.paths, args.service_cidr)
+    for err in result.errors:
+        print(err, file=sys.stderr)
+    if result.errors:
+        return 1
+    try:
+        addresses = _gateway_addresses(args.address or ())
+    except ValueError as exc:
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 2
+    opts = ConvertOptions(ingress_class=args.ingress_class, gateway_class=args.gateway_class,
+                          gateway_name=args.gateway_name, gateway_namespace=args.gateway_namespace,
+                          http_port=args.http_port, https_port=args.https_port, addresses=addresses)
+    docs, warnings = convert(result.objects, opts)
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:   # each rule written out in full, no &anchors
+            return True
+    sys.stdout.write(yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, default_flow_style=False))
+    sys.stdout.flush()
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -515,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_validate(args)
     if args.command == "get":
         return _cmd_get(args)
+    if args.command == "convert":
+        return _cmd_convert(args)
     if args.command in ("top", "stat"):
         from .top import run_top      # late: see the module docstring
         return run_top(args)

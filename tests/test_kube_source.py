@@ -80,7 +80,8 @@ KIND_OF = {"pods": "Pod", "services": "Service", "nodes": "Node", "endpoints": "
            "endpointslices": "EndpointSlice", "ingresses": "Ingress", "ingressclasses": "IngressClass",
            "secrets": "Secret", "namespaces": "Namespace", "gatewayclasses": "GatewayClass", "gateways": "Gateway",
            "httproutes": "HTTPRoute", "grpcroutes": "GRPCRoute", "tlsroutes": "TLSRoute", "tcproutes": "TCPRoute",
-           "referencegrants": "ReferenceGrant", "faultinjections": "FaultInjection"}
+           "referencegrants": "ReferenceGrant", "faultinjections": "FaultInjection",
+           "ingressnginxfilters": "IngressNginxFilter"}
 
 
 class FakeAPI:

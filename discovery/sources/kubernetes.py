@@ -120,6 +120,7 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("TCPRoute", (f"{_GW}/v1", f"{_GW}/v1alpha2"), "tcproutes", True),
     Resource("ReferenceGrant", (f"{_GW}/v1", f"{_GW}/v1beta1", f"{_GW}/v1alpha2"), "referencegrants", True),
     Resource("FaultInjection", ("meshproxy.dev/v1alpha1",), "faultinjections", True),
+    Resource("IngressNginxFilter", ("meshproxy.dev/v1alpha1",), "ingressnginxfilters", True),
 )
 CLUSTER_SCOPED = frozenset(r.kind for r in RESOURCES if not r.namespaced)
 

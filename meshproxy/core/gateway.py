@@ -39,7 +39,7 @@ __all__ = ["EMPTY", "GATEWAY_KINDS", "L7_APP_PROTOCOLS", "GatewayCache", "Gatewa
            "local_address", "format_problem"]
 
 GATEWAY_KINDS = ("GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute", "TLSRoute", "TCPRoute", "ReferenceGrant",
-                 "Namespace", "FaultInjection")
+                 "Namespace", "FaultInjection", "IngressNginxFilter")
 # Service ports served per request in the mesh without any route (Kubernetes' standard
 # application protocols for HTTP, KEP-3726, and "grpc"); the HTTP/2 ones only once the L7 server
 # speaks HTTP/2 (``settings.http2``) - served as HTTP/1.1 they would break their clients.
@@ -120,9 +120,11 @@ def build_gateways(objects: Mapping[str, Iterable[Any]], services: Mapping[tuple
         return cache.addresses[ip]
 
     refs = References(services, lists["ReferenceGrant"],
-                      {(f.namespace, f.name): f for f in lists["FaultInjection"]})
+                      {(f.namespace, f.name): f for f in lists["FaultInjection"]},
+                      {(f.namespace, f.name): f for f in lists["IngressNginxFilter"]}, secrets)
     ref_sig = (tuple(map(id, services.values())), tuple(map(id, lists["ReferenceGrant"])),
-               tuple(map(id, lists["FaultInjection"])), upstream_timeout)
+               tuple(map(id, lists["FaultInjection"])), tuple(map(id, lists["IngressNginxFilter"])),
+               tuple(map(id, secrets.values())), upstream_timeout)
     compiled: dict[tuple[str, str, str], CompiledRoute] = {}
     keep = {}
     for route in (*lists["HTTPRoute"], *lists["GRPCRoute"]):

@@ -16,8 +16,11 @@ Semantics, from the HTTPRoute / GRPCRoute API documentation:
   weight and are answered 500 (``Action.invalid_status``); invalid mirrors are dropped;
 * a rule without backendRefs and without a redirect answers 500, as does one whose weights are
   all 0;
-* an ``ExtensionRef`` to meshproxy.dev ``FaultInjection`` becomes ``Action.fault``; one that
-  cannot be resolved is not skipped: the rule answers 500 (a 100 % abort);
+* an ``ExtensionRef`` to meshproxy.dev ``FaultInjection`` becomes ``Action.fault``; one to
+  meshproxy.dev ``IngressNginxFilter`` adds the filters of its ingress-nginx annotations
+  (``meshproxy.core.nginx_ingress.filter_chain``: what ``meshproxy convert`` writes where Gateway
+  API has no equivalent); one that cannot be resolved is not skipped: the rule answers 500 (a
+  100 % abort);
 * filters meshproxy does not implement (CORS, ExternalAuth, redirect / rewrite / mirror inside
   a backendRef), ``sessionPersistence`` and ``retry.backoff`` make the rule invalid: it is
   dropped and the route says so (``PartiallyInvalid``, or ``Accepted: False`` with
@@ -35,10 +38,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from types import SimpleNamespace
+
 from discovery import gateway_objects as g
 from discovery import objects as o
 
 from .ingress import ingress_rank
+from .nginx_annotations import parse as parse_nginx
+from .nginx_ingress import filter_chain
 from .routes import (EXACT, PREFIX, REGEX, Action, BackendRef, Conditions, Fault, HeaderEdits, HeaderMatch, Mirror,
                      QueryMatch, Redirect, Rewrite, Route)
 
@@ -110,9 +117,13 @@ class References:
     """Resolves the references of routes and Gateways against one snapshot's objects."""
 
     def __init__(self, services: Mapping[tuple[str, str], o.Service], grants: Iterable[g.ReferenceGrant],
-                 faults: Mapping[tuple[str, str], g.FaultInjection]) -> None:
+                 faults: Mapping[tuple[str, str], g.FaultInjection],
+                 nginx_filters: Mapping[tuple[str, str], g.IngressNginxFilter] | None = None,
+                 secrets: Mapping[tuple[str, str], Any] | None = None) -> None:
         self.services = services
         self.faults = faults
+        self.nginx_filters = nginx_filters or {}
+        self.secrets = secrets or {}
         # (target namespace, from group, from kind, from namespace) -> [(to group, to kind, to name)]
         self._grants: dict[tuple[str, str, str, str], list[tuple[str, str, str | None]]] = {}
         for rg in grants:
@@ -374,6 +385,7 @@ def _rule_action(route: Any, rule: Any, where: str, refs: References, out: Compi
     redirect = rewrite = None
     mirrors: list[Mirror] = []
     fault: Fault | None = None
+    nginx = None
     for fi, f in enumerate(rule.filters):
         fw = f"{where}.filters[{fi}]"
         if f.type == "RequestHeaderModifier":
@@ -391,6 +403,11 @@ def _rule_action(route: Any, rule: Any, where: str, refs: References, out: Compi
                 out.ref_problems.append(problem)        # an invalid mirror is dropped
             else:
                 mirrors.append(Mirror(key, f.mirror.percent))  # type: ignore[arg-type]
+        elif f.type == "ExtensionRef" and f.extension is not None and f.extension.kind == "IngressNginxFilter" \
+                and f.extension.group == g.FAULT_GROUP:
+            nginx = _nginx_for(route, rule, f.extension, fw, refs, out, backends)
+            if nginx is None:
+                fault = _merge_fault(fault, Fault(abort_status=500, abort_percent=100.0))
         elif f.type == "ExtensionRef" and f.extension is not None:
             fault = _merge_fault(fault, _fault_for(route, f.extension, fw, refs, out))
     timeout, request_timeout, per_try, attempts, retry_on = upstream_timeout, None, None, 2, frozenset((502, 503, 504))
@@ -405,10 +422,52 @@ def _rule_action(route: Any, rule: Any, where: str, refs: References, out: Compi
     if retry is not None:
         attempts = 1 + (retry.attempts if retry.attempts is not None else 1)
         retry_on = frozenset(retry.codes)
+    filters: tuple = ()
+    intercept: tuple = ()
+    connect_timeout = None
+    if nginx is not None:
+        filters, intercept, nrewrite, connect_timeout = nginx
+        rewrite = nrewrite or rewrite
     action = Action(backends=backends, timeout=timeout, request_timeout=request_timeout, per_try_timeout=per_try,
                     attempts=attempts, retry_on=retry_on, request_headers=req, response_headers=resp,
-                    rewrite=rewrite, mirrors=tuple(mirrors), fault=fault, invalid_status=500)
+                    rewrite=rewrite, mirrors=tuple(mirrors), fault=fault, invalid_status=500, filters=filters,
+                    intercept=intercept, connect_timeout=connect_timeout)
     return action, redirect
+
+
+def _nginx_for(route: Any, rule: Any, ext: g.ObjectRef, where: str, refs: References, out: CompiledRoute,
+               backends: tuple[BackendRef, ...]):
+    """(filters, intercept, rewrite, connect timeout) of an IngressNginxFilter, or None when it
+    cannot be resolved or asks for what meshproxy refuses (the rule then answers 500)."""
+    obj = refs.nginx_filters.get((route.namespace, ext.name))
+    if obj is None:
+        out.ref_problems.append(RefProblem("BackendNotFound", f"{where}.extensionRef: IngressNginxFilter "
+                                           f"{route.namespace}/{ext.name} not found; requests matching this rule "
+                                           "are answered 500", f"{where}.extensionRef"))
+        return None
+    pseudo = SimpleNamespace(meta=SimpleNamespace(annotations=obj.annotations), namespace=route.namespace,
+                             name=obj.name)
+    cfg = parse_nginx(pseudo, refs.secrets)
+    if cfg.refused:
+        out.ref_problems.append(RefProblem("InvalidKind", f"{where}.extensionRef: IngressNginxFilter "
+                                           f"{route.namespace}/{ext.name}: {cfg.refused[0].annotation}: "
+                                           f"{cfg.refused[0].message}", f"{where}.extensionRef"))
+        return None
+    ref = backends[0] if backends else BackendRef(None)
+    port = ref.key[2] if ref.key is not None else ""
+    error_key = None
+    if cfg.default_backend:
+        svc = refs.services.get((route.namespace, cfg.default_backend))
+        if svc is not None and svc.ports:
+            error_key = (route.namespace, svc.name, svc.ports[0].name or str(svc.ports[0].port))
+    problems: list[str] = []
+    chain, intercept = filter_chain(cfg, namespace=route.namespace, ingress=obj.name, host=None, path="/",
+                                    ref=ref, port=port, service=ref.key[1] if ref.key else "", cert_hosts=frozenset(),
+                                    error_key=error_key, default_key=None, problems=problems,
+                                    where=f"{route.kind}/{route.namespace}/{route.name}")
+    rewrite = Rewrite(path_kind="RegexReplace", path=cfg.rewrite_target) if "$" in cfg.rewrite_target else None
+    has_connect = "nginx.ingress.kubernetes.io/proxy-connect-timeout" in obj.annotations
+    return chain, intercept, rewrite, (cfg.connect_timeout if has_connect else None)
 
 
 def _fault_for(route: Any, ext: g.ObjectRef, where: str, refs: References, out: CompiledRoute) -> Fault:

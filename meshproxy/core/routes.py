@@ -236,6 +236,9 @@ class Fault:
     abort_percent: float = 0.0
 
 
+_NO_INTERCEPTS: Mapping = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class BackendRef:
     """One weighted destination of an action. ``key`` is the snapshot's backend key
@@ -276,8 +279,19 @@ class Action:
     # filter interface, see l7/filters.py.
     filters: tuple[Any, ...] = ()
     invalid_status: int = 503             # a picked backend reference is invalid
+    connect_timeout: float | None = None  # upstream connect timeout of this route (None: the proxy's)
+    # Response statuses answered by another request instead (ingress-nginx's custom-http-errors):
+    # (status, action) pairs; the exchange discards the pod's response and sends the request
+    # with that action (its first backend, its rewrite and header edits, its filters'
+    # on_request, which may only add header fields).
+    intercept: tuple[tuple[int, Action], ...] = ()
     # Cumulative weights for the pick (computed): empty when every weight is 0.
     _cumulative: tuple[int, ...] = field(init=False, default=(), repr=False, compare=False)
+    # Statuses that need a look before relaying (computed): retry_on plus the intercepted ones,
+    # so the common response costs one set probe whatever the route asks for.
+    special_statuses: frozenset[int] = field(init=False, default=frozenset(), repr=False, compare=False)
+    intercepts: Mapping[int, Action] = field(init=False, default_factory=lambda: _NO_INTERCEPTS, repr=False,
+                                             compare=False)
     # Computed: nothing changes the forwarded request / the relayed response head (the common
     # case, checked with one attribute read per request).
     plain_request: bool = field(init=False, default=True, compare=False)
@@ -290,6 +304,9 @@ class Action:
                            and all(b.request_headers is None for b in self.backends))
         object.__setattr__(self, "plain_response", self.response_headers is None and not self.filters
                            and all(b.response_headers is None for b in self.backends))
+        object.__setattr__(self, "special_statuses", self.retry_on | frozenset(c for c, _ in self.intercept))
+        if self.intercept:
+            object.__setattr__(self, "intercepts", MappingProxyType(dict(self.intercept)))
 
     def pick_backend(self, rand: float) -> BackendRef | None:
         """The backend reference for one request; ``rand`` in [0, 1). None when there is none

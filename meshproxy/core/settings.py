@@ -71,6 +71,7 @@ class Settings:
     upstream_pool_size: int = 128           # idle keep-alive connections kept per endpoint
     upstream_idle_timeout: float = 60.0
     health_checks: bool = True              # run pods' readinessProbes
+    ssl_passthrough: bool = False           # --enable-ssl-passthrough: the TLS listener peeks at SNI first
     default_tls_secret: str | None = None
     coalesce_delay: float = 0.01           # how long a burst of changes may gather (s)
     poll_interval: float = 0.5             # file watch fallback when inotify is missing

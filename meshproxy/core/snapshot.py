@@ -27,7 +27,11 @@ from .gateway import EMPTY as EMPTY_GATEWAYS
 from .gateway import GATEWAY_KINDS, L7_APP_PROTOCOLS, GatewayCache, build_gateways
 from .ingress import backend_action, check_path, default_route, ingress_route
 from .listeners import HTTPListener, L4Listener
-from .routes import Action, RouteTable
+from .nginx_annotations import Finding, is_nginx
+from .nginx_annotations import parse as parse_nginx
+from .nginx_ingress import build as build_nginx
+from .nginx_ingress import default_server as nginx_default_server
+from .routes import Action, BackendRef, RouteTable
 from .tls import make_context
 
 from .settings import LB_POLICIES, Settings
@@ -137,6 +141,10 @@ class Snapshot:
     # None (a full build): lets consumers that keep per-service state (the nftables mode)
     # work in proportion to the change.
     changed: frozenset[tuple[str, str]] | None = None
+    # Backend keys whose pods speak HTTPS (ingress-nginx backend-protocol), reached over TLS.
+    upstream_tls: frozenset = frozenset()
+    # ssl-passthrough hosts of the Ingress TLS listener: host -> backend key.
+    passthrough: Mapping[str, tuple[str, str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict:
         services = []
@@ -228,6 +236,9 @@ class SnapshotBuilder:
         self._pem_verdicts: dict[tuple[bytes, bytes], str | None] = {}   # (crt, key) -> why they do not load
         self._gateway_cache = GatewayCache()
         self.gateway_result = None          # the last build's GatewayResult (meshproxy validate / get)
+        # ingress-nginx annotations of the last build that are refused or not applied:
+        # (Ingress, Finding) pairs, for `meshproxy validate`.
+        self.ingress_findings: tuple = ()
         self._l7_cache: tuple[tuple, bool] | None = None
 
     # -- pieces -------------------------------------------------------------------------------
@@ -340,6 +351,11 @@ class SnapshotBuilder:
 
     def _action(self, ing: o.Ingress, be: o.IngressBackend, services: Mapping[tuple[str, str], o.Service],
                 settings_for: dict, problems: list[str], where: str) -> Action:
+        key, err = self._backend_key(ing, be, services, problems, where)
+        return backend_action(key, err, **settings_for)
+
+    def _backend_key(self, ing: o.Ingress, be: o.IngressBackend, services: Mapping[tuple[str, str], o.Service],
+                     problems: list[str], where: str) -> tuple[tuple[str, str, str] | None, str | None]:
         key, err = None, None
         if be.service is None:
             err = f"resource backend {be.resource} is not supported"
@@ -358,7 +374,12 @@ class SnapshotBuilder:
                     err = f"service {ing.namespace}/{be.service} has no TCP port {want}"
         if err is not None:
             problems.append(f"{ing.ref}: {where}: {err}")
-        return backend_action(key, err, **settings_for)
+        return key, err
+
+    def _nginx_mode(self, ing: o.Ingress) -> bool:
+        """Served the ingress-nginx way: its class is named "nginx" (the class ingress-nginx
+        users' Ingresses name), or it carries ingress-nginx annotations."""
+        return ing.class_name == "nginx" or is_nginx(ing.meta.annotations)
 
     def _ingress_settings(self, ing: o.Ingress, problems: list[str]) -> dict:
         ann = ing.meta.annotations
@@ -388,34 +409,38 @@ class SnapshotBuilder:
         sig = (tuple(ingresses), tuple(sorted(classes.items())), tuple(id(s) for s in services.values()),
                tuple(id(s) for s in secrets.values()))
         if self._routes_cache is not None and self._routes_cache[0] == sig:
-            return self._routes_cache[1:]
+            self.ingress_findings = self._routes_cache[-1]
+            return self._routes_cache[1:-1]
         problems: list[str] = []
         entries = []
         served = [i for i in ingresses if self._ingress_served(i, classes)]
         # Oldest first, then namespace/name: the order in which conflicts are resolved.
         served.sort(key=lambda i: (i.meta.creation_timestamp or "\uffff", i.namespace, i.name))
+        # ingress-nginx mode: annotations parsed once; an Ingress with a refused annotation is
+        # not served at all (docs/ingress-nginx.md, "Never silently wrong").
+        nginx: dict[tuple, object] = {}
+        findings: list[tuple[o.Ingress, Finding]] = []
+        kept = []
+        for ing in served:
+            if self._nginx_mode(ing):
+                cfg = parse_nginx(ing, secrets)
+                for f in cfg.findings:
+                    findings.append((ing, f))
+                    problems.append(f"{ing.ref}: metadata.annotations[{f.annotation}]: {f.message}")
+                if cfg.refused:
+                    continue
+                nginx[ing.key] = cfg
+            kept.append(ing)
+        served = kept
         default = None
         default_ing = ""
         tls_hosts: dict[str, tuple[str, str]] = {}
         used_secrets: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        settings_of = {ing.key: self._ingress_settings(ing, problems) for ing in served}
         for ing in served:
-            st = self._ingress_settings(ing, problems)
-            if ing.default_backend is not None:
-                t = self._action(ing, ing.default_backend, services, st, problems, "spec.defaultBackend")
-                if default is None:
-                    default, default_ing = default_route(t, f"{ing.namespace}/{ing.name}"), f"{ing.namespace}/{ing.name}"
-                else:
-                    problems.append(f"{ing.ref}: spec.defaultBackend: ignored, {default_ing} (older) defines one")
-            for ri, rule in enumerate(ing.rules):
-                for pi, p in enumerate(rule.paths):
-                    where = f"spec.rules[{ri}].http.paths[{pi}]"
-                    bad = check_path(rule.host, p.path, p.path_type)
-                    if bad:   # e.g. an Ingress from the API server that files would have refused
-                        problems.append(f"{ing.ref}: {where}: {bad}; path not served")
-                        continue
-                    t = self._action(ing, p.backend, services, st, problems, where)
-                    entries.append(ingress_route(rule.host, p.path, p.path_type, t,
-                                                 f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp))
+            cfg = nginx.get(ing.key)
+            if cfg is not None and cfg.canary is not None:
+                continue   # a canary adds no host, certificate or default of its own
             for t in ing.tls:
                 if not t.secret_name:
                     continue
@@ -426,6 +451,53 @@ class SnapshotBuilder:
                 used_secrets[(ing.namespace, t.secret_name)] = (sec.data["tls.crt"], sec.data["tls.key"])
                 for h in t.hosts or ("",):
                     tls_hosts.setdefault(h.lower(), (ing.namespace, t.secret_name))
+            if ing.default_backend is not None:
+                t = self._action(ing, ing.default_backend, services, settings_of[ing.key], problems,
+                                 "spec.defaultBackend")
+                if default is None:
+                    default, default_ing = default_route(t, f"{ing.namespace}/{ing.name}"), f"{ing.namespace}/{ing.name}"
+                else:
+                    problems.append(f"{ing.ref}: spec.defaultBackend: ignored, {default_ing} (older) defines one")
+        for ing in served:
+            if ing.key in nginx:
+                continue
+            st = settings_of[ing.key]
+            for ri, rule in enumerate(ing.rules):
+                for pi, p in enumerate(rule.paths):
+                    where = f"spec.rules[{ri}].http.paths[{pi}]"
+                    bad = check_path(rule.host, p.path, p.path_type)
+                    if bad:   # e.g. an Ingress from the API server that files would have refused
+                        problems.append(f"{ing.ref}: {where}: {bad}; path not served")
+                        continue
+                    t = self._action(ing, p.backend, services, st, problems, where)
+                    entries.append(ingress_route(rule.host, p.path, p.path_type, t,
+                                                 f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp))
+        upstream_tls: frozenset = frozenset()
+        passthrough: dict = {}
+        if nginx:
+            def backend_ref(ing, be, where):
+                key, err = self._backend_key(ing, be, services, problems, where)
+                port = str(be.port_number if be.port_number is not None else be.port_name)
+                return BackendRef(key, 1, err), port
+
+            def service_port(ns, name):
+                svc = services.get((ns, name))
+                if svc is None or not svc.ports:
+                    return None
+                sp = svc.ports[0]
+                return (ns, name, sp.name or str(sp.port))
+            default_key = None
+            if default is not None and default.action.backends:
+                default_key = default.action.backends[0].key
+            built = build_nginx([(i, nginx[i.key]) for i in served if i.key in nginx], entries,
+                                backend_ref=backend_ref, service_port=service_port,
+                                cert_hosts=frozenset(h for h in tls_hosts if h), default_key=default_key)
+            entries = built.entries
+            problems.extend(built.problems)
+            if default is None:
+                default = nginx_default_server()
+            upstream_tls = frozenset(built.upstream_tls)
+            passthrough = built.passthrough
         if self.settings.default_tls_secret:
             ns, _, name = self.settings.default_tls_secret.partition("/")
             sec = secrets.get((ns, name))
@@ -445,8 +517,10 @@ class SnapshotBuilder:
         problems.extend(table.conflicts)
         problems.extend(table.skipped)
         names = tuple(f"{i.namespace}/{i.name}" for i in served)
-        self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names)
-        return self._routes_cache[1:]
+        self.ingress_findings = tuple(findings)
+        self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names, upstream_tls,
+                              _frozen(passthrough), self.ingress_findings)
+        return self._routes_cache[1:-1]
 
     def _l7_ports(self, services: Mapping[tuple[str, str], o.Service]) -> bool:
         """Does any Service port ask to be served per request (appProtocol)? Cached by the
@@ -560,7 +634,7 @@ class SnapshotBuilder:
         for p in svc_problems.values():
             problems.extend(p)
         classes = {c.name: c for c in store.list("IngressClass")}
-        table, route_problems, tls_hosts, used_secrets, served = self._routes(
+        table, route_problems, tls_hosts, used_secrets, served, upstream_tls, passthrough = self._routes(
             sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,
             {k: v for k, v in store.items("Secret").items()})
         problems.extend(route_problems)
@@ -580,7 +654,8 @@ class SnapshotBuilder:
             l4=_frozen(l4), routes=table, ingresses=served, tls_hosts=_frozen(dict(tls_hosts)),
             secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view,
             http_listeners=gw.http_listeners, gateway_status=gw.status,
-            udp=_frozen(tables["UDP"]), cluster_ips=cluster_ips, changed=changed_keys)
+            udp=_frozen(tables["UDP"]), cluster_ips=cluster_ips, changed=changed_keys, upstream_tls=upstream_tls,
+            passthrough=passthrough)
 
     def _gateways(self, store, services: Mapping[tuple[str, str], o.Service], ips: Mapping, l4: Mapping,
                   node: NodeInfo):
