@@ -114,7 +114,6 @@ def test_project_modules_are_imported_at_the_top():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="discovery/manifests.py is being split")
 def test_product_modules_stay_small():
     big = [f"{_rel(p)}: {n} lines" for p in _product_files()
            if (n := len(p.read_text().splitlines())) > MAX_LINES]
