@@ -1,6 +1,6 @@
 """Endpoint computation: which pod addresses serve each service port.
 
-Rules (DESIGN §3 "Endpoints", mirroring the EndpointSlice controller and kube-proxy):
+Rules (docs/semantics.md, "Endpoints"; mirroring the EndpointSlice controller and kube-proxy):
 - a Service with a selector takes the pods of its own namespace whose labels match it; a
   Service without one takes its EndpointSlices (or, when it has none, its v1 Endpoints);
 - the port is the service port's ``targetPort``: a number as is, a name looked up per pod in
