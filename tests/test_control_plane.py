@@ -274,3 +274,31 @@ def test_admin_closes_after_connection_close_and_reports_version(tmp_path):
             while chunk := c.recv(4096):      # ends only if the server closes
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200") and b"x-snapshot-version: 1" in data.lower()
+
+
+def test_control_socket_is_removed_on_exit_but_not_after_a_takeover(tmp_path):
+    """The control socket file goes away with the process that made it. After ``--takeover``
+    the new process owns the same path: the old one leaving must not delete it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "svc.yaml").write_text(SVC.format(n=81, port=free_port("127.96.0.81")))
+    env = {"XDG_RUNTIME_DIR": str(run_dir)}
+    # --shutdown-delay: the old process is still running when the new one has made its socket.
+    old = Meshproxy([str(tmp_path / "m")], "--no-health-checks", "--shutdown-delay", "0.5", env=env)
+    path = run_dir / f"meshproxy-127.0.0.1-{old.admin_port}.sock"
+    new = Meshproxy([str(tmp_path / "m")], "--no-health-checks", "--takeover", admin_port=old.admin_port, env=env)
+    try:
+        old.start()
+        wait_for(path.exists, what="control socket")
+        new.start(wait=False)
+        assert old.proc.wait(20) == 0                  # drained and left by itself
+        new.wait_ready(10)
+        assert path.exists(), "the old process removed the new one's socket"
+        with socket.socket(socket.AF_UNIX) as s:       # and it is the new process's, listening
+            s.connect(str(path))
+        assert new.stop(signal.SIGTERM) == 0
+        assert not path.exists(), sorted(os.listdir(run_dir))
+    finally:
+        old.stop()
+        new.stop()
