@@ -7,7 +7,10 @@ Invariants:
 - a snapshot is published by one call to ``publish`` (the runtime swaps its reference);
   a failed build leaves the last snapshot in force and is logged, never raised into a source;
 - ``ready`` turns true once every source has delivered its initial state and the first
-  snapshot has been published.
+  snapshot has been published;
+- ``refused`` holds the problems of the last configuration load that was refused (the
+  snapshot in force is the last good one); it is shown with the snapshot's own problems and
+  counted with them in ``meshproxy_config_problems`` until a load succeeds.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from .core.snapshot import Snapshot, SnapshotBuilder
 __all__ = ["Controller"]
 
 log = logging.getLogger("meshproxy.controller")
+
+REFUSED_SHOWN = 50
 
 
 class Controller:
@@ -46,6 +51,8 @@ class Controller:
         # What changed since the last build, so the builder patches instead of redoing all.
         self._changed_services: set[tuple[str, str]] = set()
         self._full_build = True
+        self.refused: tuple[str, ...] = ()
+        self._refused_count = 0
 
     # -- input --------------------------------------------------------------------------------
 
@@ -95,6 +102,26 @@ class Controller:
         """Changes applied to the store that no published snapshot holds yet."""
         return self._pending
 
+    def set_refused(self, problems: Iterable[str]) -> None:
+        """The last load was refused for ``problems`` (empty: the last load was good). At most
+        ``REFUSED_SHOWN`` are kept for /debug/snapshot (a broken 45,000-pod file must not make
+        that document huge); all of them are counted."""
+        problems = list(problems)
+        self._refused_count = len(problems)
+        shown = [f"config: refused reload: {p}" for p in problems[:REFUSED_SHOWN]]
+        if len(problems) > REFUSED_SHOWN:
+            shown.append(f"config: refused reload: ... and {len(problems) - REFUSED_SHOWN} more problems")
+        self.refused = tuple(shown)
+        self._count_problems()
+
+    def problems(self) -> list[str]:
+        """Everything that does not work right now: a refused reload first, then the problems
+        of the snapshot in force."""
+        return [*self.refused, *(self.snapshot.problems if self.snapshot is not None else ())]
+
+    def _count_problems(self) -> None:
+        metrics.problems.set(self._refused_count + (len(self.snapshot.problems) if self.snapshot is not None else 0))
+
     # -- output -------------------------------------------------------------------------------
 
     def rebuild(self) -> Snapshot | None:
@@ -116,7 +143,7 @@ class Controller:
         self.snapshot = snap
         self._publish(snap)
         metrics.snapshot_version.set(snap.version)
-        metrics.problems.set(len(snap.problems))
+        self._count_problems()
         self._update_endpoint_gauges(snap, changed)
         new_problems = set(snap.problems) - set(self._published_problems)
         for p in sorted(new_problems):

@@ -103,8 +103,13 @@ class Process:
                 log.error("config: %s", err)
             log.error("configuration refused (%d problems); the last good snapshot stays in force",
                       len(outcome.errors))
+            # Also where operators look: /debug/snapshot problems and meshproxy_config_problems.
+            self.controller.set_refused(str(e) for e in outcome.errors)
             return
         metrics.config_reloads.labels("ok").inc()
+        if self.controller.refused:
+            log.info("config: reload accepted; the problems of the refused one are cleared")
+            self.controller.set_refused(())
         if outcome.events:
             log.info("config: %d changed objects", len(outcome.events))
             self.controller.apply_events(outcome.events, "files")
@@ -281,6 +286,7 @@ class Process:
         if snap is None:
             return None
         data = snap.to_json()
+        data["problems"] = self.controller.problems()
         if self.dataplane is not None:
             data["listenerErrors"] = self.dataplane.listener_errors()
             kernel = self.dataplane.kernel_state()

@@ -302,3 +302,41 @@ def test_control_socket_is_removed_on_exit_but_not_after_a_takeover(tmp_path):
     finally:
         old.stop()
         new.stop()
+
+
+def config_problems(metrics: str) -> float:
+    m = re.search(r"^meshproxy_config_problems (\S+)$", metrics, re.M)
+    return float(m.group(1)) if m else -1.0
+
+
+def test_a_refused_reload_is_shown_where_operators_look_until_a_good_one(tmp_path):
+    """Invalid YAML written over the manifest: the last good snapshot stays and /readyz stays
+    200 (as Envoy and ingress-nginx do), and the refusal is a problem in /debug/snapshot and in
+    meshproxy_config_problems, worded as `validate` and `get` word it; a good reload clears it."""
+    port = free_port("127.96.0.79")
+    f = tmp_path / "c.yaml"
+    good = SVC.format(n=79, port=port) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="True")
+    f.write_text(good)
+    with Meshproxy([str(tmp_path)], "--no-health-checks") as mp:
+        v = mp.snapshot()["version"]
+        assert mp.snapshot()["problems"] == [] and config_problems(mp.metrics()) == 0
+        f.write_text(good + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: [\n")
+        wait_for(lambda: reloads(mp.metrics(), "error") >= 1, 3.0, what="reload refused")
+        snap = mp.snapshot()
+        assert snap["version"] == v and endpoints_of(snap) == [("127.0.10.1", True)]
+        (problem,) = snap["problems"]
+        assert problem.startswith(f"config: refused reload: {f}:15: invalid YAML: "), problem
+        assert config_problems(mp.metrics()) == 1
+        assert http_get(mp.admin + "/readyz") == (200, b"ready\n")
+        # The same words from the commands an operator runs on the same file.
+        detail = problem.removeprefix("config: refused reload: ")
+        r = subprocess.run([sys.executable, "-m", "meshproxy", "validate", "-f", str(f)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stdout.splitlines() == [detail], r.stdout + r.stderr
+        r = subprocess.run([sys.executable, "-m", "meshproxy", "get", "services", "-f", str(f)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stderr.splitlines() == [detail], r.stdout + r.stderr
+
+        f.write_text(SVC.format(n=79, port=port) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="False"))
+        snap = wait_for(lambda: (s := mp.snapshot())["version"] > v and s, 3.0, what="good reload")
+        assert snap["problems"] == [] and config_problems(mp.metrics()) == 0
