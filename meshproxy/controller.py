@@ -8,9 +8,11 @@ Invariants:
   a failed build leaves the last snapshot in force and is logged, never raised into a source;
 - ``ready`` turns true once every source has delivered its initial state and the first
   snapshot has been published;
-- ``refused`` holds the problems of the last configuration load that was refused (the
-  snapshot in force is the last good one); it is shown with the snapshot's own problems and
-  counted with them in ``meshproxy_config_problems`` until a load succeeds.
+- configuration problems that are not in the snapshot — a refused manifest reload (the
+  snapshot in force is the last good one), a refused settings file, settings that wait for a
+  restart — are kept per source (``set_config_problems``), shown before the snapshot's own
+  problems and counted with them in ``meshproxy_config_problems``, until that source reports
+  again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ __all__ = ["Controller"]
 
 log = logging.getLogger("meshproxy.controller")
 
-REFUSED_SHOWN = 50
+PROBLEMS_SHOWN = 50
 
 
 class Controller:
@@ -51,8 +53,7 @@ class Controller:
         # What changed since the last build, so the builder patches instead of redoing all.
         self._changed_services: set[tuple[str, str]] = set()
         self._full_build = True
-        self.refused: tuple[str, ...] = ()
-        self._refused_count = 0
+        self._config_problems: dict[str, tuple[tuple[str, ...], int]] = {}   # source -> (shown, count)
 
     # -- input --------------------------------------------------------------------------------
 
@@ -102,25 +103,40 @@ class Controller:
         """Changes applied to the store that no published snapshot holds yet."""
         return self._pending
 
-    def set_refused(self, problems: Iterable[str]) -> None:
-        """The last load was refused for ``problems`` (empty: the last load was good). At most
-        ``REFUSED_SHOWN`` are kept for /debug/snapshot (a broken 45,000-pod file must not make
-        that document huge); all of them are counted."""
+    def set_config_problems(self, source: str, problems: Iterable[str]) -> None:
+        """What is wrong with ``source`` now (empty: nothing). At most ``PROBLEMS_SHOWN`` per
+        source are kept for /debug/snapshot (a broken 45,000-pod file must not make that
+        document huge); all of them are counted."""
         problems = list(problems)
-        self._refused_count = len(problems)
-        shown = [f"config: refused reload: {p}" for p in problems[:REFUSED_SHOWN]]
-        if len(problems) > REFUSED_SHOWN:
-            shown.append(f"config: refused reload: ... and {len(problems) - REFUSED_SHOWN} more problems")
-        self.refused = tuple(shown)
+        if not problems:
+            self._config_problems.pop(source, None)
+        else:
+            shown = problems[:PROBLEMS_SHOWN]
+            if len(problems) > PROBLEMS_SHOWN:
+                shown.append(f"config: {source}: ... and {len(problems) - PROBLEMS_SHOWN} more problems")
+            self._config_problems[source] = (tuple(shown), len(problems))
         self._count_problems()
 
+    def config_problems(self, source: str) -> tuple[str, ...]:
+        return self._config_problems.get(source, ((), 0))[0]
+
     def problems(self) -> list[str]:
-        """Everything that does not work right now: a refused reload first, then the problems
-        of the snapshot in force."""
-        return [*self.refused, *(self.snapshot.problems if self.snapshot is not None else ())]
+        """Everything that does not work right now: configuration problems first, then the
+        problems of the snapshot in force."""
+        out = [p for shown, _ in self._config_problems.values() for p in shown]
+        out.extend(self.snapshot.problems if self.snapshot is not None else ())
+        return out
 
     def _count_problems(self) -> None:
-        metrics.problems.set(self._refused_count + (len(self.snapshot.problems) if self.snapshot is not None else 0))
+        n = sum(count for _, count in self._config_problems.values())
+        metrics.problems.set(n + (len(self.snapshot.problems) if self.snapshot is not None else 0))
+
+    def settings_changed(self) -> None:
+        """Settings the snapshot builder reads (balancing policies, Ingress class, timeouts)
+        changed: the next build starts from nothing."""
+        self.builder.forget()
+        self._full_build = True
+        self._schedule()
 
     # -- output -------------------------------------------------------------------------------
 

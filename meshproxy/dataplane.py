@@ -32,6 +32,7 @@ from l4.listeners import L4Manager
 from l4.nft_kernel import KernelProxier, NftError
 from l4.nft_kernel import cleanup as nft_cleanup
 from l4.udp import UdpManager
+from l7.headers import TrustedProxies
 from l7.server import IngressServer
 
 from .core.accesslog import AccessLog
@@ -120,6 +121,13 @@ class DataPlane:
         """SIGUSR1: the access log opens its path anew (logrotate moved the file)."""
         if self.access_log is not None:
             self.access_log.reopen()
+
+    def settings_changed(self, changes: dict[str, object]) -> None:
+        """Live settings changed (already set on ``runtime.settings``). Most are read where
+        they are used; the ones the listeners keep in a prepared form are refreshed here."""
+        if "trusted_proxies" in changes and self.ingress is not None:
+            # Read once per client connection: new connections see the new list.
+            self.ingress.trusted = TrustedProxies(self.runtime.settings.trusted_proxies)
 
     def listener_errors(self) -> dict[str, str]:
         out = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())} if self.l4 is not None else {}

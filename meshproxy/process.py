@@ -38,7 +38,7 @@ from .controller import Controller
 from .core import metrics, sockets
 from .core.memory import fix_mmap_threshold
 from .core.runtime import Runtime
-from .core.settings import Settings
+from .core.settings import Settings, SettingsFileError, diff_settings, read_settings_file, setting_key
 from .dataplane import DataPlane
 from .dnsforward import Forwarder, resolv_conf_servers
 from .dnsserver import ClusterDNS
@@ -74,6 +74,8 @@ class Process:
         self.on_draining = None   # called at SIGTERM, before --shutdown-delay (workers: tell them)
         self.on_stop = None
         self.on_reopen_logs = None   # SIGUSR1 with --workers: pass it on to them
+        self.on_settings = None   # called with live settings changes (workers: tell them)
+        self._settings_task: asyncio.Task | None = None
         self.source = FileSource(settings.paths, settings.service_cidr, settings.poll_interval)
         self.kube = None
         self.dataplane: DataPlane | None = None
@@ -104,12 +106,12 @@ class Process:
             log.error("configuration refused (%d problems); the last good snapshot stays in force",
                       len(outcome.errors))
             # Also where operators look: /debug/snapshot problems and meshproxy_config_problems.
-            self.controller.set_refused(str(e) for e in outcome.errors)
+            self.controller.set_config_problems("manifests", (f"config: refused reload: {e}" for e in outcome.errors))
             return
         metrics.config_reloads.labels("ok").inc()
-        if self.controller.refused:
+        if self.controller.config_problems("manifests"):
             log.info("config: reload accepted; the problems of the refused one are cleared")
-            self.controller.set_refused(())
+            self.controller.set_config_problems("manifests", ())
         if outcome.events:
             log.info("config: %d changed objects", len(outcome.events))
             self.controller.apply_events(outcome.events, "files")
@@ -158,6 +160,7 @@ class Process:
 
     def reload(self) -> None:
         log.info("SIGHUP: reloading configuration")
+        self.reload_settings()
         self._on_outcome(self.source.reload_now())
 
     def reopen_logs(self) -> None:
@@ -165,6 +168,66 @@ class Process:
             self.dataplane.reopen_logs()
         if self.on_reopen_logs is not None:
             self.on_reopen_logs()
+
+    # -- the settings file (--config) -----------------------------------------------------------
+
+    def reload_settings(self) -> None:
+        """Re-read ``--config``: live settings take effect now, the others are reported as
+        waiting for a restart; a bad file is refused whole and the settings in force stay."""
+        path = self.settings.config_file
+        if path is None:
+            return
+        try:
+            values = read_settings_file(path)
+        except SettingsFileError as exc:
+            metrics.config_reloads.labels("error").inc()
+            for problem in exc.problems:
+                log.error("config: %s", problem)
+            log.error("settings file %s refused (%d problems); the settings in force stay", path, len(exc.problems))
+            self.controller.set_config_problems("settings", (f"config: refused reload: {p}" for p in exc.problems))
+            return
+        metrics.config_reloads.labels("ok").inc()
+        live, restart = diff_settings(self.settings, values)
+        if live:
+            log.info("settings: %s", ", ".join(f"{setting_key(k).key}={v!r}" for k, v in live.items()))
+            self.apply_settings(live)
+        waiting = [f"config: {path}: {key}: changed in the file; takes effect after a restart" for key in restart]
+        for problem in waiting:
+            log.warning("%s", problem)
+        self.controller.set_config_problems("settings", waiting)
+
+    def apply_settings(self, changes: dict) -> None:
+        for name, value in changes.items():
+            setattr(self.settings, name, value)
+        if "log_level" in changes:
+            logging.getLogger().setLevel(getattr(logging, self.settings.log_level.upper(), logging.INFO))
+        if any(setting_key(name).rebuild for name in changes):
+            self.controller.settings_changed()
+        if self.dataplane is not None:
+            self.dataplane.settings_changed(changes)
+        if self.on_settings is not None:
+            self.on_settings(changes)
+
+    async def _watch_settings(self) -> None:
+        """Poll the settings file's stat: one syscall per interval, and it sees a ConfigMap
+        volume's symlink swap (stat follows the link) as well as an in-place edit."""
+        path = self.settings.config_file
+        assert path is not None
+
+        def signature():
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        last = signature()
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            now = signature()
+            if now != last:
+                last = now
+                log.info("settings file %s changed; re-reading it", path)
+                self.reload_settings()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -233,6 +296,8 @@ class Process:
                                  identity_json=self.runtime.identity.to_json if self.identity_source else None)
         await self.admin.start()
         self.source.watch(self._on_outcome, self.settings.coalesce_delay)
+        if self.settings.config_file is not None:
+            self._settings_task = asyncio.get_running_loop().create_task(self._watch_settings())
         # Listeners bind in apply(); give the loop one turn so they are up before we say ready.
         await asyncio.sleep(0)
         if takeover is not None:
@@ -334,6 +399,8 @@ class Process:
         self._stop.set()
 
     async def close(self) -> None:
+        if self._settings_task is not None:
+            self._settings_task.cancel()
         if self.control is not None:
             await self.control.close()
         await self.source.stop()
