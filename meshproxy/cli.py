@@ -26,6 +26,7 @@ from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
 from . import capture
+from .core.accept import raise_fd_limit
 from .core.gateway import format_problem
 from .core.logformat import FormatError, compile_format
 from .core.nginx_convert import ConvertOptions, convert
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keepalive-timeout", type=_positive_float, default=None, help="idle keep-alive client connections, seconds (default 75)")
     run.add_argument("--send-timeout", type=_positive_float, default=None, help="close a client that reads nothing of its response for this long, seconds (default 60)")
     run.add_argument("--max-body-size", type=int, default=None, help="request body limit in bytes -> 413 (default unlimited)")
-    run.add_argument("--max-connections", type=int, default=None, help="per listener; accepting pauses above it (default unlimited)")
+    run.add_argument("--max-connections", type=int, default=None,
+                     help="open connections per listener kind (L4, L7); accepting pauses at it "
+                          "(default: derived from the file-descriptor limit, docs/resilience.md)")
     run.add_argument("--request-buffer-size", type=int, default=None, metavar="BYTES",
                      help="read request bodies up to this size before an endpoint is chosen, so slow uploads "
                           "hold no upstream connection (default 0: stream them through)")
@@ -597,6 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshproxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    before, after = raise_fd_limit()      # before forking workers: they inherit it
+    if after > before:
+        logging.getLogger("meshproxy").info("file descriptors: soft limit raised from %d to %d", before, after)
     if settings.workers > 1:
         # Before prometheus_client is imported: worker metrics are summed by the parent.
         prepare_multiprocess_metrics()

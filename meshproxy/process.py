@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -36,6 +37,7 @@ from . import control
 from .admin import AdminServer
 from .controller import Controller
 from .core import metrics, sockets
+from .core.accept import connection_limits
 from .core.memory import fix_mmap_threshold
 from .core.runtime import Runtime
 from .core.settings import Settings, SettingsFileError, diff_settings, read_settings_file, setting_key
@@ -320,6 +322,11 @@ class Process:
         log.info("meshproxy ready: snapshot %d, %d services, %d L4 listeners, admin on %s:%d",
                  snap.version if snap else 0, len(snap.services) if snap else 0,
                  len(snap.l4) if snap else 0, host, self.admin.port)
+        l4_limit, l7_limit = connection_limits(self.settings)
+        log.info("connection limits per process: L4 %s, L7 %s (%s; docs/resilience.md)",
+                 l4_limit or "none", l7_limit or "none",
+                 "--max-connections" if self.settings.max_connections is not None
+                 else f"from RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
         return True
 
     def _start_identity(self) -> bool:
