@@ -60,6 +60,7 @@ BACKLOG = 4096
 Key = tuple[str, int]
 
 _ACCEPTS_PER_WAKEUP = 64
+_BINDS_PER_TURN = 200          # ~10 ms of socket/bind/listen/add_reader
 
 
 def bind_listener(host: str, port: int, wildcard: bool = False) -> socket.socket:
@@ -163,6 +164,8 @@ class _Listener:
 
 class L4Manager:
     __slots__ = (
+        "_bind_handle",
+        "_to_bind",
         "accept_errors",
         "full",
         "log_limiter",
@@ -211,6 +214,8 @@ class L4Manager:
         self._labels: dict[tuple[str, str, str], _Labels] = {}
         self._reported: dict[Key, str] = {}
         self._stopped = False
+        self._to_bind: list[Key] = []          # listeners of the snapshot in force not bound yet
+        self._bind_handle: asyncio.Handle | None = None
         self.accept_errors = accept.AcceptErrors("l4", log)
         self.log_limiter = accept.LogLimiter()   # for the "limit reached" line
         self.max_conns: int | None = accept.connection_limits(self.settings)[0]
@@ -237,13 +242,15 @@ class L4Manager:
         wanted = snap.l4 if self.only is None else {k: v for k, v in snap.l4.items() if self.only(v)}
         for key in [k for k in self.listeners if k not in wanted]:
             self._remove(key)
+        self._to_bind = []
         if not self._stopped:
             for key, spec in wanted.items():
                 lst = self.listeners.get(key)
                 if lst is None:
-                    self._open(key, spec)
+                    self._to_bind.append(key)
                 else:
                     lst.spec = spec
+            self._bind_some(wanted)
         for key in [k for k in self.failures if k not in wanted]:
             del self.failures[key]
         for key in [k for k in self._reported if k not in wanted]:
@@ -252,6 +259,35 @@ class L4Manager:
             del self._labels[key]
         self._drain_gone_endpoints(snap)
         metrics.l4_listeners.set(len(self.listeners))
+
+    def _bind_some(self, wanted: Mapping[Key, L4Listener]) -> None:
+        """Bind up to ``_BINDS_PER_TURN`` of the listeners still to bind; the rest on the next
+        loop turns (a snapshot that brings a thousand Services must not hold the loop for
+        the ~50 ms their binds take together). A later snapshot replaces the queue."""
+        todo, self._to_bind = self._to_bind[:_BINDS_PER_TURN], self._to_bind[_BINDS_PER_TURN:]
+        for key in todo:
+            spec = wanted.get(key)
+            if spec is not None and key not in self.listeners:
+                self._open(key, spec)
+        if self._to_bind and self._bind_handle is None:
+            self._bind_handle = self.loop.call_soon(self._bind_more)
+
+    def _bind_more(self) -> None:
+        self._bind_handle = None
+        snap = self.runtime.snapshot
+        if self._stopped or snap is None:
+            self._to_bind = []
+            return
+        try:
+            self._bind_some(snap.l4)
+        except Exception:            # as in apply(): a bind bug must not stop the loop
+            log.exception("l4: binding listeners failed")
+        metrics.l4_listeners.set(len(self.listeners))
+
+    @property
+    def binding(self) -> bool:
+        """Listeners of the snapshot in force are still being bound (a few loop turns)."""
+        return bool(self._to_bind)
 
     def _open(self, key: Key, spec: L4Listener) -> None:
         host, port = key
@@ -422,6 +458,7 @@ class L4Manager:
     async def stop_accepting(self) -> None:
         """Close every listening socket (SIGTERM); open connections continue."""
         self._stopped = True
+        self._to_bind = []
         for lst in self.listeners.values():
             lst.close()
         self.listeners.clear()

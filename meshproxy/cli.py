@@ -26,7 +26,6 @@ from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
 from . import capture
-from .core.accept import raise_fd_limit
 from .core.gateway import format_problem
 from .core.logformat import FormatError, compile_format
 from .core.nginx_convert import ConvertOptions, convert
@@ -600,9 +599,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshproxy: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    before, after = raise_fd_limit()      # before forking workers: they inherit it
-    if after > before:
-        logging.getLogger("meshproxy").info("file descriptors: soft limit raised from %d to %d", before, after)
     if settings.workers > 1:
         # Before prometheus_client is imported: worker metrics are summed by the parent.
         prepare_multiprocess_metrics()

@@ -91,6 +91,13 @@ class DataPlane:
         """The first snapshot's rules are in the kernel (always true without nftables mode)."""
         return self._synced is None or self._synced.is_set()
 
+    async def settled(self) -> None:
+        """Until the listeners of the snapshot in force are bound (they are bound a few hundred
+        per loop turn: a big snapshot takes a few turns)."""
+        await asyncio.sleep(0)
+        while self.l4 is not None and self.l4.binding:
+            await asyncio.sleep(0)
+
     async def stop_accepting(self) -> None:
         if self.l4 is not None:
             await self.l4.stop_accepting()

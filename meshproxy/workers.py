@@ -47,7 +47,7 @@ from prometheus_client import multiprocess
 from .core.runtime import Runtime
 from .core.settings import Settings
 from .dataplane import DataPlane
-from .process import Process, install_uvloop
+from .process import Process, install_uvloop, raise_fd_limit_logged
 
 __all__ = ["run_workers", "enable_pickling"]
 
@@ -111,7 +111,7 @@ async def _worker_main(fd: int) -> int:
             if msg[0] == "snapshot":
                 runtime.publish(_keep_identity(runtime.snapshot, msg[1]))
                 if not told_ready:
-                    await asyncio.sleep(0)
+                    await dataplane.settled()
                     writer.write(_frame(("ready", os.getpid())))
                     told_ready = True
             elif msg[0] == "settings-changed":
@@ -283,6 +283,7 @@ def run_workers(settings: Settings) -> int:
     """``meshproxy run --workers N`` (N > 1)."""
     install_uvloop()
     enable_pickling()
+    raise_fd_limit_logged()
 
     async def main() -> int:
         pool = WorkerPool(settings)

@@ -19,7 +19,7 @@ import pytest
 from meshproxy.core.accept import AcceptErrors, LogLimiter, ReserveFd, connection_limits
 from meshproxy.core.settings import Settings
 from proc import Meshproxy, free_port, http_get, wait_for
-from test_chaos import POD_PORT, Pod, pod_yaml, service_yaml
+from test_chaos import Pod, pod_yaml, service_yaml
 
 NOFILE = 256
 IDLE = 1000
