@@ -4,7 +4,8 @@
 lack (a program, a built binary) skips with the reason on a developer's machine, but fails in
 CI (``CI`` set, as ``.ci/run`` does): there ``scripts/system-deps.sh`` and ``.ci/run`` provide
 everything, so a missing program is a broken CI set-up, not a reason to pass silently.
-Import them with ``from conftest import requires``.
+``requires_root()`` does the same for tests that need root. Import them with
+``from conftest import requires``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ IN_CI = bool(os.environ.get("CI"))
 # Debian package that provides each program the tests call (scripts/system-deps.sh installs them).
 PACKAGES = {
     "curl": "curl", "dnsmasq": "dnsmasq-base", "dig": "dnsutils", "promtool": "prometheus",
-    "nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk",
+    "nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk", "nft": "nftables", "ip": "iproute2",
+    "etcd": "etcd-server",
 }
 
 
@@ -38,10 +40,18 @@ def find_program(program: str) -> str | None:
     return path
 
 
-def requires(program: str) -> str:
-    """The path of ``program``; skips (fails in CI) when it is not installed."""
-    path = find_program(program)
-    if path is None:
-        package = PACKAGES.get(program, program)
-        unavailable(f"{program} is not installed (Debian package {package}; `make system-deps` installs it as root)")
-    return path  # type: ignore[return-value]
+def requires(*programs: str) -> str:
+    """The path of the first of ``programs``; skips (fails in CI) when any is not installed."""
+    paths = [find_program(p) for p in programs]
+    missing = [p for p, path in zip(programs, paths) if path is None]
+    if missing:
+        what = ", ".join(f"{p} (Debian package {PACKAGES.get(p, p)})" for p in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        unavailable(f"{what} {verb} not installed; `make system-deps` installs it as root")
+    return paths[0]  # type: ignore[return-value]
+
+
+def requires_root() -> None:
+    """Skip (fail in CI) unless running as root (network namespaces, nftables)."""
+    if os.geteuid() != 0:
+        unavailable("needs root (network namespaces and nftables)")

@@ -124,17 +124,3 @@ def wait_for(pred, timeout: float = 5.0, interval: float = 0.02, what: str = "co
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def requires(program: str) -> str:
-    """The path of ``program``; skips (saying so) when it is missing, except in CI (``CI`` set by
-    .ci/run), where an acceptance test must not skip: there it fails."""
-    import shutil
-    path = shutil.which(program)
-    if path is None:
-        import pytest
-        msg = f"{program} is not installed (make system-deps installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path

@@ -7,7 +7,7 @@ import conftest
 
 def test_missing_program_skips_with_the_package_outside_ci(monkeypatch):
     monkeypatch.setattr(conftest, "IN_CI", False)
-    with pytest.raises(pytest.skip.Exception, match="dnsmasq is not installed.*dnsmasq-base"):
+    with pytest.raises(pytest.skip.Exception, match="dnsmasq \\(Debian package dnsmasq-base\\) is not installed"):
         monkeypatch.setenv("PATH", "/nonexistent")
         monkeypatch.setattr(conftest.os, "access", lambda *a: False)
         conftest.requires("dnsmasq")
@@ -15,7 +15,7 @@ def test_missing_program_skips_with_the_package_outside_ci(monkeypatch):
 
 def test_missing_program_fails_in_ci(monkeypatch):
     monkeypatch.setattr(conftest, "IN_CI", True)
-    with pytest.raises(pytest.fail.Exception, match="needed in CI: no-such-program-for-meshproxy is not installed"):
+    with pytest.raises(pytest.fail.Exception, match="needed in CI: no-such-program-for-meshproxy \\(Debian package no-such-program-for-meshproxy\\) is not installed"):
         conftest.requires("no-such-program-for-meshproxy")
 
 

@@ -62,6 +62,16 @@ CONFIGMAP = textwrap.dedent("""\
       update-status: "false"
       publish-status-address: "203.0.113.7,lb.example.com"
       publish-service: ingress/edge
+      access-log-format: json
+      access-log-buffer: "4096"
+      otlp-endpoint: "http://127.0.0.1:4318"
+      trace-sampling: "0.25"
+      trust-domain: mesh.example
+      identity-dir: /var/run/svid
+      identity-issuer: ""
+      identity-issuer-ca: /etc/mesh/ca.pem
+      identity-token-file: /var/run/token
+      mesh-root-namespace: mesh-system
     """)
 
 EXPECTED = dict(
@@ -75,6 +85,9 @@ EXPECTED = dict(
     dns_listen=("127.0.0.1", 5300), cluster_domain="cluster.example", http_parser="strict",
     kubeconfig="/etc/kube/config", kube_context="prod", kube_namespace="team-a", update_status=False,
     publish_status_address=("203.0.113.7", "lb.example.com"), publish_service="ingress/edge",
+    access_log_format="json", access_log_buffer=4096, otlp_endpoint="http://127.0.0.1:4318", trace_sampling=0.25,
+    trust_domain="mesh.example", identity_dir="/var/run/svid", identity_issuer=None,
+    identity_issuer_ca="/etc/mesh/ca.pem", identity_token_file="/var/run/token", mesh_root_namespace="mesh-system",
 )
 
 
@@ -112,6 +125,9 @@ def test_a_plain_mapping_with_native_values(tmp_path):
     ('node: {name: a}', "node: must be a string, not a mapping"),
     ('drain_timeout: "2"', "drain_timeout: unknown setting (did you mean 'drain-timeout'?)"),
     ('takeover: "true"', "takeover: unknown setting"),
+    ('trace-sampling: "2"', "trace-sampling: 2 is outside 0..1"),
+    ('otlp-endpoint: "collector:4318"', "otlp-endpoint: 'collector:4318': expected http(s)://HOST[:PORT][/PATH]"),
+    ('trust-domain: "Mesh"', "trust-domain: 'Mesh': lowercase letters, digits, '.', '-', '_' (a SPIFFE trust domain)"),
 ])
 def test_bad_values_name_file_line_and_key(tmp_path, line, message):
     f = tmp_path / "cm.yaml"
