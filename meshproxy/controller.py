@@ -17,16 +17,17 @@ Invariants:
 Big changes never hold the loop (docs/resilience.md, "Big reloads"): the loop also runs the
 data plane, so a 45,000-Pod reload must not stop requests for seconds.
 
-- ``apply_events_async`` applies a large batch ``APPLY_CHUNK`` events at a time and yields to
-  the loop between chunks;
+- ``apply_events_later`` / ``apply_events_async`` apply a large batch ``APPLY_CHUNK`` events
+  at a time and yield to the loop between chunks;
 - a large rebuild (a full one over a big store, or many changed services) runs
   ``index.recompute`` and ``builder.build`` in a worker thread; only the publish runs on the
   loop. Small changes are built on the loop as before (a thread hop costs more than they do);
-- while either is under way ``_busy`` is held: the store, the index and the builder belong to
-  that work, so every other mutation (``apply_events`` from other sources, readiness changes)
-  is queued in ``_deferred`` and run, in order, when it is done; readers on the loop may read
-  the store meanwhile (nothing mutates it). ``on_applied`` is told which kinds changed after
-  every application, deferred or not.
+- while either is under way (``_busy``) the store, the index and the builder belong to that
+  work: every other mutation (``apply_events`` from any source, readiness changes) joins
+  ``_queue`` and runs after it, in arrival order — one FIFO for big batches and small changes
+  alike, so a source's events are never reordered; readers on the loop may read the store
+  meanwhile (nothing mutates it). ``on_applied`` is told which kinds changed after every
+  application, queued or not.
 """
 
 from __future__ import annotations
@@ -78,37 +79,81 @@ class Controller:
         self._full_build = True
         self._config_problems: dict[str, tuple[tuple[str, ...], int]] = {}   # source -> (shown, count)
         self.on_applied: Callable[[set[str]], None] | None = None   # kinds that changed
-        self._busy: asyncio.Lock | None = None          # made in the loop that first needs it
-        self._deferred: list[Callable[[], None]] = []
+        # Work waiting for the store, in arrival order: callables, or ("chunked", events,
+        # source, future) for a batch applied a chunk per loop turn.
+        self._queue: collections.deque = collections.deque()
+        self._busy = False              # a chunked batch or an off-loop build holds the store
+        self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._build_task: asyncio.Task | None = None
 
     # -- input --------------------------------------------------------------------------------
 
     def _is_busy(self) -> bool:
-        return self._busy is not None and self._busy.locked()
+        return self._busy or bool(self._queue)
 
     def apply_events(self, events: Iterable[Event], source: str = "files") -> None:
+        """Apply now, or — while big work holds the store — after it, in arrival order."""
         events = list(events)
         if self._is_busy():
-            self._deferred.append(lambda: self._apply(events, source))
+            self._queue.append(lambda: self._apply(events, source))
+            self._kick()
             return
         self._apply(events, source)
 
-    async def apply_events_async(self, events: Iterable[Event], source: str = "files") -> None:
-        """``apply_events`` for a batch of any size: ``APPLY_CHUNK`` events per loop turn."""
+    def apply_events_later(self, events: Iterable[Event], source: str = "files") -> asyncio.Future | None:
+        """``apply_events`` for a batch of any size: a big one is applied ``APPLY_CHUNK`` events
+        per loop turn, after everything that arrived before it and before everything after it.
+        Returns a future done when it is in the store (None: it already is)."""
         events = list(events)
-        if len(events) <= APPLY_CHUNK:
-            self.apply_events(events, source)
-            return
-        async with self._lock():
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:        # no loop (meshproxy get): nothing else runs anyway
+            loop = None
+        if loop is None or (len(events) <= APPLY_CHUNK and not self._is_busy()):
+            self._apply(events, source)
+            return None
+        fut = loop.create_future()
+        self._queue.append(("chunked", events, source, fut))
+        self._kick()
+        return fut
+
+    async def apply_events_async(self, events: Iterable[Event], source: str = "files") -> None:
+        fut = self.apply_events_later(events, source)
+        if fut is not None:
+            await fut
+
+    def _kick(self) -> None:
+        if not self._busy and (self._worker is None or self._worker.done()):
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        """Run the queue in order; an off-loop build (``_busy``) kicks it again when done."""
+        while self._queue and not self._busy:
+            item = self._queue.popleft()
+            if callable(item):
+                try:
+                    item()
+                except Exception:   # one bad change must not lose the others
+                    log.exception("applying a deferred change failed")
+                continue
+            _, events, source, fut = item
+            self._busy = True
             kinds: set[str] = set()
-            for i in range(0, len(events), APPLY_CHUNK):
-                kinds |= self._apply_chunk(events[i:i + APPLY_CHUNK], source)
-                await asyncio.sleep(0)
-            self._run_deferred()
-        if kinds:
-            self._applied(kinds)
+            try:
+                for i in range(0, len(events), APPLY_CHUNK):
+                    kinds |= self._apply_chunk(events[i:i + APPLY_CHUNK], source)
+                    await asyncio.sleep(0)
+            except Exception:
+                log.exception("applying %d events from %s failed", len(events), source)
+            finally:
+                self._busy = False
+                if not fut.done():
+                    fut.set_result(None)
+            if kinds:
+                self._applied(kinds)
+                self._schedule()
+        if self._pending and not self._is_busy():
             self._schedule()
 
     def _apply(self, events: list[Event], source: str) -> None:
@@ -147,7 +192,8 @@ class Controller:
     def set_probe_results(self, results: dict[tuple[str, str], bool] | None) -> None:
         """Turn probe-driven readiness on (a dict the health checker keeps updating) or off."""
         if self._is_busy():
-            self._deferred.append(lambda: self.set_probe_results(results))
+            self._queue.append(lambda: self.set_probe_results(results))
+            self._kick()
             return
         self.index.probe_results = results
         for ns, name in list(self.store.items("Pod")):
@@ -156,25 +202,11 @@ class Controller:
 
     def pod_readiness_changed(self, namespace: str, name: str) -> None:
         if self._is_busy():
-            self._deferred.append(lambda: self.pod_readiness_changed(namespace, name))
+            self._queue.append(lambda: self.pod_readiness_changed(namespace, name))
+            self._kick()
             return
         self.index.pod_readiness_changed(namespace, name)
         self._schedule()
-
-    def _lock(self) -> asyncio.Lock:
-        if self._busy is None:
-            self._busy = asyncio.Lock()
-        return self._busy
-
-    def _run_deferred(self) -> None:
-        """Run what waited for the store (the lock is still held: nothing new is deferred
-        behind these, and they run in arrival order)."""
-        while self._deferred:
-            fn = self._deferred.pop(0)
-            try:
-                fn()
-            except Exception:   # one bad change must not lose the others
-                log.exception("applying a deferred change failed")
 
     def _schedule(self) -> None:
         """A change is in the store: build within ``coalesce_delay`` (at once without a loop)."""
@@ -190,9 +222,14 @@ class Controller:
         self._handle = loop.call_later(self.settings.coalesce_delay, self._rebuild_due)
 
     @property
+    def busy(self) -> bool:
+        """A big batch or an off-loop build holds the store; other changes queue behind it."""
+        return self._busy
+
+    @property
     def pending(self) -> bool:
         """Changes applied to the store (or waiting to be) that no published snapshot holds yet."""
-        return self._pending or self._is_busy() or bool(self._deferred)
+        return self._pending or self._is_busy()
 
     def set_config_problems(self, source: str, problems: Iterable[str]) -> None:
         """What is wrong with ``source`` now (empty: nothing). At most ``PROBLEMS_SHOWN`` per
@@ -274,24 +311,27 @@ class Controller:
         if self._build_cost() < OFFLOOP_COST:
             self.rebuild()
             return
+        self._busy = True               # from now on the store is the build thread's
         self._build_task = asyncio.get_running_loop().create_task(self._rebuild_off_loop())
 
     async def _rebuild_off_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshproxy-build")
-        async with self._lock():
-            self._pending = False
-            t0 = time.perf_counter()
-            try:
-                snap, changed = await loop.run_in_executor(self._executor, self._build)
-            except Exception:  # as in rebuild(): keep the last snapshot
-                log.exception("building the snapshot failed; the previous one stays in force")
-                snap = None
-            if snap is not None:
-                self._published(snap, changed, t0)
-            self._run_deferred()
-        if self._pending:               # changes arrived meanwhile: their own coalesced build
+        self._pending = False
+        t0 = time.perf_counter()
+        try:
+            snap, changed = await loop.run_in_executor(self._executor, self._build)
+        except Exception:  # as in rebuild(): keep the last snapshot
+            log.exception("building the snapshot failed; the previous one stays in force")
+            snap = None
+        finally:
+            self._busy = False
+        if snap is not None:
+            self._published(snap, changed, t0)
+        if self._queue:
+            self._kick()                # what waited runs now, then schedules its own build
+        elif self._pending:
             self._schedule()
 
     def close(self) -> None:

@@ -169,14 +169,16 @@ class Process:
             log.info("config: %d changed objects", len(outcome.events))
             # A big reload is applied a chunk per loop turn (Controller.apply_events_async);
             # health checks and DNS follow through _after_apply.
-            task = asyncio.get_running_loop().create_task(self._apply_outcome(outcome.events, heavy))
+            version = self.controller.snapshot.version if self.controller.snapshot else 0
+            applied = self.controller.apply_events_later(outcome.events, "files")
+            task = asyncio.get_running_loop().create_task(self._after_outcome(applied, version, heavy))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _apply_outcome(self, events, heavy: bool) -> None:
+    async def _after_outcome(self, applied: asyncio.Future | None, version: int, heavy: bool) -> None:
         try:
-            version = self.controller.snapshot.version if self.controller.snapshot else 0
-            await self.controller.apply_events_async(events, "files")
+            if applied is not None:
+                await applied
             if heavy and self.controller.pending:
                 # The garbage collector stays paused until the snapshot holding these objects
                 # is live; then they are frozen (GcHold).
@@ -214,7 +216,8 @@ class Process:
         self.dns_source.sync(services)
 
     def _on_kube_events(self, events) -> None:
-        self.controller.apply_events(events, "kubernetes")
+        # An initial list of a big cluster is applied a chunk per loop turn, like a big file.
+        self.controller.apply_events_later(events, "kubernetes")
 
     def _kube_synced(self) -> bool:
         """The API source's initial lists are in force: synced, and the snapshot built from
