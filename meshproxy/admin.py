@@ -34,7 +34,8 @@ log = logging.getLogger("meshproxy.admin")
 
 _MAX_REQUEST = 16384
 _READ_TIMEOUT = 10.0
-_EMERGENCY_TIMEOUT = 1.0     # a probe sends its request at once; an idle connection is not kept
+_EMERGENCY_TIMEOUT = 1.0     # to read one request head with the spare descriptor
+_EMERGENCY_FIRST_BYTE = 0.025   # a probe sends its request at once; a silent connection is not kept
 
 
 class AdminServer:
@@ -62,6 +63,10 @@ class AdminServer:
 
     async def start(self) -> None:
         sock = listen(self.host, self.port, 128)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Wake us only for connections that have sent their request (nginx's `deferred`):
+            # idle ones wait in the kernel instead of in front of the probes in the backlog.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._loop = asyncio.get_running_loop()
@@ -217,15 +222,16 @@ class AdminServer:
 
 class _Emergency:
     """One connection accepted with the spare descriptor while the process has no other. A
-    connection that has sent nothing yet is closed at once: the spare is for probes, which
-    send their request with the connection, and an idle connection must not hold it (nor keep
-    the probes behind it in the backlog waiting). Otherwise: read one request head (at most
-    ``_MAX_REQUEST`` bytes, for at most ``_EMERGENCY_TIMEOUT`` seconds), answer it with
-    ``Connection: close`` and close. Raw non-blocking socket and ``add_reader`` only: a
-    transport could need descriptors the process does not have. The spare is taken back right
-    after the close, before anything else can take that number."""
+    connection that has sent nothing within ``_EMERGENCY_FIRST_BYTE`` seconds is closed: the
+    spare is for probes, which send their request right after connecting, and an idle
+    connection must not hold it (nor keep the probes behind it in the backlog waiting for
+    long). Otherwise: read one request head (at most ``_MAX_REQUEST`` bytes, for at most
+    ``_EMERGENCY_TIMEOUT`` seconds), answer it with ``Connection: close`` and close. Raw
+    non-blocking socket and ``add_reader`` only: a transport could need descriptors the process
+    does not have. The spare is taken back right after the close, before anything else can take
+    that number."""
 
-    __slots__ = ("admin", "buf", "sock", "timer")
+    __slots__ = ("admin", "buf", "first", "sock", "timer")
 
     def __init__(self, admin: AdminServer, sock: socket.socket) -> None:
         self.admin, self.sock, self.buf = admin, sock, b""
@@ -233,15 +239,18 @@ class _Emergency:
         assert loop is not None
         sock.setblocking(False)
         self.timer = loop.call_later(_EMERGENCY_TIMEOUT, self.finish)
+        self.first = loop.call_later(_EMERGENCY_FIRST_BYTE, self._silent)
         loop.add_reader(sock.fileno(), self.readable)
-        self.readable(first=True)
+        self.readable()
 
-    def readable(self, first: bool = False) -> None:
+    def _silent(self) -> None:
+        if not self.buf:
+            self.finish()
+
+    def readable(self) -> None:
         try:
             data = self.sock.recv(_MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
-            if first:
-                self.finish()
             return
         except OSError:
             data = b""
@@ -270,6 +279,7 @@ class _Emergency:
         if self.sock.fileno() < 0:
             return
         self.timer.cancel()
+        self.first.cancel()
         self.admin._loop.remove_reader(self.sock.fileno())  # type: ignore[union-attr]
         self.sock.close()
         self.admin.reserve_returned()

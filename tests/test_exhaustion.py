@@ -5,13 +5,15 @@ The real process runs with RLIMIT_NOFILE 256 (set in the child only) while the t
 that limit) the process never runs out: the connections past the limit wait in the backlog.
 With the limit lifted it does run out: the failed accepts are logged and counted, accepting
 pauses, ``/healthz`` and ``/readyz`` are still answered through the spare descriptor, and
-everything works again once the idle connections are gone.
+everything works again once the idle connections are gone. The admin server's spare
+descriptor is tested in a process that has none left at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import resource
 import socket
 
 import pytest
@@ -187,19 +189,50 @@ def test_out_of_descriptors_is_logged_counted_survived_and_recovered(tmp_path):
         assert "Traceback" not in mp.output()
 
 
-@pytest.mark.slow
-def test_admin_answers_health_from_the_spare_descriptor_when_none_is_left(tmp_path):
-    """The admin server itself out of descriptors (idle connections to the admin port hold
-    them all): /healthz still answered, other paths 503, the failure counted."""
-    with cluster(tmp_path) as (mp, addr):
-        conns = idle_connections(("127.0.0.1", mp.admin_port), 400)
+ADMIN_EXHAUSTED = """
+import asyncio, os, sys
+from meshproxy.admin import AdminServer
+
+async def main():
+    admin = AdminServer("127.0.0.1", 0, is_ready=lambda: True, snapshot_json=lambda: {})
+    await admin.start()
+    hog = []
+    while True:                      # every descriptor the process may still open
         try:
-            wait_for(lambda: "admin: accept on" in mp.output(), 10, what="admin EMFILE logged")
-            assert http_get(mp.admin + "/healthz", 3) == (200, b"ok\n")
-            status, body = http_get(mp.admin + "/metrics", 3)
-            assert (status, body) == (503, b"out of file descriptors: only /healthz and /readyz are answered now\n")
-        finally:
-            for s in conns:
-                s.close()
-        wait_for(lambda: metric(mp.metrics(), "meshproxy_accept_errors_total", listener="admin", reason="EMFILE") > 0,
-                 15, what="admin metric")
+            hog.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            break
+    print(admin.port, len(hog), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_admin_answers_health_from_the_spare_descriptor_when_none_is_left():
+    """The admin server in a process with no descriptor left at all: /healthz and /readyz are
+    still answered (the spare descriptor accepts them), anything else gets a 503 that says
+    why, and the failed accepts are logged."""
+    import subprocess
+    import sys
+
+    from proc import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", ADMIN_EXHAUSTED], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    try:
+        port, hogged = map(int, proc.stdout.readline().split())
+        assert hogged > 0
+        admin = f"http://127.0.0.1:{port}"
+        for _ in range(3):           # again and again: the spare is taken back each time
+            assert http_get(admin + "/healthz", 3) == (200, b"ok\n")
+            assert http_get(admin + "/readyz", 3) == (200, b"ready\n")
+        assert http_get(admin + "/metrics", 3) == (503, b"out of file descriptors: only /healthz and /readyz are answered now\n")
+    finally:
+        proc.kill()
+        proc.wait()
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert "admin: accept on 127.0.0.1:" in err and "(EMFILE); accepting paused" in err, err
