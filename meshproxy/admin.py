@@ -63,10 +63,6 @@ class AdminServer:
 
     async def start(self) -> None:
         sock = listen(self.host, self.port, 128)
-        if hasattr(socket, "TCP_DEFER_ACCEPT"):
-            # Wake us only for connections that have sent their request (nginx's `deferred`):
-            # idle ones wait in the kernel instead of in front of the probes in the backlog.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._loop = asyncio.get_running_loop()
