@@ -132,7 +132,7 @@ class DataPlane:
     def settings_changed(self, changes: dict[str, object]) -> None:
         """Live settings changed (already set on ``runtime.settings``). Most are read where
         they are used; the ones the listeners keep in a prepared form are refreshed here."""
-        if "max_connections" in changes:
+        if "max_connections" in changes and self.l4 is not None:
             self.l4.limits_changed()
         if "trusted_proxies" in changes and self.ingress is not None:
             # Read once per client connection: new connections see the new list.

@@ -21,7 +21,7 @@ IN_CI = bool(os.environ.get("CI"))
 PACKAGES = {
     "curl": "curl", "dnsmasq": "dnsmasq-base", "dig": "dnsutils", "promtool": "prometheus",
     "nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk", "nft": "nftables", "ip": "iproute2",
-    "etcd": "etcd-server",
+    "etcd": "etcd-server", "slowhttptest": "slowhttptest", "conntrack": "conntrack", "tcpdump": "tcpdump",
 }
 
 

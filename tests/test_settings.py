@@ -72,6 +72,12 @@ CONFIGMAP = textwrap.dedent("""\
       identity-issuer-ca: /etc/mesh/ca.pem
       identity-token-file: /var/run/token
       mesh-root-namespace: mesh-system
+      request-buffer-size: "64k"
+      gateway-address: "127.0.0.2,::1"
+      dns-upstream: "127.0.0.53"
+      proxy-mode: nftables
+      nft-table: meshproxy_test
+      udp-idle-timeout: "45s"
     """)
 
 EXPECTED = dict(
@@ -88,6 +94,8 @@ EXPECTED = dict(
     access_log_format="json", access_log_buffer=4096, otlp_endpoint="http://127.0.0.1:4318", trace_sampling=0.25,
     trust_domain="mesh.example", identity_dir="/var/run/svid", identity_issuer=None,
     identity_issuer_ca="/etc/mesh/ca.pem", identity_token_file="/var/run/token", mesh_root_namespace="mesh-system",
+    request_buffer_size=64 << 10, gateway_addresses=("127.0.0.2", "::1"), dns_upstreams=(("127.0.0.53", 53),),
+    proxy_mode="nftables", nft_table="meshproxy_test", udp_idle_timeout=45.0,
 )
 
 
@@ -126,6 +134,9 @@ def test_a_plain_mapping_with_native_values(tmp_path):
     ('drain_timeout: "2"', "drain_timeout: unknown setting (did you mean 'drain-timeout'?)"),
     ('takeover: "true"', "takeover: unknown setting"),
     ('trace-sampling: "2"', "trace-sampling: 2 is outside 0..1"),
+    ('proxy-mode: ipvs', "proxy-mode: 'ipvs' is not one of userspace, nftables"),
+    ('gateway-address: "gw.example"', "gateway-address: 'gw.example' is not an IP address"),
+    ('service-cidr: "10.0.0.0/16,10.1.0.0/16"', "service-cidr: 10.0.0.0/16,10.1.0.0/16: two ranges must be of different families"),
     ('otlp-endpoint: "collector:4318"', "otlp-endpoint: 'collector:4318': expected http(s)://HOST[:PORT][/PATH]"),
     ('trust-domain: "Mesh"', "trust-domain: 'Mesh': lowercase letters, digits, '.', '-', '_' (a SPIFFE trust domain)"),
 ])
