@@ -31,7 +31,7 @@ The canary pod lives in the first pod file among ordinary pods, so each change r
 of ``--pods-per-file`` pods, like any other edit.
 
 This runs the real process rather than the in-process Controller API on purpose: the API is
-still moving, the CLI is fixed by DESIGN §2, and the process is what users run.
+still moving, the command line is the stable interface (docs/semantics.md), and the process is what users run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Gateway API manifests (and ``Namespace``, ``FaultInjection``) -> ``discovery.gateway_objects``.
 
-Each parser takes the document context of ``discovery.manifests`` (``ctx``: ``error``,
+Each parser takes the document context of ``discovery.manifest_fields`` (``ctx``: ``error``,
 ``map``, ``list``, ``str``, ``int``, ``bool``, ``string_map``), the decoded document, its
 ``Meta`` and ``Origin``, and returns the object; every problem is a ``ctx.error`` naming the
 field. What is refused here is exactly what the API server refuses when the upstream CRDs are

@@ -1,6 +1,6 @@
 """Active health checking: every pod's readinessProbe, run the way the kubelet runs it.
 
-A pod with a ``readinessProbe`` is ready only while its probe passes (DESIGN §3 "Endpoints").
+A pod with a ``readinessProbe`` is ready only while its probe passes (docs/semantics.md, "Endpoints").
 ``HealthChecker`` keeps ``results[(namespace, name)]`` for the endpoint computation
 (``discovery.endpoints.pod_ready``) and calls ``on_change(namespace, name)`` when a pod's
 readiness flips, so the controller publishes a new snapshot. Semantics (docs/health.md):

@@ -23,8 +23,14 @@ that went to a serving-terminating endpoint because it was the service's only ch
 (KEP-1669) are not cut while their backend stays as it was.
 
 One periodic timer (``_sweep``) enforces deadlines and idle timeouts; nothing is scheduled
-per connection or per read. With ``settings.max_connections`` a listener stops accepting
-while it has that many open connections (they wait in the backlog) and resumes when one ends.
+per connection or per read.
+
+Limits: ``max_conns`` (``--max-connections``, by default derived from the descriptor limit:
+``meshproxy.core.accept.connection_limits``) bounds the open connections of all L4 listeners
+together. A listener that finds the manager full stops accepting (connections wait in the
+kernel's backlog) and joins ``full``; every listener in ``full`` resumes when a connection
+ends. A failed accept is counted and logged by ``accept_errors``; on a resource error (out of
+descriptors or memory) that listener pauses for ``accept.BACKOFF`` seconds.
 """
 
 from __future__ import annotations
@@ -34,10 +40,9 @@ import errno
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterable, Mapping
 
-from meshproxy.core import metrics, sockets
+from meshproxy.core import accept, metrics, sockets
 from meshproxy.core.runtime import Runtime
 from meshproxy.core.snapshot import L4Listener, Snapshot
 
@@ -55,8 +60,7 @@ BACKLOG = 4096
 Key = tuple[str, int]
 
 _ACCEPTS_PER_WAKEUP = 64
-_ACCEPT_BACKOFF = 0.1
-_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BINDS_PER_TURN = 200          # ~10 ms of socket/bind/listen/add_reader
 
 
 def bind_listener(host: str, port: int, wildcard: bool = False) -> socket.socket:
@@ -115,24 +119,27 @@ class _Listener:
 
     def on_acceptable(self) -> None:
         mgr = self.mgr
-        limit = mgr.settings.max_connections
+        limit = mgr.max_conns
         # A few accepts per wakeup: drain a burst without starving established connections.
         for _ in range(_ACCEPTS_PER_WAKEUP):
-            if limit is not None and len(self.conns) >= limit:
+            if limit is not None and len(mgr.conns) >= limit:
                 self.pause()                  # resumed by L4Manager.forget
+                mgr.full.add(self)
+                extra = mgr.log_limiter.allow("full")
+                if extra is not None:
+                    log.warning("l4: %d open connections, the limit (--max-connections, see docs/resilience.md): "
+                                "new connections wait in the backlog%s", limit, extra)
                 return
             try:
                 client, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                if mgr.accept_errors.failed(exc, f"{self.key[0]}:{self.key[1]}"):
                     # Out of fds / memory: the pending connection stays in the backlog and the
                     # socket stays readable, so back off instead of spinning at 100 % CPU.
-                    log.error("l4: accept on %s:%d: %s; pausing accepts for %.1fs",
-                              self.key[0], self.key[1], exc.strerror, _ACCEPT_BACKOFF)
                     self.pause()
-                    self.retry = mgr.loop.call_later(_ACCEPT_BACKOFF, self.resume)
+                    self.retry = mgr.loop.call_later(accept.BACKOFF, self.resume)
                 return                        # ECONNABORTED etc.: that one is gone; next wakeup
             try:
                 client.setblocking(False)
@@ -157,6 +164,12 @@ class _Listener:
 
 class L4Manager:
     __slots__ = (
+        "_bind_handle",
+        "_to_bind",
+        "accept_errors",
+        "full",
+        "log_limiter",
+        "max_conns",
         "_empty_waiter",
         "_idle_tick",
         "_labels",
@@ -201,6 +214,12 @@ class L4Manager:
         self._labels: dict[tuple[str, str, str], _Labels] = {}
         self._reported: dict[Key, str] = {}
         self._stopped = False
+        self._to_bind: list[Key] = []          # listeners of the snapshot in force not bound yet
+        self._bind_handle: asyncio.Handle | None = None
+        self.accept_errors = accept.AcceptErrors("l4", log)
+        self.log_limiter = accept.LogLimiter()   # for the "limit reached" line
+        self.max_conns: int | None = accept.connection_limits(self.settings)[0]
+        self.full: set[_Listener] = set()     # listeners paused because max_conns was reached
         s = self.settings
         # Deadlines are enforced to within a quarter of the drain timeout (<= 1 s); idle
         # connections are looked at every idle_timeout/8 (<= 10 s): an O(connections) pass
@@ -223,13 +242,15 @@ class L4Manager:
         wanted = snap.l4 if self.only is None else {k: v for k, v in snap.l4.items() if self.only(v)}
         for key in [k for k in self.listeners if k not in wanted]:
             self._remove(key)
+        self._to_bind = []
         if not self._stopped:
             for key, spec in wanted.items():
                 lst = self.listeners.get(key)
                 if lst is None:
-                    self._open(key, spec)
+                    self._to_bind.append(key)
                 else:
                     lst.spec = spec
+            self._bind_some(wanted)
         for key in [k for k in self.failures if k not in wanted]:
             del self.failures[key]
         for key in [k for k in self._reported if k not in wanted]:
@@ -238,6 +259,35 @@ class L4Manager:
             del self._labels[key]
         self._drain_gone_endpoints(snap)
         metrics.l4_listeners.set(len(self.listeners))
+
+    def _bind_some(self, wanted: Mapping[Key, L4Listener]) -> None:
+        """Bind up to ``_BINDS_PER_TURN`` of the listeners still to bind; the rest on the next
+        loop turns (a snapshot that brings a thousand Services must not hold the loop for
+        the ~50 ms their binds take together). A later snapshot replaces the queue."""
+        todo, self._to_bind = self._to_bind[:_BINDS_PER_TURN], self._to_bind[_BINDS_PER_TURN:]
+        for key in todo:
+            spec = wanted.get(key)
+            if spec is not None and key not in self.listeners:
+                self._open(key, spec)
+        if self._to_bind and self._bind_handle is None:
+            self._bind_handle = self.loop.call_soon(self._bind_more)
+
+    def _bind_more(self) -> None:
+        self._bind_handle = None
+        snap = self.runtime.snapshot
+        if self._stopped or snap is None:
+            self._to_bind = []
+            return
+        try:
+            self._bind_some(snap.l4)
+        except Exception:            # as in apply(): a bind bug must not stop the loop
+            log.exception("l4: binding listeners failed")
+        metrics.l4_listeners.set(len(self.listeners))
+
+    @property
+    def binding(self) -> bool:
+        """Listeners of the snapshot in force are still being bound (a few loop turns)."""
+        return bool(self._to_bind)
 
     def _open(self, key: Key, spec: L4Listener) -> None:
         host, port = key
@@ -334,11 +384,40 @@ class L4Manager:
         self.conns.discard(conn)
         lst = conn.listener
         lst.conns.discard(conn)
-        if not lst.accepting and not lst.closed and lst.retry is None:
-            lst.resume()                      # it was paused at max_connections
+        if self.full:
+            self._resume_full()
         self.draining.discard(conn)
         if not self.conns and self._empty_waiter is not None and not self._empty_waiter.done():
             self._empty_waiter.set_result(None)
+
+    def resource_failure(self, lst: _Listener, exc: OSError, what: str) -> None:
+        """A connection ``lst`` accepted cannot be served for lack of a descriptor or memory
+        (its pod socket, a splice pipe): counted and logged like a failed accept, and ``lst``
+        pauses accepting, so the backlog waits rather than being accepted and reset."""
+        if self.accept_errors.failed(exc, f"{lst.key[0]}:{lst.key[1]}", what) and not lst.closed:
+            lst.pause()
+            if lst.retry is None:
+                lst.retry = self.loop.call_later(accept.BACKOFF, lst.resume)
+
+    def resources_ok(self, lst: _Listener) -> None:
+        """A connection of ``lst`` got its pod socket: after resource failures, say once that
+        connections are served again."""
+        if self.accept_errors.failing:
+            self.accept_errors.succeeded(f"{lst.key[0]}:{lst.key[1]}")
+
+    def _resume_full(self) -> None:
+        if self.max_conns is not None and len(self.conns) >= self.max_conns:
+            return
+        for lst in self.full:
+            if lst.retry is None:             # not also backing off after a resource error
+                lst.resume()
+        self.full.clear()
+
+    def limits_changed(self) -> None:
+        """``--max-connections`` changed (a re-read settings file): apply the new limit."""
+        self.max_conns = accept.connection_limits(self.settings)[0]
+        if self.full:
+            self._resume_full()
 
     def labels_for(self, key: tuple[str, str, str]) -> _Labels:
         lab = self._labels.get(key)
@@ -379,6 +458,7 @@ class L4Manager:
     async def stop_accepting(self) -> None:
         """Close every listening socket (SIGTERM); open connections continue."""
         self._stopped = True
+        self._to_bind = []
         for lst in self.listeners.values():
             lst.close()
         self.listeners.clear()
@@ -395,12 +475,10 @@ class L4Manager:
                 pass
         if self.conns:
             log.info("l4: closing %d connections still open", len(self.conns))
+            # kill() closes both sockets and forgets the connection at once (raw sockets, no
+            # transports whose connection_lost would come later): nothing is left to wait for.
             for conn in list(self.conns):
                 conn.kill(reset=True)
-            # Let the transports deliver connection_lost (bounded: a few loop turns).
-            end = time.monotonic() + 1.0
-            while self.conns and time.monotonic() < end:
-                await asyncio.sleep(0.01)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -84,11 +84,14 @@ class ConnectionOwner(Protocol):
     pool: Any
     loop: Any
     settings: Any
+    accept_errors: Any          # meshproxy.core.accept.AcceptErrors ("failing" is a cheap test)
 
     def labels_for(self, key: tuple[str, str, str]) -> Any: ...
     def track(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None: ...
     def untrack(self, conn: L4Connection, key: tuple[tuple[str, str, str], tuple[str, int]]) -> None: ...
     def forget(self, conn: L4Connection) -> None: ...
+    def resource_failure(self, listener: Any, exc: OSError, what: str) -> None: ...
+    def resources_ok(self, listener: Any) -> None: ...
 
 
 __all__ = [
@@ -172,8 +175,9 @@ class BufferPool:
         self.in_use = 0
 
     def get(self):
-        self.in_use += 1
+        """An idle pipe / buffer, or a new one. Raises OSError (EMFILE) when no pipe can be made."""
         if self.idle:
+            self.in_use += 1
             return self.idle.pop()
         if self.splice:
             pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -181,7 +185,9 @@ class BufferPool:
                 fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass     # over the per-user pipe limit (EPERM): the default size still works
+            self.in_use += 1
             return pipe
+        self.in_use += 1
         return memoryview(bytearray(COPY_SIZE))
 
     def put(self, item) -> None:
@@ -389,7 +395,11 @@ class _Flow:
         pool = self.conn.mgr.pool
         for _ in range(_READS_PER_WAKEUP):
             if self.item is None:
-                self.item = pool.get()
+                try:
+                    self.item = pool.get()
+                except OSError as exc:   # no descriptor for a pipe: this connection cannot go on
+                    self.conn.out_of_resources(exc, "splice pipe for a connection accepted")
+                    return
             try:
                 n = self._fill()
             except (BlockingIOError, InterruptedError):
@@ -588,9 +598,10 @@ class L4Connection:
             pod = socket.socket(socket.AF_INET6 if ":" in ep.ip else socket.AF_INET,
                                 socket.SOCK_STREAM | _SOCK_NONBLOCK)
         except OSError as exc:       # out of fds / memory: not the endpoint's fault
-            log.warning("l4: %s: cannot create a socket: %s", self.describe(), exc)
-            self._abort()
+            self.out_of_resources(exc, "pod socket for a connection accepted")
             return
+        if mgr.accept_errors.failing:
+            mgr.resources_ok(self.listener)
         self.pod = pod
         if not _SOCK_NONBLOCK:
             pod.setblocking(False)
@@ -722,6 +733,13 @@ class L4Connection:
     def flow_done(self) -> None:
         if self.up.done and self.down.done:
             self._teardown(reset=False)     # both FINs passed on: a clean close
+
+    def out_of_resources(self, exc: OSError, what: str) -> None:
+        """No descriptor (or memory) to go on with: reset this connection; the manager counts
+        it, logs it (rate-limited) and pauses the listener so that the backlog waits instead of
+        being accepted and reset one by one."""
+        self.mgr.resource_failure(self.listener, exc, what)
+        self._teardown(reset=True)
 
     def broken(self, exc: OSError) -> None:
         log.debug("l4: %s: %s", self.describe(), exc.strerror or exc)

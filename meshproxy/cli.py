@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import re
 import sys
 import urllib.parse
@@ -24,11 +25,11 @@ from discovery.sources.dns import parse_servers
 from discovery.sources.ingress_status import check_publish_settings
 from discovery.store import ADDED, Event
 
+from . import capture
 from .core.gateway import format_problem
 from .core.logformat import FormatError, compile_format
 from .core.nginx_convert import ConvertOptions, convert
-from . import capture
-from .core.settings import LB_POLICIES, PROXY_MODES, Settings, parse_hostport
+from .core.settings import LB_POLICIES, LOG_LEVELS, PROXY_MODES, Settings, SettingsFileError, parse_hostport, read_settings_file
 from .gateway_cli import GATEWAY_TABLES, gateway_table
 from .multiproc import prepare_multiprocess_metrics
 
@@ -81,12 +82,13 @@ def _duration(text: str) -> float:
     return v
 
 
-def _add_files(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_files(p: argparse.ArgumentParser, required: bool = True, run: bool = False) -> None:
     p.add_argument("-f", "--filename", dest="paths", action="append", required=required, metavar="PATH",
                    help="manifest file or folder (repeatable); folders are read recursively (*.yaml, *.yml, *.json)")
-    p.add_argument("--service-cidr", default="127.96.0.0/16", type=_cidrs,
+    # run: no argparse default, so that a --config file can set it (flags win over the file).
+    p.add_argument("--service-cidr", default=None if run else "127.96.0.0/16", type=_cidrs,
                    help="range for ClusterIPs, or an IPv4 and an IPv6 range separated by a comma (dual stack); "
-                        "given ones must lie inside, missing ones are allocated from it (default %(default)s)")
+                        "given ones must lie inside, missing ones are allocated from it (default 127.96.0.0/16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve the manifests (watched for changes)")
-    _add_files(run, required=False)
+    _add_files(run, required=False, run=True)
     kube = run.add_argument_group("Kubernetes API (without -f: in-cluster config, $KUBECONFIG or ~/.kube/config)")
     kube.add_argument("--kubeconfig", metavar="PATH", help="list + watch objects from the API server of this kubeconfig")
     kube.add_argument("--context", metavar="NAME", help="kubeconfig context (default: its current-context)")
@@ -111,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node", help="the Node object this instance is (default: a single implicit node on 127.0.0.1)")
     run.add_argument("--ingress-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTP here (off when absent)")
     run.add_argument("--ingress-tls-listen", type=_hostport, metavar="HOST:PORT", help="serve Ingress HTTPS here")
-    run.add_argument("--admin-listen", type=_hostport, default=("127.0.0.1", 9901), metavar="HOST:PORT",
+    # Flags that a --config file may also set have no argparse default: None means "not given".
+    run.add_argument("--admin-listen", type=_hostport, default=None, metavar="HOST:PORT",
                      help="admin server: /healthz /readyz /metrics /debug/snapshot (default 127.0.0.1:9901)")
-    run.add_argument("--workers", type=int, default=1, help="data-plane processes sharing the listeners (default 1)")
-    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--workers", type=int, default=None, help="data-plane processes sharing the listeners (default 1)")
+    run.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default info")
     obs = run.add_argument_group("observability (docs/observability.md)")
     obs.add_argument("--access-log", metavar="PATH|-",
                      help="one line per HTTP request and L4 connection to PATH or stdout (-); SIGUSR1 reopens PATH")
@@ -128,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     obs.add_argument("--trace-sampling", type=float, default=None, metavar="RATIO",
                      help="share of traces started here that are recorded, 0..1 (default 1); incoming "
                           "traceparent headers keep their caller's decision")
-    run.add_argument("--config", metavar="FILE", help="YAML file with the same settings as these flags (flag names without dashes)")
+    run.add_argument("--config", metavar="FILE",
+                     help="settings file: a ConfigMap or a YAML mapping with these flags' names without dashes as keys; "
+                          "flags win over it; re-read on SIGHUP and when it changes (docs/configuration.md)")
     run.add_argument("--lb-policy", choices=LB_POLICIES, default=None, help="default L4 balancing policy (default random)")
     run.add_argument("--l7-lb-policy", choices=LB_POLICIES, default=None, help="default L7 balancing policy (default p2c)")
     run.add_argument("--ingress-class", default=None, help="IngressClass name served besides classes with controller meshproxy.dev/ingress (default meshproxy)")
@@ -145,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keepalive-timeout", type=_positive_float, default=None, help="idle keep-alive client connections, seconds (default 75)")
     run.add_argument("--send-timeout", type=_positive_float, default=None, help="close a client that reads nothing of its response for this long, seconds (default 60)")
     run.add_argument("--max-body-size", type=int, default=None, help="request body limit in bytes -> 413 (default unlimited)")
-    run.add_argument("--max-connections", type=int, default=None, help="per listener; accepting pauses above it (default unlimited)")
+    run.add_argument("--max-connections", type=int, default=None,
+                     help="open connections per listener kind (L4, L7); accepting pauses at it "
+                          "(default: derived from the file-descriptor limit, docs/resilience.md)")
     run.add_argument("--request-buffer-size", type=int, default=None, metavar="BYTES",
                      help="read request bodies up to this size before an endpoint is chosen, so slow uploads "
                           "hold no upstream connection (default 0: stream them through)")
@@ -273,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that are plain values: argparse destination -> Settings field.
 _FLAG_FIELDS = {
     "node": "node", "ingress_listen": "ingress_listen", "ingress_tls_listen": "ingress_tls_listen",
     "admin_listen": "admin_listen", "workers": "workers", "log_level": "log_level", "access_log": "access_log",
@@ -295,46 +303,44 @@ _FLAG_FIELDS = {
 }
 
 
-def _load_config_file(path: str) -> dict:
-    import yaml
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
-        doc = doc.get("data") or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    return {str(k).replace("-", "_"): v for k, v in doc.items()}
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Defaults, then the --config file, then the flags given. Raises ValueError (a
+    SettingsFileError for the file) naming what is wrong."""
     s = Settings(paths=list(args.paths or []))
-    file_values = _load_config_file(args.config) if getattr(args, "config", None) else {}
-    for key, value in file_values.items():
-        if key not in _FLAG_FIELDS and key not in ("trusted_proxies", "watch_ingress_without_class",
-                                                   "update_status", "publish_status_address"):
-            raise ValueError(f"{args.config}: unknown setting {key!r}")
-        if key in ("ingress_listen", "ingress_tls_listen", "admin_listen") and isinstance(value, str):
-            value = parse_hostport(value)
-        if key in ("trusted_proxies", "publish_status_address") and isinstance(value, str):
-            value = tuple(v.strip() for v in value.split(",") if v.strip())
-        if key == "update_status" and isinstance(value, str):
-            value = value.lower() == "true"
-        setattr(s, _FLAG_FIELDS.get(key, key), value)
+    config = getattr(args, "config", None)
+    if config:
+        s.config_file = os.path.abspath(config)
+        for name, value in read_settings_file(config).items():
+            setattr(s, name, value)
+    given: dict[str, object] = {}
     for arg_name, field_name in _FLAG_FIELDS.items():
         value = getattr(args, arg_name, None)
-        if value is not None and not (arg_name == "admin_listen" and "admin_listen" in file_values
-                                      and value == ("127.0.0.1", 9901)):
-            setattr(s, field_name, value)
+        if value is not None:
+            given[field_name] = value
     if getattr(args, "trusted_proxies", None):
-        s.trusted_proxies = tuple(v.strip() for v in args.trusted_proxies.split(",") if v.strip())
+        given["trusted_proxies"] = _comma_list(args.trusted_proxies)
     if getattr(args, "watch_ingress_without_class", None) is not None:
-        s.watch_ingress_without_class = args.watch_ingress_without_class == "true"
+        given["watch_ingress_without_class"] = args.watch_ingress_without_class == "true"
     if getattr(args, "dns_server", None):
-        s.dns_servers = tuple(parse_servers(args.dns_server))
+        given["dns_servers"] = tuple(parse_servers(args.dns_server))
     if getattr(args, "gateway_address", None):
-        s.gateway_addresses = _gateway_addresses(args.gateway_address)
+        given["gateway_addresses"] = _gateway_addresses(args.gateway_address)
     if getattr(args, "dns_upstream", None):
-        s.dns_upstreams = tuple(parse_servers(args.dns_upstream))
+        given["dns_upstreams"] = tuple(parse_servers(args.dns_upstream))
+    if getattr(args, "no_health_checks", False):
+        given["health_checks"] = False
+    if getattr(args, "update_status", None) is not None:
+        given["update_status"] = args.update_status == "true"
+    if getattr(args, "publish_status_address", None):
+        given["publish_status_address"] = _comma_list(args.publish_status_address)
+    for name, value in given.items():
+        setattr(s, name, value)
+    s.from_flags = frozenset(given)
+    s.takeover = bool(getattr(args, "takeover", False))
     if s.dns_min_ttl > s.dns_max_ttl:
         raise ValueError("--dns-min-ttl must not exceed --dns-max-ttl")
     if getattr(args, "no_health_checks", False):
@@ -584,6 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args)
     try:
         settings = settings_from_args(args)
+    except SettingsFileError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"meshproxy: --config {args.config}: {len(exc.problems)} problem(s); not starting", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"meshproxy: {exc}", file=sys.stderr)
         return 2

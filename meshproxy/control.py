@@ -15,6 +15,11 @@ either process holds it. Procedure:
    copies, which does not close the kernel sockets), finishes its open connections within
    ``--drain-timeout``, and exits;
 3. the new process then owns the control socket path.
+
+The socket file is removed when the process closes, but never after a takeover (the new
+process puts its own socket at the same path, and the old one leaving must not delete it), and
+only while the path is still the file this process created (same device, inode and change
+time: an inode number alone is reused at once by tmpfs when another process replaced the file).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ControlServer:
         self.path = path
         self.on_drain = on_drain
         self._server: asyncio.AbstractServer | None = None
+        self._identity: tuple[int, int, int] | None = None   # the file we made; None: not ours to remove
 
     async def start(self) -> None:
         try:
@@ -53,12 +59,22 @@ class ControlServer:
             pass
         self._server = await asyncio.start_unix_server(self._handle, path=self.path)
         os.chmod(self.path, 0o600)
+        self._identity = _identity(self.path)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self._identity is not None:
+            identity, self._identity = self._identity, None
+            try:
+                if _identity(self.path) == identity:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:   # a stale file is harmless: the next start() replaces it
+                log.warning("control socket %s: not removed: %s", self.path, exc)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -80,11 +96,17 @@ class ControlServer:
             line = await asyncio.wait_for(reader.readline(), 120)
             if line.strip() == b"drain":
                 log.info("takeover: a new process took our listeners; draining")
+                self._identity = None        # the path is the new process's from now on
                 self.on_drain()
         except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
             log.warning("takeover request failed: %s", exc)
         finally:
             writer.close()
+
+
+def _identity(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 class Takeover:

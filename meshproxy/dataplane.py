@@ -32,6 +32,7 @@ from l4.listeners import L4Manager
 from l4.nft_kernel import KernelProxier, NftError
 from l4.nft_kernel import cleanup as nft_cleanup
 from l4.udp import UdpManager
+from l7.headers import TrustedProxies
 from l7.server import IngressServer
 
 from .core.accesslog import AccessLog
@@ -90,6 +91,13 @@ class DataPlane:
         """The first snapshot's rules are in the kernel (always true without nftables mode)."""
         return self._synced is None or self._synced.is_set()
 
+    async def settled(self) -> None:
+        """Until the listeners of the snapshot in force are bound (they are bound a few hundred
+        per loop turn: a big snapshot takes a few turns)."""
+        await asyncio.sleep(0)
+        while self.l4 is not None and self.l4.binding:
+            await asyncio.sleep(0)
+
     async def stop_accepting(self) -> None:
         if self.l4 is not None:
             await self.l4.stop_accepting()
@@ -120,6 +128,15 @@ class DataPlane:
         """SIGUSR1: the access log opens its path anew (logrotate moved the file)."""
         if self.access_log is not None:
             self.access_log.reopen()
+
+    def settings_changed(self, changes: dict[str, object]) -> None:
+        """Live settings changed (already set on ``runtime.settings``). Most are read where
+        they are used; the ones the listeners keep in a prepared form are refreshed here."""
+        if "max_connections" in changes and self.l4 is not None:
+            self.l4.limits_changed()
+        if "trusted_proxies" in changes and self.ingress is not None:
+            # Read once per client connection: new connections see the new list.
+            self.ingress.trusted = TrustedProxies(self.runtime.settings.trusted_proxies)
 
     def listener_errors(self) -> dict[str, str]:
         out = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())} if self.l4 is not None else {}

@@ -9,6 +9,7 @@ Wire protocol on the socketpair (parent <-> worker), one message per frame: 4-by
 length + pickle. Parent -> worker: ``("settings", Settings)`` once, then ``("snapshot",
 Snapshot)`` on every publish, ``("draining",)`` at SIGTERM (responses carry ``Connection:
 close`` from then on while the listeners still accept during ``--shutdown-delay``),
+``("settings-changed", {field: value})`` when live settings change (``--config`` re-read),
 ``("drain", seconds)`` once that delay has passed (close the listeners, finish the open
 connections, exit), ``("reopen",)`` at SIGUSR1 (reopen the access log: each worker has its own
 descriptor of the file), ``("stop",)``. Worker ->
@@ -46,7 +47,7 @@ from prometheus_client import multiprocess
 from .core.runtime import Runtime
 from .core.settings import Settings
 from .dataplane import DataPlane
-from .process import Process, install_uvloop
+from .process import Process, install_uvloop, raise_fd_limit_logged
 
 __all__ = ["run_workers", "enable_pickling"]
 
@@ -110,9 +111,15 @@ async def _worker_main(fd: int) -> int:
             if msg[0] == "snapshot":
                 runtime.publish(_keep_identity(runtime.snapshot, msg[1]))
                 if not told_ready:
-                    await asyncio.sleep(0)
+                    await dataplane.settled()
                     writer.write(_frame(("ready", os.getpid())))
                     told_ready = True
+            elif msg[0] == "settings-changed":
+                for name, value in msg[1].items():
+                    setattr(settings, name, value)
+                if "log_level" in msg[1]:
+                    logging.getLogger().setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
+                dataplane.settings_changed(msg[1])
             elif msg[0] == "draining":
                 runtime.draining = True
             elif msg[0] == "reopen":
@@ -220,6 +227,14 @@ class WorkerPool:
             if w.writer is not None and not w.writer.is_closing():
                 w.writer.write(data)
 
+    def settings_changed(self, changes: dict) -> None:
+        """Live settings changed in the parent (``self.settings`` is the parent's object, so
+        a worker started later gets them with its first message)."""
+        data = _frame(("settings-changed", changes))
+        for w in self.workers:
+            if w.writer is not None and not w.writer.is_closing():
+                w.writer.write(data)
+
     def start_draining(self) -> None:
         """SIGTERM: responses carry ``Connection: close`` from now on; listeners stay open."""
         self.draining = True
@@ -268,6 +283,7 @@ def run_workers(settings: Settings) -> int:
     """``meshproxy run --workers N`` (N > 1)."""
     install_uvloop()
     enable_pickling()
+    raise_fd_limit_logged()
 
     async def main() -> int:
         pool = WorkerPool(settings)
@@ -276,6 +292,7 @@ def run_workers(settings: Settings) -> int:
         proc.on_draining = pool.start_draining
         proc.on_stop = pool.stop
         proc.on_reopen_logs = pool.reopen_logs
+        proc.on_settings = pool.settings_changed
         await pool.start()
         try:
             return await proc.serve()

@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
-# Installs the real programs some tests talk to (curl, dnsmasq, dig, nft, conntrack, ip, tcpdump,
-# nginx, haproxy, wrk) when
-# they are missing and we may install them (root with apt-get). Best effort: a test whose
-# program is still missing skips and says why.
+# Installs the real programs the tests talk to (curl, dnsmasq, dig, promtool, slowhttptest;
+# nft, ip, conntrack and tcpdump for the tests in network namespaces they create; etcd for the
+# real API server tests; nginx, haproxy, wrk for the benchmark) when they are missing and we may
+# install them (root with apt-get). Outside CI this is best effort: a test whose program is
+# still missing skips and says why. In CI (CI set, as .ci/run does) a program that cannot be
+# installed is an error here, and the tests that need it fail (tests/conftest.py: requires).
 set -u
 want=()
-command -v curl >/dev/null 2>&1 || want+=(curl)
-command -v dnsmasq >/dev/null 2>&1 || want+=(dnsmasq-base)
-command -v dig >/dev/null 2>&1 || want+=(dnsutils)
-command -v promtool >/dev/null 2>&1 || want+=(prometheus)   # promtool check metrics
-command -v slowhttptest >/dev/null 2>&1 || want+=(slowhttptest)   # the slow-read attack (tests/test_hostile.py)
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+have curl || want+=(curl)
+have dnsmasq || want+=(dnsmasq-base)
+have dig || want+=(dnsutils)
+have promtool || want+=(prometheus)   # promtool check metrics
+have slowhttptest || want+=(slowhttptest)   # the slow-read attack (tests/test_hostile.py)
 # nftables rules inside network namespaces the tests create (the mesh's capture, --proxy-mode
 # nftables and the namespace cluster of tests/netns.py)
-command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || want+=(nftables)
-command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || want+=(iproute2)
-command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || want+=(conntrack)
-command -v tcpdump >/dev/null 2>&1 || [ -x /usr/bin/tcpdump ] || want+=(tcpdump)
+have nft || want+=(nftables)
+have ip || want+=(iproute2)
+have conntrack || want+=(conntrack)
+have tcpdump || want+=(tcpdump)
+have etcd || want+=(etcd-server)      # tests/test_kube_apiserver.py (scripts/kube-apiserver.sh start)
 if [ "${MESHPROXY_BENCH_DEPS:-0}" = 1 ]; then
-  command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
-  command -v haproxy >/dev/null 2>&1 || want+=(haproxy)
-  command -v wrk >/dev/null 2>&1 || want+=(wrk)
+  have nginx || want+=(nginx-light)
+  have haproxy || want+=(haproxy)
+  have wrk || want+=(wrk)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
+fail=0
+[ -n "${CI:-}" ] && fail=1
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "system-deps: not root or no apt-get; tests needing ${want[*]} will skip" >&2
-  exit 0
+  echo "system-deps: not root or no apt-get; tests needing ${want[*]} will skip (fail in CI)" >&2
+  exit $fail
 fi
 echo "system-deps: installing ${want[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -q "${want[@]}" >/dev/null 2>&1 || {
-  apt-get update -q >/dev/null 2>&1
-  apt-get install -y -q "${want[@]}" >/dev/null 2>&1 || echo "system-deps: apt-get install ${want[*]} failed; those tests will skip" >&2
+# Another engineer's apt may hold the lock: wait for it rather than failing.
+apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+apt_get install -y -q "${want[@]}" >/dev/null 2>&1 || {
+  apt_get update -q >/dev/null 2>&1
+  apt_get install -y -q "${want[@]}" >/dev/null 2>&1 || {
+    echo "system-deps: apt-get install ${want[*]} failed; those tests will skip (fail in CI)" >&2
+    exit $fail
+  }
 }
 exit 0

@@ -57,8 +57,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import pytest
 import yaml
+from conftest import requires, unavailable  # requires: re-exported to the netns tests (__all__)
 
 __all__ = ["Cluster", "Proc", "requires", "requires_netns", "netns_cluster", "SWITCH_V4", "SWITCH_V6"]
 
@@ -70,18 +70,8 @@ POD_GW_V4, POD_GW_V6 = "169.254.1.1", "fe80::1"
 _CLONE_NEWNET = 0x40000000
 
 
-def _fail_or_skip(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: acceptance tests may not skip)")
-    pytest.skip(reason)
-
-
-def requires(program: str) -> str:
-    """The path of ``program``; skips (fails in CI) when it is missing."""
-    path = shutil.which(program)
-    if path is None:
-        _fail_or_skip(f"{program} is not installed (scripts/system-deps.sh installs it as root)")
-    return path
+# The one "needs X" helper (tests/conftest.py): skip with the reason, fail in CI.
+_fail_or_skip = unavailable
 
 
 _probe: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -31,8 +32,10 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 class Meshproxy:
-    def __init__(self, paths: list[str], *args: str, admin_port: int | None = None, env: dict | None = None):
+    def __init__(self, paths: list[str], *args: str, admin_port: int | None = None, env: dict | None = None,
+                 nofile: int | None = None):
         self.admin_port = admin_port or free_port()
+        self.nofile = nofile          # RLIMIT_NOFILE (soft and hard) of the child only
         self.cmd = [sys.executable, "-m", "meshproxy", "run", *sum((["-f", p] for p in paths), []),
                     "--admin-listen", f"127.0.0.1:{self.admin_port}", *args]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -47,7 +50,14 @@ class Meshproxy:
         import tempfile
         self.log = tempfile.NamedTemporaryFile(prefix="meshproxy-test-", suffix=".log", delete=False)
         self.log_path = self.log.name
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        limit = None
+        if self.nofile is not None:
+            n = self.nofile
+
+            def limit():   # runs in the child between fork and exec
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=limit)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -114,17 +124,3 @@ def wait_for(pred, timeout: float = 5.0, interval: float = 0.02, what: str = "co
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def requires(program: str) -> str:
-    """The path of ``program``; skips (saying so) when it is missing, except in CI (``CI`` set by
-    .ci/run), where an acceptance test must not skip: there it fails."""
-    import shutil
-    path = shutil.which(program)
-    if path is None:
-        import pytest
-        msg = f"{program} is not installed (make system-deps installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path

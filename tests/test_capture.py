@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import requires, requires_root
 from proc import ROOT
-from requires import requires, requires_root
 
 from meshproxy import capture
 

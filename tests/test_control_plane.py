@@ -274,3 +274,69 @@ def test_admin_closes_after_connection_close_and_reports_version(tmp_path):
             while chunk := c.recv(4096):      # ends only if the server closes
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200") and b"x-snapshot-version: 1" in data.lower()
+
+
+def test_control_socket_is_removed_on_exit_but_not_after_a_takeover(tmp_path):
+    """The control socket file goes away with the process that made it. After ``--takeover``
+    the new process owns the same path: the old one leaving must not delete it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "svc.yaml").write_text(SVC.format(n=81, port=free_port("127.96.0.81")))
+    env = {"XDG_RUNTIME_DIR": str(run_dir)}
+    # --shutdown-delay: the old process is still running when the new one has made its socket.
+    old = Meshproxy([str(tmp_path / "m")], "--no-health-checks", "--shutdown-delay", "0.5", env=env)
+    path = run_dir / f"meshproxy-127.0.0.1-{old.admin_port}.sock"
+    new = Meshproxy([str(tmp_path / "m")], "--no-health-checks", "--takeover", admin_port=old.admin_port, env=env)
+    try:
+        old.start()
+        wait_for(path.exists, what="control socket")
+        new.start(wait=False)
+        assert old.proc.wait(20) == 0                  # drained and left by itself
+        new.wait_ready(10)
+        assert path.exists(), "the old process removed the new one's socket"
+        with socket.socket(socket.AF_UNIX) as s:       # and it is the new process's, listening
+            s.connect(str(path))
+        assert new.stop(signal.SIGTERM) == 0
+        assert not path.exists(), sorted(os.listdir(run_dir))
+    finally:
+        old.stop()
+        new.stop()
+
+
+def config_problems(metrics: str) -> float:
+    m = re.search(r"^meshproxy_config_problems (\S+)$", metrics, re.M)
+    return float(m.group(1)) if m else -1.0
+
+
+def test_a_refused_reload_is_shown_where_operators_look_until_a_good_one(tmp_path):
+    """Invalid YAML written over the manifest: the last good snapshot stays and /readyz stays
+    200 (as Envoy and ingress-nginx do), and the refusal is a problem in /debug/snapshot and in
+    meshproxy_config_problems, worded as `validate` and `get` word it; a good reload clears it."""
+    port = free_port("127.96.0.79")
+    f = tmp_path / "c.yaml"
+    good = SVC.format(n=79, port=port) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="True")
+    f.write_text(good)
+    with Meshproxy([str(tmp_path)], "--no-health-checks") as mp:
+        v = mp.snapshot()["version"]
+        assert mp.snapshot()["problems"] == [] and config_problems(mp.metrics()) == 0
+        f.write_text(good + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: [\n")
+        wait_for(lambda: reloads(mp.metrics(), "error") >= 1, 3.0, what="reload refused")
+        snap = mp.snapshot()
+        assert snap["version"] == v and endpoints_of(snap) == [("127.0.10.1", True)]
+        (problem,) = snap["problems"]
+        assert problem.startswith(f"config: refused reload: {f}:15: invalid YAML: "), problem
+        assert config_problems(mp.metrics()) == 1
+        assert http_get(mp.admin + "/readyz") == (200, b"ready\n")
+        # The same words from the commands an operator runs on the same file.
+        detail = problem.removeprefix("config: refused reload: ")
+        r = subprocess.run([sys.executable, "-m", "meshproxy", "validate", "-f", str(f)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stdout.splitlines() == [detail], r.stdout + r.stderr
+        r = subprocess.run([sys.executable, "-m", "meshproxy", "get", "services", "-f", str(f)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 1 and r.stderr.splitlines() == [detail], r.stdout + r.stderr
+
+        f.write_text(SVC.format(n=79, port=port) + "---\n" + POD.format(name="a", ip="127.0.10.1", ready="False"))
+        snap = wait_for(lambda: (s := mp.snapshot())["version"] > v and s, 3.0, what="good reload")
+        assert snap["problems"] == [] and config_problems(mp.metrics()) == 0

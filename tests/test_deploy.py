@@ -25,6 +25,7 @@ import tempfile
 
 import pytest
 import yaml
+from conftest import unavailable
 from proc import ROOT
 
 from discovery.sources.kubernetes import RESOURCES
@@ -327,7 +328,7 @@ def test_server_side_dry_run():
     from test_kube_apiserver import ApiServer, _skip_reason
     reason = _skip_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     directory = tempfile.mkdtemp(prefix="meshproxy-kube-deploy-")
     api = ApiServer(directory)
     api.build()

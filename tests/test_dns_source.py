@@ -14,7 +14,6 @@ import dataclasses
 import os
 import pwd
 import grp
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from conftest import requires
 
 from discovery.endpoints import compute_endpoint_sets
 from discovery.manifests import load_text
@@ -601,20 +601,6 @@ def test_one_scheduler_task_for_many_names():
 # -- dnsmasq ---------------------------------------------------------------------------------------
 
 
-def _ensure_tool(binary: str, package: str) -> str | None:
-    """Path of ``binary``; installs the Debian package when missing and running as root."""
-    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
-    if path or os.environ.get("MESHPROXY_TEST_NO_INSTALL") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return path
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "install", "-y", "-qq", package], ["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", package]):
-        subprocess.run(cmd, env=env, capture_output=True, timeout=300)
-        if shutil.which(binary) or os.path.exists(f"/usr/sbin/{binary}"):
-            break
-    return shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
-
-
 def _free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq binds both)."""
     for _ in range(50):
@@ -696,10 +682,7 @@ class Dnsmasq:
 
 @pytest.fixture
 def dnsmasq_bin():
-    path = _ensure_tool("dnsmasq", "dnsmasq")
-    if path is None:
-        pytest.skip("dnsmasq is not installed (Debian package dnsmasq; installed automatically only as root)")
-    return path
+    return requires("dnsmasq")
 
 
 MANIFEST = """

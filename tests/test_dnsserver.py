@@ -6,9 +6,7 @@ malformed packets, and a fuzz target for the query handler."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -24,6 +22,7 @@ import dns.rdatatype
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import requires
 
 from discovery.manifests import load_text
 from discovery.store import ADDED, DELETED, Allocator, EndpointIndex, Event, Store
@@ -214,29 +213,8 @@ def values(msg: dns.message.Message, rdtype: str, section: str = "answer") -> se
     return {rd.to_text() for rrset in getattr(msg, section) if rrset.rdtype == t for rd in rrset}
 
 
-def _ensure_tool(binary: str, package: str) -> str | None:
-    """Path of ``binary``; installs the Debian package when missing and running as root."""
-    path = shutil.which(binary)
-    if path or os.environ.get("MESHPROXY_TEST_NO_INSTALL") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return path
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "install", "-y", "-qq", package], ["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", package]):
-        subprocess.run(cmd, env=env, capture_output=True, timeout=300)
-        if shutil.which(binary):
-            break
-    return shutil.which(binary)
-
-
-_DIG: list[str | None] = []
-
-
 def dig_path() -> str:
-    if not _DIG:
-        _DIG.append(_ensure_tool("dig", "dnsutils"))
-    if _DIG[0] is None:
-        pytest.skip("dig is not installed (Debian package dnsutils; installed automatically only as root)")
-    return _DIG[0]
+    return requires("dig")
 
 
 class DigResult:

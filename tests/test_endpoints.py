@@ -406,3 +406,56 @@ def test_a_burst_of_changes_is_published_once():
         assert len(snaps[1].endpoint_sets[("default", "web")][0].usable) == 39
 
     asyncio.run(main())
+
+
+def test_big_batches_and_small_changes_apply_in_arrival_order_off_the_loop():
+    """A big batch is applied a chunk per loop turn and built in the worker thread; a change
+    that arrives meanwhile — from any source — waits and is applied after it, in order, so a
+    newer version of an object in the batch wins; the published snapshot holds every change and
+    the loop keeps turning throughout."""
+    import asyncio
+
+    from meshproxy.controller import APPLY_CHUNK, Controller
+
+    n = 5 * APPLY_CHUNK          # enough for the build to go to the worker thread too
+    batch = [Event(ADDED, o) for o in objs(SVC + "---\n" + "".join(
+        pod(f"p{j}", f"127.10.{j // 250}.{j % 250 + 1}") for j in range(n)))]
+    newer = [Event(MODIFIED, o) for o in objs(pod("p7", "127.10.0.8", ready="False"))]
+    gone = [Event(DELETED, o) for o in objs(pod("p8", "127.10.0.9"))]
+
+    async def main():
+        snaps = []
+        ctl = Controller(Settings(), snaps.append)
+        turns = 0
+
+        async def ticker():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+        tick = asyncio.get_running_loop().create_task(ticker())
+        done = ctl.apply_events_later(batch, "kubernetes")
+        assert done is not None and ctl.pending
+        ctl.apply_events(newer, "kubernetes")          # queued behind the batch, not before it
+        ctl.pod_readiness_changed("default", "p1")      # queued too
+        assert ctl.store.get("Pod", "default", "p7") is None
+        await done
+        for _ in range(500):                            # the coalesced build starts off the loop
+            if ctl.busy:
+                break
+            await asyncio.sleep(0.002)
+        assert ctl.busy
+        ctl.apply_events(gone, "kubernetes")            # waits for the build
+        assert ctl.store.get("Pod", "default", "p8") is not None
+        for _ in range(500):
+            if not ctl.pending and snaps:
+                break
+            await asyncio.sleep(0.01)
+        tick.cancel()
+        assert not ctl.pending
+        sets = snaps[-1].endpoint_sets[("default", "web")][0]
+        ready = {e.pod for e in sets.endpoints if e.ready}
+        assert len(sets.endpoints) == n - 1 and "p8" not in {e.pod for e in sets.endpoints}
+        assert "p7" not in ready and len(ready) == n - 2
+        assert turns > 3                                 # the loop ran while the batch went in
+    asyncio.run(main())

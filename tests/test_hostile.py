@@ -18,7 +18,8 @@ import time
 import pytest
 
 from backends import Backend, get, ingress_yaml, raw, service_yaml
-from proc import Meshproxy, http_get, requires
+from conftest import requires
+from proc import Meshproxy, http_get
 
 PROBE_BOUND = 1.0     # worst probe latency while an attack runs, seconds
 

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from proc import ROOT, Meshproxy, free_port, http_get, wait_for
-from requires import unavailable
+from conftest import unavailable
 
 from meshproxy.core.identity import SpiffeId, load_svid, make_csr
 

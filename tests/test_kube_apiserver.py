@@ -2,7 +2,8 @@
 
 Runs when the cached binary exists (``scripts/kube-apiserver.sh build``) or when
 ``MESHPROXY_K8S_TESTS=1`` (then this module builds it: ~20 minutes on 2 cores); otherwise it
-skips and says so. Objects are created, changed and deleted through the API (plain HTTPS with
+skips and says so — except in CI, where ``.ci/run`` builds the binary first and a missing one
+fails these tests (``conftest.unavailable``). Objects are created, changed and deleted through the API (plain HTTPS with
 the static token); meshproxy runs as a real process with ``--kubeconfig`` and must follow each
 change within 1 s (endpoints, listeners, routes in /debug/snapshot, and real traffic). The API
 server is killed and restarted while meshproxy runs and while a loop of L4 connections goes
@@ -33,6 +34,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import unavailable
 from proc import ROOT, free_port, http_get, wait_for
 
 SCRIPT = os.path.join(ROOT, "scripts", "kube-apiserver.sh")
@@ -50,7 +52,14 @@ def _skip_reason() -> str | None:
             f"{CACHE}) or set MESHPROXY_K8S_TESTS=1 to build it here")
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _apiserver_binary():
+    reason = _skip_reason()
+    if reason is not None:
+        unavailable(reason)
 
 
 # --------------------------------------------------------------------------------------------

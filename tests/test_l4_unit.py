@@ -1035,6 +1035,35 @@ def test_max_connections_pauses_accepting_until_one_ends():
     run(main())
 
 
+def test_max_connections_counts_all_l4_listeners_together():
+    """The limit bounds the process's L4 connections (descriptors are per process), not each
+    listener's: a second listener waits too, and both resume when a connection ends."""
+    async def main():
+        w = World(max_connections=2)
+        pod = await w.pod("web-0")
+        cip_a, cip_b = rand_ip("127.96"), rand_ip("127.96")
+        port_a, port_b = free_port(cip_a), free_port(cip_b)
+        w.set([service_doc("a", cip_a, port_a), service_doc("b", cip_b, port_b),
+               pod_doc("web-0", pod.ip, pod.port)])
+        await w.start()
+        try:
+            first = [await connect(cip_a, port_a), await connect(cip_b, port_b)]
+            for r, _ in first:
+                await r.readline()
+            waiting = [await connect(cip_a, port_a), await connect(cip_b, port_b)]
+            await asyncio.sleep(0.2)
+            assert w.mgr.active_connections() == 2 and len(w.mgr.full) == 2
+            first[0][1].close()
+            first[1][1].close()
+            for r, _ in waiting:
+                assert await asyncio.wait_for(r.readline(), 2.0) == b"web-0\n"
+            for _, wr in waiting:
+                wr.close()
+        finally:
+            await w.close()
+    run(main())
+
+
 def test_metrics_count_connections_and_active():
     async def main():
         w = World()

@@ -114,8 +114,17 @@ def test_project_modules_are_imported_at_the_top():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="discovery/manifests.py is being split")
 def test_product_modules_stay_small():
     big = [f"{_rel(p)}: {n} lines" for p in _product_files()
            if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not big, "split along the module's seams:\n" + "\n".join(big)
+
+
+def test_cli_imports_no_prometheus_client_before_the_multiprocess_setup():
+    """``run --workers N`` must point prometheus-client at its multiprocess directory before
+    the first import of it; a top-level import in the CLI's reach would break the parent's
+    metrics (its gauges would vanish from /metrics)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", "import sys, meshproxy.cli; print('prometheus_client' in sys.modules)"],
+                       capture_output=True, text=True, timeout=60, cwd=str(pathlib.Path(__file__).resolve().parent.parent))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

@@ -27,7 +27,8 @@ import time
 import pytest
 
 from backends import Backend, get, ingress_yaml, request, service_yaml
-from proc import ROOT, Meshproxy, free_port, requires, wait_for
+from conftest import requires
+from proc import ROOT, Meshproxy, free_port, wait_for
 
 
 @pytest.fixture(scope="module")

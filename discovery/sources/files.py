@@ -7,11 +7,18 @@ force (the proxy keeps serving its last good snapshot).
 
 Change detection uses inotify when the platform has it (through ctypes: no dependency) and
 falls back to polling file stats every ``poll_interval`` seconds.
+
+Reading and parsing run in a worker thread (``load_async``): a 34 MB manifest takes seconds to
+parse, and the event loop that delivers changes also serves the data plane. Loads are
+serialized — one at a time, under ``_loading`` — and the source's state (caches, the last good
+set) is touched only by the load that holds it; the outcome is handed to ``on_outcome`` on the
+loop. ``load`` and ``reload_now`` stay callable directly (start-up checks, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
@@ -36,13 +43,14 @@ class Outcome:
     errors: list[ConfigError]
     skipped: list[str]
     files: int
+    bytes_read: int = 0           # size of the files re-read: how heavy this load was
 
 
 class FileSource:
     name = "files"
 
     def __init__(self, paths: Iterable[str], service_cidr: str | None = None,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, on_load_start: Callable[[], None] | None = None) -> None:
         self.paths = [os.path.abspath(p) for p in paths]
         self.service_cidr = service_cidr
         self.poll_interval = poll_interval
@@ -56,6 +64,11 @@ class FileSource:
         self._task: asyncio.Task | None = None
         self._inotify: _Inotify | None = None
         self._reported_skips: set[str] = set()
+        self._loading: asyncio.Lock | None = None
+        # Called on the loop before each load_async goes to the thread (the process pauses the
+        # garbage collector around big loads: docs/resilience.md, "Big reloads").
+        self.on_load_start = on_load_start
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -89,6 +102,7 @@ class FileSource:
             if prev is not None and changed is None and sk is not None and prev[0] == sk:
                 continue
             reread[f] = (sk or (0, 0, 0), load_file(f, self._doc_cache.setdefault(f, {})))
+        bytes_read = sum(key[1] for key, _ in reread.values())
         gone = [f for f in self._cache if f not in file_set]
         touched = set(reread) | set(gone)
 
@@ -131,7 +145,7 @@ class FileSource:
         if errors:
             # Keep the cache of files that parsed cleanly so the next attempt re-reads less,
             # but never adopt the new objects.
-            return Outcome(False, [], errors, skipped, len(files))
+            return Outcome(False, [], errors, skipped, len(files), bytes_read)
         events = []
         old_keys = set().union(*(self._keys_by_file.get(f, ()) for f in touched))
         for k, obj in new_objs.items():
@@ -156,7 +170,24 @@ class FileSource:
             del self._cache[f]
             self._doc_cache.pop(f, None)
         self._cache.update(reread)
-        return Outcome(True, events, [], skipped, len(files))
+        return Outcome(True, events, [], skipped, len(files), bytes_read)
+
+    async def load_async(self, changed: set[str] | None = None, *, full: bool = False) -> Outcome:
+        """``load`` (or ``reload_now`` with ``full``) in the worker thread, one at a time."""
+        async with self._lock():
+            return await self._in_thread(self.reload_now if full else self.load, changed)
+
+    def _lock(self) -> asyncio.Lock:
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        return self._loading
+
+    async def _in_thread(self, fn, *args):
+        if self.on_load_start is not None:
+            self.on_load_start()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshproxy-parse")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- watching -----------------------------------------------------------------------------
 
@@ -168,7 +199,7 @@ class FileSource:
         else:
             self._task = asyncio.get_running_loop().create_task(self._watch_poll(on_outcome))
 
-    def reload_now(self) -> Outcome:
+    def reload_now(self, _changed: set[str] | None = None) -> Outcome:
         """Full re-read (SIGHUP): stats are not trusted, every file is parsed again."""
         # Every file counts as touched: its old objects are diffed against what it holds now.
         self._cache.clear()
@@ -184,6 +215,8 @@ class FileSource:
                 pass
         if self._inotify is not None:
             self._inotify.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _signature(self) -> dict[str, tuple[int, int, int] | None]:
         return {f: self._stat_key(f) for f in iter_manifest_files(p for p in self.paths if os.path.exists(p))}
@@ -195,8 +228,10 @@ class FileSource:
             new = self._signature()
             if new != sig:
                 sig = new
-                changed = {f for f in new if f not in self._cache or self._cache[f][0] != new[f]}
-                on_outcome(self.load(changed | {f for f in new if new[f] is None}))
+                async with self._lock():   # _cache is the load's while one runs
+                    changed = {f for f in new if f not in self._cache or self._cache[f][0] != new[f]}
+                    outcome = await self._in_thread(self.load, changed | {f for f in new if new[f] is None})
+                on_outcome(outcome)
 
     def _watch_dirs(self) -> set[str]:
         dirs = set()
@@ -234,7 +269,7 @@ class FileSource:
                         ino.add(d)
                 relevant = {c for c in changed if self._relevant(c)}
                 if relevant or dirs_changed:
-                    on_outcome(self.load(None if dirs_changed else relevant))
+                    on_outcome(await self.load_async(None if dirs_changed else relevant))
         finally:
             loop.remove_reader(ino.fd)
 

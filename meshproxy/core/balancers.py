@@ -703,9 +703,3 @@ class Balancers:
             del self._affinity[akey]
         self._affinity_swept = len(self._affinity)
 
-    def describe(self) -> dict:
-        """Live state for /debug: counts only, no client addresses."""
-        return {"active": {f"{ip}:{port}": n for (ip, port), n in sorted(self.active.items())},
-                "failures": {f"{ip}:{port}": n for (ip, port), n in sorted(self.failures.items())},
-                "affinity_pins": len(self._affinity), "cached_tables": len(self._tables)}
-

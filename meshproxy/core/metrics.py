@@ -40,6 +40,12 @@ source_relists = Counter("meshproxy_source_relists_total", "Full relists by sour
 source_up = Gauge("meshproxy_source_up", "1 while a source is connected and synced.", ["source"], registry=REGISTRY,
                   multiprocess_mode="mostrecent")
 
+# -- accepting (every listener kind) ----------------------------------------------------------------
+accept_errors = Counter("meshproxy_accept_errors_total",
+                        "Connections that could not be accepted (a failed accept(), or an accepted L4 connection that "
+                        "could not open its pod socket or pipe), by listener kind (l4 / l7 / admin) and reason (EMFILE, "
+                        "ENFILE, ENOBUFS, ENOMEM: accepting pauses; other).", ["listener", "reason"], registry=REGISTRY)
+
 # -- L4 ------------------------------------------------------------------------------------------
 l4_connections = Counter("meshproxy_l4_connections_total", "Accepted L4 connections.", _SVC, registry=REGISTRY)
 l4_active = Gauge("meshproxy_l4_active_connections", "Open L4 connections.", _SVC, registry=REGISTRY,

@@ -34,7 +34,7 @@ from .nginx_ingress import default_server as nginx_default_server
 from .routes import Action, BackendRef, RouteTable
 from .tls import make_context
 
-from .settings import LB_POLICIES, Settings
+from .settings import LB_POLICIES, Settings, parse_duration
 
 __all__ = ["Backend", "HTTPListener", "L4Listener", "NodeInfo", "Snapshot", "SnapshotBuilder",
            "parse_duration"]
@@ -47,21 +47,6 @@ ANN_TIMEOUT = "meshproxy.dev/timeout"
 ANN_RETRIES = "meshproxy.dev/retries"
 ANN_PER_TRY_TIMEOUT = "meshproxy.dev/per-try-timeout"
 ANN_SSL_REDIRECT = "meshproxy.dev/ssl-redirect"
-
-
-def parse_duration(text: str) -> float:
-    """``30``, ``30s``, ``1.5s``, ``250ms``, ``2m``, ``1h`` -> seconds. Raises ValueError."""
-    t = text.strip().lower()
-    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if t.endswith(suffix):
-            t, factor = t[: -len(suffix)], mult
-            break
-    else:
-        factor = 1.0
-    value = float(t) * factor
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{text!r} is not a duration")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +225,14 @@ class SnapshotBuilder:
         # (Ingress, Finding) pairs, for `meshproxy validate`.
         self.ingress_findings: tuple = ()
         self._l7_cache: tuple[tuple, bool] | None = None
+
+    def forget(self) -> None:
+        """Drop everything kept from earlier builds (settings they were built with changed)."""
+        self._backend_cache.clear()
+        self._service_cache.clear()
+        self._routes_cache = None
+        self._alloc_cache = None
+        self._last = None
 
     # -- pieces -------------------------------------------------------------------------------
 
