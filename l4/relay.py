@@ -82,6 +82,11 @@ class Side(asyncio.Protocol):
         """TLS on this side; returns once the handshake is complete. Raises RelayError."""
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=None)
+        # Bytes that arrived before TLS was set up are the start of the handshake (uvloop may
+        # deliver a read before a pause_reading made in connection_made takes effect).
+        for data in self.pending:
+            self.incoming.write(data)
+        self.pending = []
         self.handshake_waiter = self.loop.create_future()
         self._step_handshake()
         self._resume()

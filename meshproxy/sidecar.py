@@ -248,8 +248,14 @@ class Sidecar:
         except (OSError, ValueError) as exc:
             log.error("sidecar: TLS refused the new SVID %s (%s); keeping the previous one", svid.spiffe_id, exc)
             return
-        # New connections present the new SVID; open and pooled ones keep theirs.
+        # New connections present the new SVID. Requests in flight finish on the connections
+        # they have; idle pooled connections made with an older SVID are closed, so the next
+        # requests handshake with the new one (pool keys carry the SVID version).
         self._security.clear()
+        pool = self.outbound.pool
+        if pool is not None:
+            version = tls.version
+            pool.drop_idle(lambda key: not isinstance(key[1], tuple) or key[1][1] == version)
         log.info("sidecar: identity %s serial %s in force for new connections", svid.spiffe_id, svid.serial)
 
     async def stop_accepting(self) -> None:
@@ -465,7 +471,8 @@ class Sidecar:
         sec = None
         if mesh is not None and mesh.mtls_to(pod, addr[1]):
             ctx = self.contexts
-            sec = UpstreamSecurity(pod.identity.uri, ctx.client_http if ctx is not None else None, "",
+            sec = UpstreamSecurity((pod.identity.uri, ctx.version if ctx is not None else 0),
+                                   ctx.client_http if ctx is not None else None, "",
                                    functools.partial(self._check_peer, pod.identity))
         if len(self._security) > 65536:
             self._security.clear()
@@ -507,10 +514,10 @@ class Sidecar:
         if mode == DISABLE:
             first = b""
         else:
-            # STRICT has nothing to wait for but a ClientHello; PERMISSIVE waits a little, then
-            # takes silence for a plaintext client of a server-first protocol.
-            wait = self.settings.header_timeout if mode == STRICT else self.settings.mesh_detect_timeout
-            first = await self._peek(sock, 8, wait)
+            # A peer sidecar sends its ClientHello as soon as it is connected; a caller silent
+            # for the detection window is a plaintext client of a server-first protocol:
+            # refused under STRICT, served in plain text under PERMISSIVE.
+            first = await self._peek(sock, 8, self.settings.mesh_detect_timeout)
             if first is None:
                 sock.close()
                 return
