@@ -264,7 +264,7 @@ def _tls_records(data: bytes) -> list[int]:
 def _streams(payloads, port: int) -> dict[tuple, bytes]:
     """Client-to-server bytes per connection to ``port``."""
     out: dict[tuple, bytes] = {}
-    for src, sport, dst, dport, data in payloads:
+    for src, sport, _dst, dport, data in payloads:
         if dport == port:
             out[(src, sport)] = out.get((src, sport), b"") + data
     return out

@@ -115,7 +115,7 @@ class MeshState:
     def to_json(self) -> dict:
         return {"pod": f"{self.me.namespace}/{self.me.name}", "identity": str(self.me.identity or ""),
                 "httpPorts": sorted(self.http_ports), "policy": self.policy.to_json(),
-                "meshedPods": sorted(f"{p.namespace}/{p.name}" for p in set(self.pods_by_ip.values()) if p.meshed)}
+                "meshedPods": sorted({f"{p.namespace}/{p.name}" for p in self.pods_by_ip.values() if p.meshed})}
 
 
 def _mesh_pod(pod: o.Pod, trust_domain: str) -> MeshPod:
