@@ -117,6 +117,7 @@ def test_meshed_destinations_and_their_identities(snap):
     assert not mesh.mtls_to(old, 8080)                 # plaintext to pods without a sidecar
     assert not mesh.mtls_to(quiet, 8080)               # its namespace says DISABLE: plaintext
     assert not mesh.mtls_to(None, 8080)
+    assert not mesh.mtls_to(mesh.pods_by_ip["10.1.0.1"], 8080)   # ourselves: no peer sidecar
 
 
 def test_own_pod_policy_and_http_ports(snap):

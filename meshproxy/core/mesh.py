@@ -103,7 +103,14 @@ class MeshState:
 
     def mtls_to(self, pod: MeshPod | None, port: int) -> bool:
         """Does a connection to ``pod``:``port`` use mutual TLS?"""
-        return pod is not None and pod.meshed and self.destination_mode(pod, port) != DISABLE
+        if pod is None or not pod.meshed:
+            return False
+        if pod.namespace == self.me.namespace and pod.name == self.me.name:
+            # The pod itself (a Service it backs picked it): the connection never leaves the
+            # pod and capture does not send it to our inbound port, so there is no peer
+            # sidecar to speak TLS with.
+            return False
+        return self.destination_mode(pod, port) != DISABLE
 
     def in_service_range(self, ip: str) -> bool:
         try:
