@@ -242,7 +242,7 @@ class Sidecar:
     def _on_identity(self, tls: MeshTls) -> None:
         svid = tls.svid
         try:
-            self.contexts = MeshContexts(svid.spiffe_id, server_context(svid, (ALPN_HTTP,)),
+            self.contexts = MeshContexts(svid.spiffe_id, server_context(svid, (ALPN_HTTP, ALPN_TCP)),
                                          server_context(svid, (ALPN_TCP,)), client_context(svid, (ALPN_HTTP,)),
                                          client_context(svid, (ALPN_TCP,)), tls.version)
         except (OSError, ValueError) as exc:
@@ -535,9 +535,12 @@ class Sidecar:
             if offers is None:
                 _reset(sock)
                 return
-            if ALPN_TCP in offers:
-                http = False
-            elif ALPN_HTTP in offers:
+            # The peer sidecar parsed HTTP (ALPN http/1.1), or relays the application's bytes
+            # as they are (ALPN_TCP: a pod addressed directly, a port it takes as opaque). A
+            # port this pod's Services declare HTTP is served per request either way: its
+            # bytes are HTTP, and so its requests get their authorization and their
+            # x-forwarded-client-cert whatever path they came by.
+            if ALPN_HTTP in offers:
                 http = True
             if ctx is None:
                 log.warning("sidecar: mutual TLS from %s refused: no workload identity yet", peer_ip)

@@ -328,6 +328,18 @@ def test_unmodified_curl_reaches_the_server_through_both_sidecars_over_mutual_tl
         assert plain not in wire
 
 
+def test_a_meshed_client_calling_the_pod_address_gets_mutual_tls_and_its_identity_through(mesh):
+    # Not through the Service: the client's sidecar relays the bytes (one connection, mTLS);
+    # the server's sidecar serves its HTTP port per request all the same.
+    with pcap(mesh.cluster, "shop/server", "tcp port 8080") as seen:
+        code, body = mesh.curl("client", f"http://{SERVER_IP}:8080/direct")
+    assert code == 200 and body["path"] == "/direct"
+    assert body["headers"]["x-forwarded-client-cert"] == _xfcc(mesh, "client")
+    streams = _streams(seen, 8080)
+    assert streams and all(_tls_records(d)[0] == 22 for d in streams.values())
+    assert b"GET /direct" not in b"".join(p[4] for p in seen)
+
+
 def test_opaque_tcp_port_is_relayed_inside_mutual_tls(mesh):
     with pcap(mesh.cluster, "shop/server", "tcp port 9000") as seen:
         s = mesh.cluster.connect("shop/client", (SVC, 9000))
