@@ -62,6 +62,7 @@ from .core.mesh import (
     TCP,
     client_hello_alpn,
     classify,
+    looks_like_http,
 )
 from .core.policy import DISABLE, STRICT, Peer
 from .core.runtime import Runtime
@@ -529,6 +530,10 @@ class Sidecar:
             return
         metrics.mesh_peer_auth.labels(mode, "mtls" if tls else "plaintext", "accepted").inc()
         http = port in mesh.http_ports
+        if not http and not tls and port not in mesh.service_ports and looks_like_http(first):
+            # A port no Service describes, and the client has spoken HTTP already: per request
+            # (x-forwarded-client-cert is removed from what a plaintext caller sent).
+            http = True
         ctx = self.contexts
         if tls:
             offers = await self._client_hello(sock, first, self.settings.header_timeout)

@@ -14,7 +14,7 @@ from mesh_pki import Pki
 from l7.upstream import UpstreamPool, UpstreamSecurity
 from meshproxy.cli import build_parser, settings_from_args
 from meshproxy.core.identity import IdentityError, SpiffeId, client_context, peer_identity, server_context
-from meshproxy.core.mesh import HTTP, LOOP, PASSTHROUGH, POD, REJECT, TCP, classify
+from meshproxy.core.mesh import HTTP, LOOP, PASSTHROUGH, POD, REJECT, TCP, classify, looks_like_http
 from meshproxy.core.policy import DISABLE, PERMISSIVE, STRICT
 from meshproxy.core.settings import Settings
 
@@ -125,6 +125,7 @@ def test_own_pod_policy_and_http_ports(snap):
     assert (mesh.me.namespace, mesh.me.name, mesh.me.service_account) == ("shop", "me", "web")
     # Only the port a Service declares HTTP is parsed per request; 5432 stays opaque.
     assert mesh.http_ports == frozenset({8080})
+    assert mesh.service_ports == frozenset({8080, 5432})
     assert mesh.policy.mtls_mode(8080) == STRICT
     assert mesh.policy.mtls_mode(5432) == PERMISSIVE
     assert snap.to_json()["mesh"]["identity"] == "spiffe://cluster.local/ns/shop/sa/web"
@@ -137,6 +138,13 @@ def test_a_pod_not_in_the_configuration_is_known_from_the_downward_api():
                                                                  "spiffe://cluster.local/ns/shop/sa/web")
     assert snap.mesh.policy.mode == PERMISSIVE       # no labels: no workload policy selects it
     assert snap.mesh.destination_mode(snap.mesh.pods_by_ip["10.1.0.4"], 8080) == DISABLE
+
+
+@pytest.mark.parametrize("first,http", [(b"GET / HT", True), (b"OPTIONS ", True), (b"POST /x", True),
+                                        (b"\x16\x03\x01", False), (b"SSH-2.0-", False), (b"get / ", False),
+                                        (b"GET/", False), (b"", False)])
+def test_http_is_recognised_only_by_a_request_line(first, http):
+    assert looks_like_http(first) is http
 
 
 def test_no_mesh_view_without_sidecar():

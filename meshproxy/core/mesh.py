@@ -30,7 +30,7 @@ from .policy import DISABLE, WorkloadPolicy, compile_workload_policy, peer_authe
 
 __all__ = [
     "ALPN_HTTP", "ALPN_TCP", "MeshPod", "MeshState", "Destination", "build_mesh_state", "classify",
-    "client_hello_alpn", "INCOMPLETE", "HTTP", "TCP", "POD", "PASSTHROUGH", "REJECT", "LOOP",
+    "client_hello_alpn", "looks_like_http", "INCOMPLETE", "HTTP", "TCP", "POD", "PASSTHROUGH", "REJECT", "LOOP",
 ]
 
 # ALPN between sidecars: what the client sidecar will send inside the mutual TLS connection.
@@ -83,6 +83,7 @@ class MeshState:
     me: MeshPod                                # this sidecar's pod (from the store, or the downward API alone)
     policy: WorkloadPolicy                     # this pod's PeerAuthentication mode and AuthorizationPolicies
     http_ports: frozenset[int]                 # own container ports that Services declare HTTP
+    service_ports: frozenset[int] = frozenset()   # own container ports any Service sends to
     peer_authentications: tuple[o.PeerAuthentication, ...]
     service_nets: tuple = ()                   # --service-cidr
     _modes: dict = field(default_factory=dict, compare=False, repr=False)
@@ -168,6 +169,7 @@ def build_mesh_state(pods: Iterable[o.Pod], policies: Iterable[object], services
     if settings.pod_ip:
         own_ips.add(settings.pod_ip)
     http_ports = set()
+    service_ports = set()
     # HTTP/2 ports only once the L7 server speaks it (as for the Service ports it serves).
     l7_protocols = L7_APP_PROTOCOLS if getattr(settings, "http2", False) else L7_APP_PROTOCOLS - H2_APP_PROTOCOLS
     for backend in backends.values():
@@ -175,11 +177,13 @@ def build_mesh_state(pods: Iterable[o.Pod], policies: Iterable[object], services
         if svc is None:
             continue
         sp = next((p for p in svc.ports if (p.name or str(p.port)) == backend.key[2]), None)
-        if sp is None or sp.app_protocol not in l7_protocols:
+        if sp is None:
             continue
         for ep in backend.endpoints:
             if ep.ip in own_ips:
-                http_ports.add(ep.port)
+                service_ports.add(ep.port)
+                if sp.app_protocol in l7_protocols:
+                    http_ports.add(ep.port)
     nets = []
     for cidr in (settings.service_cidr or "").split(","):
         try:
@@ -187,7 +191,8 @@ def build_mesh_state(pods: Iterable[o.Pod], policies: Iterable[object], services
         except ValueError:
             pass
     return MeshState(td, settings.mesh_root_namespace, MappingProxyType(by_ip), me, wp, frozenset(http_ports),
-                     tuple(p for p in policies if isinstance(p, o.PeerAuthentication)), tuple(nets))
+                     frozenset(service_ports), tuple(p for p in policies if isinstance(p, o.PeerAuthentication)),
+                     tuple(nets))
 
 
 def classify(snap, ip: str, port: int, own: Iterable[tuple[str, int]] = ()) -> Destination:
@@ -209,6 +214,16 @@ def classify(snap, ip: str, port: int, own: Iterable[tuple[str, int]] = ()) -> D
     if mesh.in_service_range(ip):
         return _REJECT
     return _PASS
+
+
+_HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ")
+
+
+def looks_like_http(first: bytes) -> bool:
+    """Whether a connection's first bytes start an HTTP/1 request line. Used only for a port
+    no Service describes (its protocol is unknown) and only on bytes the client already sent:
+    nothing waits for it."""
+    return first.startswith(_HTTP_METHODS)
 
 
 # --------------------------------------------------------------------------------------------
