@@ -83,7 +83,7 @@ class MeshState:
     me: MeshPod                                # this sidecar's pod (from the store, or the downward API alone)
     policy: WorkloadPolicy                     # this pod's PeerAuthentication mode and AuthorizationPolicies
     http_ports: frozenset[int]                 # own container ports that Services declare HTTP
-    service_ports: frozenset[int] = frozenset()   # own container ports any Service sends to
+    service_ports: frozenset[int]              # own container ports any Service sends to
     peer_authentications: tuple[o.PeerAuthentication, ...]
     service_nets: tuple = ()                   # --service-cidr
     _modes: dict = field(default_factory=dict, compare=False, repr=False)
