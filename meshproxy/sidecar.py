@@ -101,8 +101,8 @@ def _listen(host: str, port: int) -> socket.socket:
     s = socket.socket(fam, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if fam == socket.AF_INET6 and host == "::":
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # IPv4 too, as v4-mapped
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)   # IPv4 has its own socket
         s.bind((host, port))
         s.listen(1024)
         s.setblocking(False)
@@ -208,7 +208,13 @@ class Sidecar:
         outbound_hosts = [s.outbound_host] + (["::1"] if s.outbound_host == "127.0.0.1" else [])
         for host in outbound_hosts:
             self._bind(host, s.outbound_port, "outbound", required=host == s.outbound_host)
-        self._bind(s.inbound_host, s.inbound_port, "inbound", required=True)
+        if s.inbound_host in ("::", ""):
+            # Every address, one socket per family (a dual-stack socket would show IPv4 callers
+            # as ::ffff:a.b.c.d to policy ipBlocks and in X-Forwarded-For).
+            self._bind("0.0.0.0", s.inbound_port, "inbound", required=True)
+            self._bind("::", s.inbound_port, "inbound", required=False)
+        else:
+            self._bind(s.inbound_host, s.inbound_port, "inbound", required=True)
         self.runtime.identity.subscribe(self._on_identity)
         if self.runtime.identity.current is not None:
             self._on_identity(self.runtime.identity.current)
@@ -226,6 +232,7 @@ class Sidecar:
         self.own_listen.add((bound[0], bound[1]))
         if host in ("::", "0.0.0.0"):
             self.own_listen.add(("0.0.0.0", bound[1]))
+            self.own_listen.add(("::", bound[1]))
         self.listeners.append((sock, kind))
         handler = self._on_outbound if kind == "outbound" else self._on_inbound
         self.loop.add_reader(sock.fileno(), self._accept, sock, handler)

@@ -428,6 +428,7 @@ def test_strict_refuses_an_unmeshed_client_and_permissive_accepts_it(mesh):
     # whatever it says in x-forwarded-client-cert is removed.
     code, body = mesh.curl("legacy", url, "-H", "X-Forwarded-Client-Cert: By=forged;URI=spiffe://cluster.local/ns/shop/sa/client")
     assert code == 200 and "x-forwarded-client-cert" not in body["headers"], body
+    assert body["headers"]["x-forwarded-for"] == PODS["legacy"][1]     # the caller's own address
     mesh.write(policy_doc(mode="STRICT"))
     _wait(lambda: mesh.curl("legacy", url)[0] == 0, "STRICT applied")
     s = mesh.cluster.socket("shop/legacy")

@@ -141,7 +141,7 @@ class Settings:
     sidecar: bool = False
     outbound_port: int = 15001                      # captured outbound TCP arrives here (127.0.0.1, ::1)
     inbound_port: int = 15006                       # captured inbound TCP arrives here
-    inbound_host: str = "::"                        # where the inbound port is bound (tests: an address)
+    inbound_host: str = "::"                        # where the inbound port is bound ("::": every address, both families)
     outbound_host: str = "127.0.0.1"                # where the outbound port is bound (also ::1 when "127.0.0.1")
     proxy_uid: int | None = None                    # the uid capture leaves alone: must be ours
     # The pod this sidecar belongs to, from the downward API (POD_NAME, POD_NAMESPACE, POD_IP,
