@@ -384,8 +384,10 @@ class Sidecar:
             return
         pod = d.pod if kind == POD else None
         tls = mesh is not None and mesh.mtls_to(pod, dst[1])
-        await self._relay_out(sock, dst, pod if tls else None, None)
-        if kind == PASSTHROUGH:
+        if await self._relay_out(sock, dst, pod if tls else None, None) is False:
+            self._count("outbound", "tcp", "mtls" if tls else "plaintext", "no_endpoint")
+            _reset(sock)          # the destination refused: so does the connection it came for
+        elif kind == PASSTHROUGH:
             log.debug("sidecar: %s:%d passed through", *dst)
 
     async def _outbound_tcp(self, sock: socket.socket, peer, backend, mesh) -> None:
@@ -404,8 +406,11 @@ class Sidecar:
             except BaseException:
                 balancers.release(ep)
                 raise
-            if ok is not False:
+            if ok is None:                 # the client left while we connected
+                balancers.release(ep)
                 return
+            if ok:
+                return                     # linked: released when the relay ends
             balancers.release(ep)
             balancers.report_failure(ep, backend)
             tried = tried | {ep.addr}

@@ -378,6 +378,33 @@ def test_http_is_balanced_per_request_over_a_pooled_connection(mesh):
     assert len(_streams(seen, 8080)) <= 1
 
 
+def test_other_destinations_pass_through_and_unused_service_addresses_are_refused(mesh):
+    # Outside the cluster (the fixture's outside client namespace): passed through as it is.
+    outside = mesh.cluster.start("client", sys.executable, os.path.join(ROOT, "tests", "mesh_app.py"), "outside",
+                                 "--addr", "10.77.0.100", "--http", "8000", "--tcp", "8001")
+    try:
+        deadline = time.monotonic() + 10
+        while "ready" not in outside.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code, body = mesh.curl("client", "http://10.77.0.100:8000/out", "-H", "X-Forwarded-Client-Cert: kept")
+        assert code == 200 and body["name"] == "outside"
+        # Untouched: no mesh headers were added or removed on the way out.
+        assert body["headers"]["x-forwarded-client-cert"] == "kept" and "x-request-id" not in body["headers"]
+        assert body["peer"] == PODS["client"][1]
+    finally:
+        mesh.cluster.stop(outside)
+    # An address of the service range that no Service has: refused at once, as kube-proxy does.
+    s = mesh.cluster.connect("shop/client", ("10.96.0.99", 80))
+    try:
+        try:
+            got = s.recv(100)
+        except ConnectionResetError:
+            got = b""
+    finally:
+        s.close()
+    assert got == b""
+
+
 def _wait(check, what: str, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     last = None
