@@ -56,16 +56,29 @@ class MeshPeer:
 
 
 class MeshListener:
-    """The listener side of one captured connection (``ClientConnection`` counts and reads it)."""
+    """The listener side of one captured connection (``ClientConnection`` counts and reads it).
+    ``http``: the HTTPListener whose routes serve the next request - looked up again for every
+    request with ``lookup`` when given, so a keep-alive connection follows route changes (the
+    last one found stays when the address has none any more)."""
 
-    __slots__ = ("tls", "http", "port", "port_b", "local_host")
+    __slots__ = ("tls", "_http", "lookup", "port", "port_b", "local_host")
 
-    def __init__(self, http, host: str, port: int, tls: bool) -> None:
+    def __init__(self, http, host: str, port: int, tls: bool, lookup: Callable[[], Any] | None = None) -> None:
         self.tls = tls
-        self.http = http              # the HTTPListener whose routes serve the connection
+        self._http = http
+        self.lookup = lookup
         self.port = port
         self.port_b = b"%d" % port
         self.local_host = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
+    @property
+    def http(self):
+        lookup = self.lookup
+        if lookup is not None:
+            current = lookup()
+            if current is not None:
+                self._http = current
+        return self._http
 
     def opened(self) -> None:
         pass

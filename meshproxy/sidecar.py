@@ -375,7 +375,10 @@ class Sidecar:
             return
         if kind == HTTP:
             self._count("outbound", "http", "-", "accepted")
-            await self.outbound.serve(sock, MeshListener(d.listener, dst[0], dst[1], False))
+            runtime = self.runtime
+            await self.outbound.serve(sock, MeshListener(
+                d.listener, dst[0], dst[1], False,
+                lambda: runtime.snapshot.http_listeners.get(dst) if runtime.snapshot is not None else None))
             return
         mesh = snap.mesh
         if kind == TCP:

@@ -378,8 +378,48 @@ def test_http_is_balanced_per_request_over_a_pooled_connection(mesh):
     assert len(_streams(seen, 8080)) <= 1
 
 
+ROUTE = """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server-v2, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules:
+  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-route, value: v2}]}}]
+    backendRefs: [{name: server, port: 80}]
+"""
+
+
+def test_a_route_attached_to_the_service_applies_to_the_next_request_of_an_open_connection(mesh):
+    import http.client
+    conn = http.client.HTTPConnection(SVC, 80, timeout=10)
+    conn.sock = mesh.cluster.connect("shop/client", (SVC, 80))
+    try:
+        def get() -> dict:
+            conn.request("GET", "/keep")
+            r = conn.getresponse()
+            assert r.status == 200
+            return json.loads(r.read())
+        assert "x-route" not in get()["headers"]
+        mesh.write(ROUTE)
+        deadline = time.monotonic() + 15
+        seen = None
+        while time.monotonic() < deadline:
+            seen = get()["headers"]           # the same keep-alive connection every time
+            if seen.get("x-route") == "v2":
+                break
+            time.sleep(0.2)
+        assert seen.get("x-route") == "v2", seen
+        assert seen["x-forwarded-client-cert"] == _xfcc(mesh, "client")
+    finally:
+        conn.close()
+        mesh.write()
+
+
 def test_other_destinations_pass_through_and_unused_service_addresses_are_refused(mesh):
-    # Outside the cluster (the fixture's outside client namespace): passed through as it is.
+    # Outside the cluster (the fixture's outside client namespace, which needs a way back to
+    # node-a's pods): passed through as it is.
+    mesh.cluster.route("client", f"{PODS['client'][1]}/32", "10.77.0.11")
     outside = mesh.cluster.start("client", sys.executable, os.path.join(ROOT, "tests", "mesh_app.py"), "outside",
                                  "--addr", "10.77.0.100", "--http", "8000", "--tcp", "8001")
     try:
