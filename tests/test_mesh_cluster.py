@@ -458,34 +458,36 @@ def _wait(check, what: str, timeout: float = 15.0):
 
 def test_authorization_policy_allows_one_identity_and_denies_another(mesh):
     mesh.write(policy_doc(allow="client"))
-    _wait(lambda: mesh.curl("other", f"http://{SVC}/")[0] == 403, "policy applied")
-    code, body = mesh.curl("other", f"http://{SVC}/")
-    assert code == 403 and "RBAC: access denied" in body
-    code, body = mesh.curl("client", f"http://{SVC}/")
-    assert code == 200 and body["headers"]["x-forwarded-client-cert"].endswith("/sa/client")
-    # TCP: the denied caller's connection is closed before the application sees a byte.
-    s = mesh.cluster.connect("shop/other", (SVC, 9000))
     try:
+        _wait(lambda: mesh.curl("other", f"http://{SVC}/")[0] == 403, "policy applied")
+        code, body = mesh.curl("other", f"http://{SVC}/")
+        assert code == 403 and "RBAC: access denied" in body
+        code, body = mesh.curl("client", f"http://{SVC}/")
+        assert code == 200 and body["headers"]["x-forwarded-client-cert"].endswith("/sa/client")
+        # TCP: the denied caller's connection is closed before the application sees a byte.
+        s = mesh.cluster.connect("shop/other", (SVC, 9000))
         try:
-            got = s.recv(100)
-        except ConnectionResetError:
-            got = b""
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:
+                got = b""
+        finally:
+            s.close()
+        assert got == b""
+        s = mesh.cluster.connect("shop/client", (SVC, 9000))
+        try:
+            assert s.recv(100).startswith(b"server ")
+        finally:
+            s.close()
+        text = mesh.metrics("server")
+        # "not_allowed": no ALLOW policy matched (so no policy decided it).
+        assert (f'meshproxy_mesh_authz_decisions_total{{client_id="spiffe://{TD}/ns/shop/sa/other",decision="deny",'
+                f'policy="",protocol="http",reason="not_allowed"}}') in text
+        assert (f'meshproxy_mesh_authz_decisions_total{{client_id="spiffe://{TD}/ns/shop/sa/client",decision="allow",'
+                f'policy="shop/server-callers",protocol="http",reason="allow_policy"}}') in text
+        assert f'client_id="spiffe://{TD}/ns/shop/sa/other",decision="deny",policy="",protocol="tcp"' in text
     finally:
-        s.close()
-    assert got == b""
-    s = mesh.cluster.connect("shop/client", (SVC, 9000))
-    try:
-        assert s.recv(100).startswith(b"server ")
-    finally:
-        s.close()
-    text = mesh.metrics("server")
-    # "not_allowed": no ALLOW policy matched (so no policy decided it).
-    assert (f'meshproxy_mesh_authz_decisions_total{{client_id="spiffe://{TD}/ns/shop/sa/other",decision="deny",'
-            f'policy="",protocol="http",reason="not_allowed"}}') in text
-    assert (f'meshproxy_mesh_authz_decisions_total{{client_id="spiffe://{TD}/ns/shop/sa/client",decision="allow",'
-            f'policy="shop/server-callers",protocol="http",reason="allow_policy"}}') in text
-    assert f'client_id="spiffe://{TD}/ns/shop/sa/other",decision="deny",policy="",protocol="tcp"' in text
-    mesh.write()
+        mesh.write()
     _wait(lambda: mesh.curl("other", f"http://{SVC}/")[0] == 200, "policy removed")
 
 
@@ -497,24 +499,26 @@ def test_strict_refuses_an_unmeshed_client_and_permissive_accepts_it(mesh):
     assert code == 200 and "x-forwarded-client-cert" not in body["headers"], body
     assert body["headers"]["x-forwarded-for"] == PODS["legacy"][1]     # the caller's own address
     mesh.write(policy_doc(mode="STRICT"))
-    _wait(lambda: mesh.curl("legacy", url)[0] == 0, "STRICT applied")
-    s = mesh.cluster.socket("shop/legacy")
-    s.settimeout(5)
     try:
-        s.connect((SERVER_IP, 9000))
+        _wait(lambda: mesh.curl("legacy", url)[0] == 0, "STRICT applied")
+        s = mesh.cluster.socket("shop/legacy")
+        s.settimeout(5)
         try:
-            got = s.recv(100)
-        except ConnectionResetError:
-            got = b""
+            s.connect((SERVER_IP, 9000))
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:
+                got = b""
+        finally:
+            s.close()
+        assert got == b""
+        # Meshed callers still get through.
+        assert mesh.curl("client", f"http://{SVC}/")[0] == 200
+        assert 'meshproxy_mesh_peer_authentication_total{mode="STRICT",result="refused",tls="plaintext"}' in mesh.metrics("server")
+        mesh.write(policy_doc(mode="PERMISSIVE"))
+        _wait(lambda: mesh.curl("legacy", url)[0] == 200, "PERMISSIVE applied")
     finally:
-        s.close()
-    assert got == b""
-    # Meshed callers still get through.
-    assert mesh.curl("client", f"http://{SVC}/")[0] == 200
-    assert 'meshproxy_mesh_peer_authentication_total{mode="STRICT",result="refused",tls="plaintext"}' in mesh.metrics("server")
-    mesh.write(policy_doc(mode="PERMISSIVE"))
-    _wait(lambda: mesh.curl("legacy", url)[0] == 200, "PERMISSIVE applied")
-    mesh.write()
+        mesh.write()
 
 
 def test_sixty_second_svids_rotate_under_load_without_a_failed_request(mesh):
