@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import logging
 import os
 import re
