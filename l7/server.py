@@ -237,6 +237,9 @@ class IngressServer:
         self.retry_budget_overflows = 0
         self.interim_floods = 0
         self.no_route_stats = RouteStats("", "", "")
+        # The "ingress" label of the request metrics; None: the route's source object. The
+        # mesh sidecar's servers say their direction there (l7.mesh).
+        self.stats_label: str | None = None
         self._stats: dict[tuple[str, str, str, str], RouteStats] = {}
         self._stats_by_route: dict[int, RouteStats] = {}
         self._stats_snap = None
@@ -494,7 +497,7 @@ class IngressServer:
             service = ""
             if ref is not None and ref.key is not None:
                 ns, service = ref.key[0], ref.key[1]
-            key = (ns, source, service, route.name)
+            key = (ns, self.stats_label or source, service, route.name)
             s = self._stats.get(key)
             if s is None:
                 s = self._stats[key] = RouteStats(*key)

@@ -23,11 +23,17 @@ Invariants:
   after ``settings.upstream_idle_timeout``, and ``apply(snapshot)`` closes idle connections to
   endpoints that are no longer usable; active ones to such endpoints finish their request and
   are then closed instead of pooled.
-* A pod address listed in ``snapshot.upstream_tls`` (its Service port speaks HTTPS: an
-  Ingress said so with ingress-nginx's backend-protocol) is reached over TLS 1.2+, without
-  verifying the pod's certificate and without SNI - nginx's proxy_ssl defaults, which
-  ingress-nginx keeps unless told otherwise. Idle connections are pooled per address, so a
-  pooled connection always speaks what its address speaks.
+* Security (``UpstreamPool.security``, None: every pod is plain text): a callable that says, per
+  pod address, how a new connection is secured (``UpstreamSecurity``: an SSL context, the server
+  name, a check of the peer after the handshake - the mesh's expected SPIFFE ID) or None for
+  plain text. Idle connections are pooled by address *and* the security's ``key`` (plain-text
+  connections by the bare address), so a request never rides a connection made for another
+  peer identity or in the clear; a failed handshake or peer check is a connect failure.
+  Ingress-nginx's HTTPS pods (``snapshot.upstream_tls``: an Ingress said with backend-protocol
+  that the Service port speaks HTTPS) are one such security, applied when the callable says
+  nothing: TLS 1.2+, the pod's certificate not verified and no SNI - nginx's proxy_ssl
+  defaults, which ingress-nginx keeps unless told otherwise. An address whose security
+  changes closes what it pooled before.
 * Connection counts per (namespace, service) and state live in plain ints and are exported
   to the ``meshproxy_upstream_connections`` gauge by ``export_metrics`` (called once a second):
   the hot path does integer arithmetic, not metric calls.
@@ -38,12 +44,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 from meshproxy.core import metrics
 
 from .http1 import LAST_CHUNK, PAUSED, EndOfMessage, HTTPError, ResponseHead, ResponseParser, serialize_trailers
 
-__all__ = ["HTTP1", "UpstreamConnection", "UpstreamPool", "request_head_bytes"]
+__all__ = ["HTTP1", "UpstreamConnection", "UpstreamPool", "UpstreamSecurity", "request_head_bytes"]
 
 log = logging.getLogger("meshproxy.l7")
 
@@ -86,10 +94,25 @@ _MEMO_MAX = 1024
 _READ_MAX = 256 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamSecurity:
+    """How new connections to one pod address are secured (``UpstreamPool.security``).
+
+    ``key``: what pooled connections are told apart by (e.g. the peer identity a mesh expects);
+    two addresses' connections never mix anyway. ``context``: the TLS client context for the
+    *next* connection (None: no context can be had, e.g. no workload identity yet: the connect
+    fails). ``server_name``: SNI ("" sends none). ``check(ssl_object)``: called after the
+    handshake; raising ``ValueError`` / ``OSError`` refuses the peer (a connect failure)."""
+    key: Hashable
+    context: ssl.SSLContext | None
+    server_name: str = ""
+    check: Callable[[Any], None] | None = None
+
+
 class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = ("pool", "addr", "labels", "counts", "transport", "parser", "exchange", "state",
                  "idle_since", "reused", "received", "reading_paused", "requests", "pending",
-                 "chunked", "got_head", "tunnel", "kind", "read_size", "memo_in", "memo_out")
+                 "chunked", "got_head", "tunnel", "kind", "read_size", "memo_in", "memo_out", "pool_key")
 
     def __init__(self, pool: UpstreamPool, addr: tuple[str, int], labels: tuple[str, str]) -> None:
         self.pool = pool
@@ -116,6 +139,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         # same bytes next time reuse both (see data_received). Heads up to _MEMO_MAX bytes.
         self.memo_in = None
         self.memo_out = None
+        self.pool_key: Any = addr      # where it idles in the pool: the address, or (address, security key)
 
     # -- what the exchange sends -----------------------------------------------------------------
 
@@ -352,13 +376,17 @@ class UpstreamPool:
         self.connect_timeout = settings.connect_timeout
         self.max_head = settings.max_head_size
         self.max_headers = settings.max_headers
-        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._idle: dict[Any, list[UpstreamConnection]] = {}   # by pool key (see UpstreamConnection.pool_key)
+        # Per address: how to secure a new connection (UpstreamSecurity) or None (plain text);
+        # None here: everything in plain text (module docstring).
+        self.security: Callable[[tuple[str, int]], UpstreamSecurity | None] | None = None
         # Addresses that may get new requests (usable endpoints of the snapshot in force);
         # None until the first apply(): then every address is allowed.
         self._live: frozenset[tuple[str, int]] | None = None
         self._counts: dict[tuple[str, str], list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._tls_addrs: frozenset[tuple[str, int]] = frozenset()   # pods reached over TLS
+        self._tls_addrs: frozenset[tuple[str, int]] = frozenset()   # HTTPS pods (ingress-nginx)
+        self._https_pod: UpstreamSecurity | None = None
         self._tls_ctx: ssl.SSLContext | None = None
         self._closed = False
         # Coarse clock for idle_since, refreshed by sweep() once a second: the idle timeout
@@ -375,9 +403,20 @@ class UpstreamPool:
             c = self._counts[labels] = [0, 0]
         return c
 
+    def _key(self, addr: tuple[str, int]):
+        """(pool key, UpstreamSecurity or None) of a new connection to ``addr``."""
+        resolve = self.security
+        sec = resolve(addr) if resolve is not None else None
+        if sec is None and addr in self._tls_addrs:
+            sec = self._https_pod
+            if sec is None:
+                sec = self._https_pod = UpstreamSecurity("https", self._client_tls())
+        return (addr if sec is None else (addr, sec.key)), sec
+
     def take(self, addr: tuple[str, int]) -> UpstreamConnection | None:
         """An idle connection to ``addr`` (now active, owned by the caller), or None."""
-        stack = self._idle.get(addr)
+        # (Plain-text pools, the common case, cost one test.)
+        stack = self._idle.get(addr if self.security is None and not self._tls_addrs else self._key(addr)[0])
         while stack:
             conn = stack.pop()
             conn.counts[1] -= 1
@@ -395,7 +434,10 @@ class UpstreamPool:
         by the exchange) or ``exchange.connected(token, None, exc)`` is called from the event
         loop, never synchronously."""
         conn = UpstreamConnection(self, addr, labels)
-        task = self.loop.create_task(self._connect(conn, exchange, token))
+        sec = None
+        if self.security is not None or self._tls_addrs:
+            conn.pool_key, sec = self._key(addr)
+        task = self.loop.create_task(self._connect(conn, exchange, token, sec))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -409,17 +451,22 @@ class UpstreamPool:
             ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 
-    async def _connect(self, conn: UpstreamConnection, exchange, token: int) -> None:
+    async def _connect(self, conn: UpstreamConnection, exchange, token: int, sec: UpstreamSecurity | None = None) -> None:
         # The route's own connect timeout (ingress-nginx's proxy-connect-timeout), else ours.
         action = getattr(exchange, "action", None)
         timeout = (action.connect_timeout if action is not None else None) or self.connect_timeout
-        tls = {} if conn.addr not in self._tls_addrs else {"ssl": self._client_tls(), "server_hostname": ""}
         try:
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(lambda: conn, conn.addr[0], conn.addr[1], **tls)
-        except (OSError, TimeoutError) as exc:
-            # OSError: refused / unreachable / reset during connect, or a failed TLS handshake
-            # (ssl.SSLError); TimeoutError: our deadline.
+                if sec is None:
+                    await self.loop.create_connection(lambda: conn, conn.addr[0], conn.addr[1])
+                else:
+                    await self._connect_secure(conn, sec)
+        except (OSError, TimeoutError, ValueError) as exc:
+            # OSError: refused / unreachable / reset during connect, a failed TLS handshake
+            # (ssl.SSLError); ValueError: the peer check refused the peer (e.g. the wrong
+            # SPIFFE ID); TimeoutError: our deadline.
+            if conn.transport is not None:
+                conn.transport.abort()
             conn.state = _CLOSED
             self._report(exchange, token, None, exc)
             return
@@ -437,6 +484,15 @@ class UpstreamPool:
         # (TCP_NODELAY: uvloop and asyncio set it on every TCP transport already.)
         self._report(exchange, token, conn, None)
 
+    async def _connect_secure(self, conn: UpstreamConnection, sec: UpstreamSecurity) -> None:
+        if sec.context is None:
+            raise ConnectionRefusedError(f"no TLS context to reach {conn.addr[0]}:{conn.addr[1]} with")
+        await self.loop.create_connection(lambda: conn, conn.addr[0], conn.addr[1], ssl=sec.context,
+                                          server_hostname=sec.server_name,
+                                          ssl_handshake_timeout=self.connect_timeout)
+        if sec.check is not None:
+            sec.check(conn.transport.get_extra_info("ssl_object"))
+
     @staticmethod
     def _report(exchange, token: int, conn, exc) -> None:
         try:
@@ -452,7 +508,7 @@ class UpstreamPool:
         conn.exchange = None
         conn.counts[0] -= 1
         live = self._live
-        stack = self._idle.get(conn.addr)
+        stack = self._idle.get(conn.pool_key)
         if (self._closed or conn.transport.is_closing() or (live is not None and conn.addr not in live)
                 or (stack is not None and len(stack) >= self.max_idle) or not self.max_idle or conn.tunnel):
             conn.state = _CLOSED
@@ -472,7 +528,7 @@ class UpstreamPool:
         conn.idle_since = self.now
         conn.counts[1] += 1
         if stack is None:
-            self._idle[conn.addr] = [conn]
+            self._idle[conn.pool_key] = [conn]
         else:
             stack.append(conn)
 
@@ -486,14 +542,14 @@ class UpstreamPool:
             conn.counts[0] -= 1
         elif state == _IDLE:
             conn.counts[1] -= 1
-            stack = self._idle.get(conn.addr)
+            stack = self._idle.get(conn.pool_key)
             if stack is not None:
                 try:
                     stack.remove(conn)
                 except ValueError:
                     pass
                 if not stack:
-                    del self._idle[conn.addr]
+                    del self._idle[conn.pool_key]
 
     # -- maintenance ---------------------------------------------------------------------------
 
@@ -509,13 +565,24 @@ class UpstreamPool:
                         for ep in snapshot.backends[k].endpoints)
         if tls != self._tls_addrs:
             # An address that changed protocol must not reuse what it pooled before.
-            for addr in tls.symmetric_difference(self._tls_addrs):
-                for conn in list(self._idle.get(addr, ())):
-                    conn.abort()
+            changed = tls.symmetric_difference(self._tls_addrs)
             self._tls_addrs = tls
-        for addr in [a for a in self._idle if a not in live]:
-            for conn in list(self._idle.get(addr, ())):
+            for key in [k for k, stack in self._idle.items() if stack and stack[0].addr in changed]:
+                for conn in list(self._idle.get(key, ())):
+                    conn.abort()
+        for key in [k for k, stack in self._idle.items() if stack and stack[0].addr not in live]:
+            for conn in list(self._idle.get(key, ())):
                 conn.abort()
+
+    def drop_idle(self, keep: Callable[[Any], bool]) -> int:
+        """Close idle connections whose pool key ``keep`` refuses (e.g. after the identity a
+        peer must have changed); returns how many."""
+        n = 0
+        for key in [k for k in self._idle if not keep(k)]:
+            for conn in list(self._idle.get(key, ())):
+                conn.abort()
+                n += 1
+        return n
 
     def sweep(self) -> None:
         """Close connections idle for longer than the idle timeout (oldest sit at the bottom)."""
@@ -527,7 +594,7 @@ class UpstreamPool:
 
     def idle_count(self, addr: tuple[str, int] | None = None) -> int:
         if addr is not None:
-            return len(self._idle.get(addr, ()))
+            return sum(len(s) for s in self._idle.values() if s and s[0].addr == addr)
         return sum(len(s) for s in self._idle.values())
 
     def export_metrics(self) -> None:

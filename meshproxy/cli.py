@@ -194,8 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ServiceAccount token shown to the issuer (default the projected token "
                            "/var/run/secrets/kubernetes.io/serviceaccount/token)")
     mesh.add_argument("--sidecar", action="store_true",
-                      help="serve a meshed pod: outbound port 15001 and inbound port 15006 behind `meshproxy capture` "
-                           "(the data path is not in this build yet: refused, see docs/mesh.md)")
+                      help="serve a meshed pod behind `meshproxy capture`: its outgoing TCP on --outbound-port, "
+                           "incoming on --inbound-port, mutual TLS between meshed pods, PeerAuthentication and "
+                           "AuthorizationPolicy (the pod from $POD_NAME, $POD_NAMESPACE, $POD_IP, $SERVICE_ACCOUNT)")
+    mesh.add_argument("--outbound-port", type=int, default=None,
+                      help="--sidecar: where capture sends the pod's outgoing TCP (default 15001, on 127.0.0.1 and ::1)")
+    mesh.add_argument("--inbound-port", type=int, default=None,
+                      help="--sidecar: where capture sends TCP to the pod's ports (default 15006)")
+    mesh.add_argument("--proxy-uid", type=int, default=None,
+                      help="--sidecar: the uid capture leaves alone (`meshproxy capture --proxy-uid`); the sidecar "
+                           "must run as it, else it warns (its own connections would come back to it)")
     mesh.add_argument("--mesh-root-namespace", metavar="NS", default=None,
                       help="namespace whose PeerAuthentication / AuthorizationPolicy apply mesh-wide (default istio-system)")
 
@@ -300,6 +308,7 @@ _FLAG_FIELDS = {
     "trust_domain": "trust_domain", "identity_dir": "identity_dir", "identity_issuer": "identity_issuer",
     "identity_issuer_ca": "identity_issuer_ca", "identity_token_file": "identity_token_file",
     "mesh_root_namespace": "mesh_root_namespace",
+    "outbound_port": "outbound_port", "inbound_port": "inbound_port", "proxy_uid": "proxy_uid",
 }
 
 
@@ -366,10 +375,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     _check_observability(s)
     if not re.fullmatch(r"[a-z0-9._-]{1,255}", s.trust_domain):
         raise ValueError(f"--trust-domain {s.trust_domain!r}: lowercase letters, digits, '.', '-', '_' (a SPIFFE trust domain)")
-    if getattr(args, "sidecar", False):
-        raise ValueError("--sidecar: the mesh data path (ports 15001/15006, mTLS between sidecars) is not in this "
-                         "build yet; identities (--identity-dir / --identity-issuer) and policies work without it "
-                         "(docs/mesh.md)")
+    if getattr(args, "sidecar", False) or s.sidecar is True:
+        _sidecar_settings(s)
     if s.identity_dir and s.identity_issuer:
         raise ValueError("--identity-dir and --identity-issuer are two sources of one identity: give one")
     if s.identity_issuer and not s.identity_issuer.startswith("https://"):
@@ -378,6 +385,35 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         # The issuer's certificate is signed by the mesh's own CA, which no system store holds.
         raise ValueError("--identity-issuer needs --identity-issuer-ca FILE (the mesh's root, which verifies the issuer)")
     return s
+
+
+def _sidecar_settings(s: Settings, env=None) -> None:
+    """``--sidecar``: the pod from the downward API, the ports checked. Raises ValueError."""
+    env = os.environ if env is None else env
+    s.sidecar = True
+    for attr in ("outbound_port", "inbound_port"):
+        v = getattr(s, attr)
+        if not isinstance(v, int) or not 1 <= v <= 65535:
+            raise ValueError(f"--{attr.replace('_', '-')} {v!r} is not a port (1-65535)")
+    if s.outbound_port == s.inbound_port:
+        raise ValueError("--outbound-port and --inbound-port must differ")
+    if s.proxy_uid is not None and (not isinstance(s.proxy_uid, int) or s.proxy_uid < 0):
+        raise ValueError(f"--proxy-uid {s.proxy_uid!r} is not a uid")
+    if s.workers != 1:
+        raise ValueError("--sidecar serves one pod: --workers must be 1")
+    if s.ingress_listen or s.ingress_tls_listen:
+        raise ValueError("--sidecar: the pod's traffic arrives through capture; --ingress-listen does not apply")
+    if s.proxy_mode != "userspace":
+        raise ValueError("--sidecar and --proxy-mode nftables are two different ways of serving; give one")
+    s.pod_name = env.get("POD_NAME") or s.pod_name
+    s.pod_namespace = env.get("POD_NAMESPACE") or s.pod_namespace or "default"
+    s.pod_ip = env.get("POD_IP") or s.pod_ip
+    s.service_account = env.get("SERVICE_ACCOUNT") or s.service_account
+    if s.pod_ip:
+        try:
+            ipaddress.ip_address(s.pod_ip)
+        except ValueError:
+            raise ValueError(f"POD_IP {s.pod_ip!r} is not an IP address") from None
 
 
 def _check_observability(s: Settings) -> None:

@@ -19,6 +19,10 @@ L4 Services come in two modes (``--proxy-mode``):
 
 The L7 server is the same in both modes.
 
+``--sidecar`` replaces all of it with the mesh data path (``meshproxy.sidecar``): the captured
+outbound and inbound ports, nothing bound on Service addresses (in a meshed pod those are
+reached through capture, not by being local).
+
 The access log (``--access-log``) belongs to the data plane of its process: opened here, put
 on the runtime for L4 and L7, reopened by ``reopen_logs`` (SIGUSR1) and closed last in
 ``close``, after the connections whose records it still takes.
@@ -37,6 +41,7 @@ from l7.server import IngressServer
 
 from .core.accesslog import AccessLog
 from .core.runtime import Runtime
+from .sidecar import Sidecar
 
 __all__ = ["DataPlane", "NftError", "cleanup"]
 
@@ -59,7 +64,10 @@ class DataPlane:
         self.l4: L4Manager | None = None
         self.udp: UdpManager | None = None
         self.ingress: IngressServer | None = None
-        if listeners:
+        self.sidecar: Sidecar | None = None
+        if listeners and settings.sidecar:
+            self.sidecar = Sidecar(runtime)
+        elif listeners:
             self.l4 = L4Manager(runtime, only=_gateway_only if nft_mode else None)
             self.udp = UdpManager(runtime) if not nft_mode else None
             # The L7 server is always there: besides --ingress-listen / --ingress-tls-listen it
@@ -86,6 +94,8 @@ class DataPlane:
         if self.ingress is not None:
             await self.ingress.start()
             self.runtime.subscribe(self.ingress.apply)
+        if self.sidecar is not None:
+            await self.sidecar.start()
 
     def ready(self) -> bool:
         """The first snapshot's rules are in the kernel (always true without nftables mode)."""
@@ -105,6 +115,8 @@ class DataPlane:
             self.udp.stop()
         if self.ingress is not None:
             await self.ingress.stop_accepting()
+        if self.sidecar is not None:
+            await self.sidecar.stop_accepting()
 
     async def drain(self, timeout: float) -> None:
         waits = []
@@ -112,6 +124,8 @@ class DataPlane:
             waits.append(self.l4.drain(timeout))
         if self.ingress is not None:
             waits.append(self.ingress.drain(timeout))
+        if self.sidecar is not None:
+            waits.append(self.sidecar.drain(timeout))
         await asyncio.gather(*waits, return_exceptions=True)
 
     async def close(self) -> None:

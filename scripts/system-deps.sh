@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real programs the tests talk to (curl, dnsmasq, dig, promtool, slowhttptest;
-# nft, ip, conntrack and tcpdump for the tests in network namespaces they create; etcd for the
+# nft, ip, conntrack, tcpdump and tshark for the tests in network namespaces they create; etcd for the
 # real API server tests; nginx, haproxy, wrk for the benchmark) when they are missing and we may
 # install them (root with apt-get). Outside CI this is best effort: a test whose program is
 # still missing skips and says why. In CI (CI set, as .ci/run does) a program that cannot be
@@ -20,6 +20,7 @@ have ip || want+=(iproute2)
 have conntrack || want+=(conntrack)
 have tcpdump || want+=(tcpdump)
 have etcd || want+=(etcd-server)      # tests/test_kube_apiserver.py (scripts/kube-apiserver.sh start)
+have tshark || want+=(tshark)      # the mesh's wire check: TLS versions and ALPN between sidecars
 if [ "${MESHPROXY_BENCH_DEPS:-0}" = 1 ]; then
   have nginx || want+=(nginx-light)
   have haproxy || want+=(haproxy)

@@ -250,6 +250,12 @@ def test_mesh_pod_shape():
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
                    "SERVICE_ACCOUNT": "spec.serviceAccountName"}
     assert "--sidecar" in sidecar["args"]
+    # The sidecar serves the ports capture redirects to and knows the uid capture skips.
+    for flag in ("--outbound-port", "--inbound-port", "--proxy-uid"):
+        assert _arg(sidecar, flag) == _arg(capture, flag), flag
+    # The manifest's flags are ones `meshproxy run` accepts.
+    from meshproxy.cli import build_parser
+    build_parser().parse_args(["run", *[a for a in sidecar["args"] if "$(" not in a]])
     # The token shown to the issuer is made for the issuer's audience, which the issuer demands.
     [token_vol] = [v for v in spec["volumes"] if v["name"] == "meshproxy-token"]
     audience = token_vol["projected"]["sources"][0]["serviceAccountToken"]["audience"]

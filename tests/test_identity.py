@@ -12,8 +12,6 @@ import logging
 import os
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -511,12 +509,3 @@ def _identity(mp: Meshproxy) -> dict:
     st, body = http_get(mp.admin + "/debug/identity")
     assert st == 200, body
     return json.loads(body)
-
-
-
-def test_sidecar_flag_is_refused_until_the_data_path_exists(tmp_path):
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(MANIFEST)
-    r = subprocess.run([sys.executable, "-m", "meshproxy", "run", "-f", str(manifest), "--sidecar"],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "--sidecar: the mesh data path" in r.stderr

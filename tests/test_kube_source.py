@@ -81,7 +81,8 @@ KIND_OF = {"pods": "Pod", "services": "Service", "nodes": "Node", "endpoints": "
            "secrets": "Secret", "namespaces": "Namespace", "gatewayclasses": "GatewayClass", "gateways": "Gateway",
            "httproutes": "HTTPRoute", "grpcroutes": "GRPCRoute", "tlsroutes": "TLSRoute", "tcproutes": "TCPRoute",
            "referencegrants": "ReferenceGrant", "faultinjections": "FaultInjection",
-           "ingressnginxfilters": "IngressNginxFilter"}
+           "ingressnginxfilters": "IngressNginxFilter",
+           "peerauthentications": "PeerAuthentication", "authorizationpolicies": "AuthorizationPolicy"}
 
 
 class FakeAPI:
@@ -89,7 +90,8 @@ class FakeAPI:
 
     def __init__(self, *, token: str | None = TOKEN, ssl_ctx: ssl.SSLContext | None = None,
                  serve: tuple[str, ...] = ("/api/v1", "/apis/discovery.k8s.io/v1", "/apis/networking.k8s.io/v1",
-                                           "/apis/gateway.networking.k8s.io/v1", "/apis/meshproxy.dev/v1alpha1")):
+                                           "/apis/gateway.networking.k8s.io/v1", "/apis/meshproxy.dev/v1alpha1",
+                                           "/apis/security.istio.io/v1")):
         self.token = token
         self.ssl_ctx = ssl_ctx
         self.serve = set(serve)

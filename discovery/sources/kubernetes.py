@@ -121,6 +121,9 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("ReferenceGrant", (f"{_GW}/v1", f"{_GW}/v1beta1", f"{_GW}/v1alpha2"), "referencegrants", True),
     Resource("FaultInjection", ("meshproxy.dev/v1alpha1",), "faultinjections", True),
     Resource("IngressNginxFilter", ("meshproxy.dev/v1alpha1",), "ingressnginxfilters", True),
+    # Mesh policy, with Istio's kinds (when their CRDs are installed).
+    Resource("PeerAuthentication", ("security.istio.io/v1", "security.istio.io/v1beta1"), "peerauthentications", True),
+    Resource("AuthorizationPolicy", ("security.istio.io/v1", "security.istio.io/v1beta1"), "authorizationpolicies", True),
 )
 CLUSTER_SCOPED = frozenset(r.kind for r in RESOURCES if not r.namespaced)
 

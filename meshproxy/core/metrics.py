@@ -121,6 +121,11 @@ mesh_authz = Counter("meshproxy_mesh_authz_decisions_total",
 mesh_peer_auth = Counter("meshproxy_mesh_peer_authentication_total",
                          "Inbound connections by mTLS mode in force and what the caller spoke (mtls / plaintext) and result.",
                          ["mode", "tls", "result"], registry=REGISTRY)
+mesh_connections = Counter("meshproxy_mesh_connections_total",
+                           "Connections the sidecar accepted on its captured ports, by direction (inbound / outbound), "
+                           "protocol (http / tcp), what the connection to the peer sidecar or caller is (mtls / "
+                           "plaintext, '-' when decided per request) and result (accepted / refused / denied / "
+                           "no_endpoint).", ["direction", "protocol", "tls", "result"], registry=REGISTRY)
 issuer_requests = Counter("meshproxy_issuer_requests_total",
                           "Certificate requests answered by `meshproxy identity serve`, by result.",
                           ["result"], registry=REGISTRY)

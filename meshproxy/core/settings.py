@@ -137,6 +137,23 @@ class Settings:
     identity_issuer_ca: str | None = None           # roots that verify the issuer at first
     identity_token_file: str | None = None          # ServiceAccount token for the issuer
     mesh_root_namespace: str = "istio-system"       # mesh-wide PeerAuthentication / AuthorizationPolicy
+    # run --sidecar (docs/mesh.md "The data path"): the pod's own sidecar behind `meshproxy capture`
+    sidecar: bool = False
+    outbound_port: int = 15001                      # captured outbound TCP arrives here (127.0.0.1, ::1)
+    inbound_port: int = 15006                       # captured inbound TCP arrives here
+    inbound_host: str = "::"                        # where the inbound port is bound ("::": every address, both families)
+    outbound_host: str = "127.0.0.1"                # where the outbound port is bound (also ::1 when "127.0.0.1")
+    proxy_uid: int | None = None                    # the uid capture leaves alone: must be ours
+    # The pod this sidecar belongs to, from the downward API (POD_NAME, POD_NAMESPACE, POD_IP,
+    # SERVICE_ACCOUNT); the Pod object of the store fills in what they leave out.
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    pod_ip: str | None = None
+    service_account: str | None = None
+    # How long a plaintext-capable inbound port waits for the caller's first byte to tell a TLS
+    # ClientHello from plaintext before treating the connection as plaintext (server-first
+    # protocols, whose clients wait for the server, then still work).
+    mesh_detect_timeout: float = 1.0
     # Where a Gateway without spec.addresses binds its listeners (--gateway-address, repeatable).
     gateway_addresses: tuple[str, ...] = ("0.0.0.0",)
     # The L7 server speaks HTTP/2 (h2c prior knowledge, ALPN h2). Until it does, GRPCRoutes are

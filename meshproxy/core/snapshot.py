@@ -31,6 +31,7 @@ from .nginx_annotations import Finding, is_nginx
 from .nginx_annotations import parse as parse_nginx
 from .nginx_ingress import build as build_nginx
 from .nginx_ingress import default_server as nginx_default_server
+from .mesh import build_mesh_state
 from .routes import Action, BackendRef, RouteTable
 from .tls import make_context
 
@@ -130,6 +131,8 @@ class Snapshot:
     upstream_tls: frozenset = frozenset()
     # ssl-passthrough hosts of the Ingress TLS listener: host -> backend key.
     passthrough: Mapping[str, tuple[str, str, str]] = field(default_factory=lambda: MappingProxyType({}))
+    # run --sidecar: the pod's mesh view (meshproxy.core.mesh.MeshState); None otherwise.
+    mesh: Any = None
 
     def to_json(self) -> dict:
         services = []
@@ -170,6 +173,7 @@ class Snapshot:
             "gatewayStatus": [{"kind": k, "namespace": ns, "name": n, "status": st}
                               for (k, ns, n), st in sorted(self.gateway_status.items())],
             "problems": list(self.problems),
+            **({"mesh": self.mesh.to_json()} if self.mesh is not None else {}),
         }
 
 
@@ -640,6 +644,12 @@ class SnapshotBuilder:
                 l4.setdefault(addr, lst)
         if gw.secrets:
             used_secrets = {**used_secrets, **gw.secrets}
+        mesh = None
+        if self.settings.sidecar:
+            # O(pods + endpoints) per build, for one pod's sidecar: which destinations are meshed
+            # and who they must be, its own policy and HTTP ports (meshproxy.core.mesh).
+            mesh = build_mesh_state(store.list("Pod"), store.list("PeerAuthentication") + store.list("AuthorizationPolicy"),
+                                    services, backends, self.settings)
         self.version += 1
         return Snapshot(
             version=self.version, created=time.time(), node=node,
@@ -648,7 +658,7 @@ class SnapshotBuilder:
             secrets=_frozen(dict(used_secrets)), problems=tuple(problems), allocated=allocated_view,
             http_listeners=gw.http_listeners, gateway_status=gw.status,
             udp=_frozen(tables["UDP"]), cluster_ips=cluster_ips, changed=changed_keys, upstream_tls=upstream_tls,
-            passthrough=passthrough)
+            passthrough=passthrough, mesh=mesh)
 
     def _gateways(self, store, services: Mapping[tuple[str, str], o.Service], ips: Mapping, l4: Mapping,
                   node: NodeInfo):
