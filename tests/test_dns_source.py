@@ -670,7 +670,7 @@ class Dnsmasq:
                  # stay this user: dnsmasq must re-read files in the test's private directory on SIGHUP
                  f"--user={user}", f"--group={group}", "--log-queries"],
                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20       # bounds a hang: dnsmasq answers within ms
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dnsmasq {self.name} exited: {self.log.read_text()[-2000:]}")

@@ -550,7 +550,7 @@ def test_host_field_is_where_to_connect_and_a_host_header_overrides(run):
         # resolving path). A Host entry in httpHeaders sets the Host header.
         probe = http_probe(srv.port, host="localhost", headers=(("Host", "app.example"),))
         hc.sync(pods_map(pod("web", probe, ip="127.0.0.254")))
-        await until(lambda: rec.flips, timeout=5)
+        await until(lambda: rec.flips)
         assert rec.flips == [("web", True)]
         lines = srv.heads[0].decode().split("\r\n")
         assert "Host: app.example" in lines
