@@ -590,14 +590,20 @@ class HealthChecker:
     """Runs the readiness probes of the pods handed to ``sync``; see the module docstring."""
 
     def __init__(self, results: dict[NsName, bool], on_change: Callable[[str, str], None], *,
-                 max_concurrency: int = 256, clock: Callable[[], float] = time.monotonic,
+                 max_concurrency: int = 256, clock: Callable[[], float] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None,
                  jitter=_random, signals: Signals = NO_SIGNALS) -> None:
         """``jitter`` has a ``random()`` in [0, 1) (the ``random`` module, a ``random.Random``);
-        ``signals.probe(result)`` is told of every probe run (``discovery.signals``)."""
+        ``signals.probe(result)`` is told of every probe run (``discovery.signals``).
+        ``loop``: the running loop by default; the scheduler's wake-ups and the probes'
+        timeouts are its timers (``call_later``). ``clock`` reads the time probes are due at:
+        ``loop.time`` when a loop is given, else ``time.monotonic``. So a loop with another
+        clock drives the whole schedule."""
         self.results = results
         self.on_change = on_change
         self.max_concurrency = max(1, max_concurrency)
-        self._clock = clock
+        self._loop = loop
+        self._clock = clock or (loop.time if loop is not None else time.monotonic)
         self._jitter = jitter
         self._signal_probe = signals.probe
         self._states: dict[NsName, _PodProbe] = {}
@@ -710,7 +716,7 @@ class HealthChecker:
     def start(self) -> None:
         if self._task is not None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         self._started = self._clock()
         self._sem = asyncio.Semaphore(self.max_concurrency)
         # Pods synced before start() were scheduled from their sync time; that is still right.
@@ -730,7 +736,7 @@ class HealthChecker:
     # -- the scheduler ------------------------------------------------------------------------
 
     async def _scheduler(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         assert self._sem is not None
         sem = self._sem
         while True:

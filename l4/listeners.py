@@ -193,15 +193,19 @@ class L4Manager:
         "settings",
     )
 
-    def __init__(self, runtime: Runtime, only: Callable[[L4Listener], bool] | None = None) -> None:
+    def __init__(self, runtime: Runtime, only: Callable[[L4Listener], bool] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         """``only``: serve just the listeners it accepts (``--proxy-mode nftables`` leaves the
         Services to the kernel and keeps the Gateway listeners, which pick a route per
-        connection)."""
+        connection). ``loop``: the running loop by default; every timer of the manager and its
+        connections (sweep, drain deadlines, idle and connect timeouts, accept back-off, drain)
+        is scheduled with its ``call_later`` and measured with its ``time()``, so a loop with
+        another clock drives them all."""
         self.runtime = runtime
         self.only = only
         self.settings = runtime.settings
         self.balancers = runtime.balancers
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.pool = BufferPool(pump.USE_SPLICE)   # read here: tests flip it
         self.poller = make_poller(self.loop)
         self.listeners: dict[Key, _Listener] = {}
@@ -468,11 +472,12 @@ class L4Manager:
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for open connections to finish, then reset the rest."""
         if self.conns and timeout > 0:
-            self._empty_waiter = self.loop.create_future()
+            waiter = self._empty_waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, _resolve, waiter)
             try:
-                await asyncio.wait_for(self._empty_waiter, timeout)
-            except TimeoutError:
-                pass
+                await waiter
+            finally:
+                timer.cancel()
         if self.conns:
             log.info("l4: closing %d connections still open", len(self.conns))
             # kill() closes both sockets and forgets the connection at once (raw sockets, no
@@ -491,3 +496,8 @@ class L4Manager:
     def addresses(self) -> Iterable[Key]:
         """The (host, port) pairs bound right now."""
         return list(self.listeners)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -7,7 +7,7 @@ connection in its own thread, keep-alive, with behaviour chosen by the request p
 path                        behaviour
 ==========================  ====================================================================
 ``/status/NNN``             that status; a short body except for 1xx/204/304 (304 has an ETag)
-``/delay?ms=N[&only=B]``    sleep N ms (only on the backend named B, if given), then echo
+``/delay?ms=N[&only=B]``    sleep N ms (only on the backend named B, if given; ``stop()`` cuts it short), then echo
 ``/bytes?n=N[&chunked=1]``  N bytes of a fixed pattern (``pattern(n)``), Content-Length or chunked
 ``/upload[?slow=1]``        read the body (slowly: small recvs with sleeps) and report its
                             length and sha256 (JSON)
@@ -132,6 +132,7 @@ class Backend:
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._stopped = False
+        self._stopping = threading.Event()      # ends a /delay sleep at stop()
         self._thread = threading.Thread(target=self._accept_loop, name=f"backend-{self.name}", daemon=True)
         self._thread.start()
 
@@ -143,6 +144,7 @@ class Backend:
 
     def stop(self) -> None:
         self._stopped = True
+        self._stopping.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -247,7 +249,7 @@ class Backend:
                 self._send(sock, code, data, keep, [("X-Backend", self.name)], method)
             return keep
         if path == "/delay" and q.get("only", self.name) == self.name:
-            time.sleep(int(q.get("ms", "100")) / 1000)
+            self._stopping.wait(int(q.get("ms", "100")) / 1000)
         if path == "/bytes":
             n = int(q.get("n", "0"))
             if q.get("chunked") == "1":

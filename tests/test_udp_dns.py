@@ -17,6 +17,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 import yaml
+from conftest import LoopThread
 from proc import Meshproxy, free_port
 
 from meshproxy.dnsforward import Forwarder, resolv_conf_servers
@@ -95,25 +96,22 @@ class Upstream:
 
 
 class DnsThread:
-    """A ClusterDNS with a forwarder, in its own loop, on 127.0.0.1:0."""
+    """A ClusterDNS with a forwarder, on a loop in its own thread (conftest.LoopThread), on
+    127.0.0.1:0."""
 
     def __init__(self, upstreams, timeout: float = 0.5, max_concurrent: int = 1000) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.thread = LoopThread()
         self.forwarder = Forwarder(upstreams, timeout=timeout, max_concurrent=max_concurrent)
         self.server = ClusterDNS(lambda: None, "cluster.local", forward=self.forwarder.forward)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start("127.0.0.1", 0), self.loop).result(5)
+        self.thread.run(self.server.start("127.0.0.1", 0))
         self.port = self.server.port
 
     def stop(self) -> None:
         async def _stop():
             self.server.close()
             await self.server.wait_closed()
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        self.thread.run(_stop())
+        self.thread.close()
 
 
 @pytest.fixture
@@ -131,15 +129,15 @@ def test_outside_names_are_forwarded_over_the_same_transport(upstream):
     d = DnsThread([("127.0.0.1", upstream.port)])
     try:
         q = dns.message.make_query("example.org", "A")
-        r = dns.query.udp(q, "127.0.0.1", port=d.port, timeout=3)
+        r = dns.query.udp(q, "127.0.0.1", port=d.port, timeout=10)
         assert r.rcode() == dns.rcode.NOERROR and r.id == q.id and _a(r) == {"192.0.2.1"}
         assert not r.flags & dns.flags.AA                       # not our zone: the upstream's answer
         q2 = dns.message.make_query("Example.NET", "A")
-        r2 = dns.query.tcp(q2, "127.0.0.1", port=d.port, timeout=3)
+        r2 = dns.query.tcp(q2, "127.0.0.1", port=d.port, timeout=10)
         assert r2.id == q2.id and _a(r2) == {"192.0.2.2"}
         assert upstream.asked == [("example.org.", "udp"), ("Example.NET.", "tcp")]
         # The cluster domain stays ours: no cluster yet, so SERVFAIL from us, nothing forwarded.
-        r3 = dns.query.udp(dns.message.make_query("web.default.svc.cluster.local", "A"), "127.0.0.1", port=d.port, timeout=3)
+        r3 = dns.query.udp(dns.message.make_query("web.default.svc.cluster.local", "A"), "127.0.0.1", port=d.port, timeout=10)
         assert r3.rcode() == dns.rcode.SERVFAIL and len(upstream.asked) == 2
     finally:
         d.stop()
@@ -150,14 +148,14 @@ def test_a_dead_upstream_is_skipped_and_all_dead_is_servfail(upstream):
     d = DnsThread([("127.0.0.1", dead.port), ("127.0.0.1", upstream.port)], timeout=0.3)
     try:
         for _ in range(4):          # whatever order the upstreams are tried in, the answer comes
-            r = dns.query.udp(dns.message.make_query("example.org", "A"), "127.0.0.1", port=d.port, timeout=3)
+            r = dns.query.udp(dns.message.make_query("example.org", "A"), "127.0.0.1", port=d.port, timeout=10)
             assert r.rcode() == dns.rcode.NOERROR and _a(r)
     finally:
         d.stop()
     d = DnsThread([("127.0.0.1", dead.port)], timeout=0.3)
     try:
         q = dns.message.make_query("example.org", "A")
-        r = dns.query.udp(q, "127.0.0.1", port=d.port, timeout=3)
+        r = dns.query.udp(q, "127.0.0.1", port=d.port, timeout=10)
         assert r.rcode() == dns.rcode.SERVFAIL and r.id == q.id and r.question == q.question
     finally:
         d.stop()
@@ -169,7 +167,7 @@ def test_answers_that_do_not_match_the_query_are_ignored():
     d = DnsThread([("127.0.0.1", noisy.port)])
     try:
         q = dns.message.make_query("example.org", "A")
-        r = dns.query.udp(q, "127.0.0.1", port=d.port, timeout=3)
+        r = dns.query.udp(q, "127.0.0.1", port=d.port, timeout=10)
         assert r.id == q.id and _a(r) == {"192.0.2.1"}
     finally:
         d.stop()
@@ -195,9 +193,9 @@ def test_cluster_dns_through_its_own_clusterip(tmp_path, upstream):
     """kube-dns's shape: a Service with a UDP and a TCP port 53-style pair whose endpoint is
     the --dns-listen address; clients ask the ClusterIP, over UDP and TCP."""
     dns_ip = f"127.0.20.{random.randint(2, 250)}"
-    dns_port = free_port(dns_ip)
+    dns_port = free_port(dns_ip, udp=True)     # the DNS server binds both, TCP without SO_REUSEPORT
     cip = f"127.96.{random.randint(1, 250)}.{random.randint(2, 250)}"
-    port = random.randint(20000, 60000)
+    port = free_port(cip, udp=True)
     docs = [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system"},
          "spec": {"clusterIP": cip, "ports": [{"name": "dns", "port": port, "protocol": "UDP", "targetPort": dns_port},
@@ -214,9 +212,9 @@ def test_cluster_dns_through_its_own_clusterip(tmp_path, upstream):
     with Meshproxy([str(path)], "--no-health-checks", "--dns-listen", f"{dns_ip}:{dns_port}",
                    "--dns-upstream", f"127.0.0.1:{upstream.port}"):
         name = "web.default.svc.cluster.local"
-        r = dns.query.udp(dns.message.make_query(name, "A"), cip, port=port, timeout=3)
+        r = dns.query.udp(dns.message.make_query(name, "A"), cip, port=port, timeout=10)
         assert _a(r) == {"127.96.0.77"} and r.flags & dns.flags.AA
-        r = dns.query.tcp(dns.message.make_query(name, "A"), cip, port=port, timeout=3)
+        r = dns.query.tcp(dns.message.make_query(name, "A"), cip, port=port, timeout=10)
         assert _a(r) == {"127.96.0.77"}
-        r = dns.query.udp(dns.message.make_query("example.com", "A"), cip, port=port, timeout=3)
+        r = dns.query.udp(dns.message.make_query("example.com", "A"), cip, port=port, timeout=10)
         assert _a(r) == {"192.0.2.1"} and upstream.asked == [("example.com.", "udp")]

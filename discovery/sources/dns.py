@@ -361,7 +361,11 @@ class DnsSource:
                  min_ttl: float = 5.0, max_ttl: float = 300.0, *,
                  timeout: float = 2.0, concurrency: int = 32,
                  resolver: dns.asyncresolver.Resolver | None = None,
-                 signals: Signals = NO_SIGNALS) -> None:
+                 signals: Signals = NO_SIGNALS,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the running loop by default; refreshes are scheduled with its timers and
+        its ``time()``, so a loop with another clock drives them (the resolver's own
+        ``timeout`` is always real time)."""
         self.signals = signals
         if not min_ttl > 0 or max_ttl < min_ttl:
             raise ValueError(f"need 0 < min_ttl <= max_ttl (got {min_ttl}, {max_ttl})")
@@ -381,7 +385,8 @@ class DnsSource:
         self._inflight: set[asyncio.Task] = set()
         self._sem: asyncio.Semaphore | None = None
         self._closed = False
-        self._clock = time.monotonic
+        self._loop = loop
+        self._clock = loop.time if loop is not None else time.monotonic
 
     # -- control ------------------------------------------------------------------------------
 
@@ -500,12 +505,15 @@ class DnsSource:
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
             self._wake.clear()
-            delay = self._heap[0][0] - now if self._heap else None
+            timer = None
+            if self._heap:
+                loop = self._loop or asyncio.get_running_loop()
+                timer = loop.call_later(self._heap[0][0] - now, self._wake.set)
             try:
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     async def _refresh(self, lk: _Lookup) -> None:
         try:
