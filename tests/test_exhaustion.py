@@ -97,7 +97,7 @@ def cluster(tmp_path, *args):
     pod = Pod("pod-a", "127.0.10.231")
     cip = "127.96.0.231"
     port = free_port(cip)
-    (tmp_path / "m.yaml").write_text(service_yaml("web", cip, port) + pod_yaml("pod-a", pod.ip, "app: web"))
+    (tmp_path / "m.yaml").write_text(service_yaml("web", cip, port) + pod_yaml("pod-a", pod.ip, "app: web", pod.port))
     mp = Meshproxy([str(tmp_path)], "--no-health-checks", *args, nofile=NOFILE)
     try:
         with mp:
