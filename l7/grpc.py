@@ -98,8 +98,10 @@ def route_labels(route) -> tuple[str, str]:
     if kind == "Exact" and path.count("/") == 2:
         service, _, method = path[1:].partition("/")
         return service, method
-    if kind == "Prefix" and len(path) > 1 and path.count("/") == 1:
-        return path[1:], ""
+    if kind == "Prefix":
+        path = path.rstrip("/")
+        if len(path) > 1 and path.count("/") == 1:
+            return path[1:], ""
     return "", ""
 
 
