@@ -289,6 +289,7 @@ class H2Stream:
         if not keep and not self.req_ended:
             self.reset_after = True
         self.flush()
+        self.shell.maybe_forget(self)
 
     def internal_error(self, exc: BaseException) -> None:
         log.error("L7: internal error on an HTTP/2 stream: %r", exc, exc_info=exc)
@@ -336,7 +337,7 @@ class H2ClientConnection(asyncio.Protocol):
     __slots__ = ("server", "listener", "loop", "settings", "transport", "conn", "streams", "tls", "client",
                  "peer_ip", "processing", "closed", "goaway_at", "peer_goaway", "timer", "timer_at",
                  "deadline", "idle_at", "writing_paused", "read_paused", "blocked_since", "counts",
-                 "window_start", "max_headers", "max_body", "flow_blocked", "last_sid")
+                 "window_start", "max_headers", "max_body", "flow_blocked", "last_sid", "fresh")
 
     def __init__(self, server, listener, client, peer_ip: str, tls: bool) -> None:
         self.server = server
@@ -369,6 +370,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.max_body = s.max_body_size
         self.flow_blocked: set[H2Stream] = set()
         self.last_sid = 0
+        self.fresh = True                     # the client's preface has not been read yet
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -404,6 +406,12 @@ class H2ClientConnection(asyncio.Protocol):
             except (ProtocolError, FlowControlError) as exc:
                 self._protocol_error(exc)
                 return
+            if self.fresh and events:
+                # The preface and SETTINGS are here: from now on the connection may idle for
+                # the keep-alive timeout (gRPC channels connect ahead of their first call).
+                self.fresh = False
+                if not self.streams:
+                    self._set_idle(self.loop.time() + self.settings.keepalive_timeout)
             for ev in events:
                 if self.closed:
                     break
@@ -451,7 +459,7 @@ class H2ClientConnection(asyncio.Protocol):
                 if ex is not None:
                     ex.request_end(st.req_trailers)
                 else:
-                    self._maybe_forget(st)
+                    self.maybe_forget(st)
         elif t is TrailersReceived:
             st = self.streams.get(ev.stream_id)
             if st is not None:
@@ -496,7 +504,7 @@ class H2ClientConnection(asyncio.Protocol):
             st.head = _BAD_HEAD
             st.send_local(exc.status, exc.reason.encode("latin-1", "replace") + b"\n", (), False)
             st.status = -1
-            self._maybe_forget(st)
+            self.maybe_forget(st)
             self._abuse("bad_requests")
             return
         st.head = head
@@ -625,9 +633,9 @@ class H2ClientConnection(asyncio.Protocol):
                 # The request's end will not come: the exchange learns it is over.
                 st.exchange = None
                 ex.client_gone("request not read")
-        self._maybe_forget(st)
+        self.maybe_forget(st)
 
-    def _maybe_forget(self, st: H2Stream) -> None:
+    def maybe_forget(self, st: H2Stream) -> None:
         if st.closed and st.req_ended and st.exchange is None:
             self._forget(st)
 
@@ -733,6 +741,12 @@ class H2ClientConnection(asyncio.Protocol):
     def _set_deadline(self, when: float) -> None:
         self.deadline = when
         self._arm_at(when)
+
+    def _set_idle(self, when: float) -> None:
+        """A later idle deadline than the one armed: the timer re-checks when it fires."""
+        self.deadline = when
+        if self.timer is None:
+            self._arm_at(when)
 
     def _arm_at(self, when: float) -> None:
         if self.timer is None or when < self.timer_at:

@@ -106,6 +106,8 @@ class H2UpstreamStream:
         send = block + tail_fields(tail) if tail else block
         self.ended = end
         self.conn.start_stream(self, send, end)
+        if end:
+            self.closed = True    # END_STREAM went with the head
         return block
 
     def send_data(self, data: bytes) -> None:
@@ -120,8 +122,8 @@ class H2UpstreamStream:
 
     def flush(self) -> None:
         conn = self.conn
-        if conn.push(self):
-            conn.write()
+        conn.push(self)
+        conn.write()   # also the head and end queued by send_head
 
     def pause_reading(self) -> None:
         self.reading_paused = True
@@ -563,8 +565,7 @@ class H2Pool:
             for exchange, token in waiters:
                 self._report(exchange, token, None, exc)
             return
-        conn.counts[1] += 1   # counted idle until a stream makes it active
-        self._conns.setdefault(addr, []).append(conn)
+        self.adopt(conn)
         for exchange, token in waiters:
             st = conn.new_stream() if conn.room() else None
             if st is None:
@@ -572,6 +573,11 @@ class H2Pool:
                 self._report(exchange, token, None, ConnectionResetError("no stream available"))
                 continue
             self._report(exchange, token, st, None)
+
+    def adopt(self, conn: H2UpstreamConnection) -> None:
+        """A connection just opened joins the pool (counted idle until a stream uses it)."""
+        conn.counts[1] += 1
+        self._conns.setdefault(conn.addr, []).append(conn)
 
     def _done_opening(self, conn: H2UpstreamConnection) -> None:
         opening = self._opening.get(conn.addr)
