@@ -159,7 +159,7 @@ class ClientConnection(asyncio.Protocol):
         self.settings = server.settings
         self.transport: Any = None
         self.parser: RequestParser | None = None
-        self.state = _FRESH
+        self.state = _FRESH if server.settings.http2 else _IDLE
         self.sniffed = b""            # the first bytes, while they may still be the HTTP/2 preface
         self.idle_at = self.loop.time()
         self.tls = listener.tls
@@ -218,7 +218,7 @@ class ClientConnection(asyncio.Protocol):
             # A new connection must send a head within header_timeout (a silent connection is
             # a slowloris too).
             self._set_deadline(self.loop.time() + settings.header_timeout)
-            if self.tls:
+            if self.tls and self.state == _FRESH:
                 ssl_obj = transport.get_extra_info("ssl_object")
                 if ssl_obj is not None and ssl_obj.selected_alpn_protocol() == "h2":
                     self._hand_over(b"")

@@ -184,3 +184,16 @@ def test_tls_alpn_offers_h2_then_http11(web):
         with socket.create_connection(("127.0.0.1", p.tls_port), timeout=5) as s:
             with ctx.wrap_socket(s, server_hostname="example.com") as t:
                 assert t.selected_alpn_protocol() == expected
+
+
+def test_without_http2_the_preface_is_an_http11_505():
+    from backends import raw
+    b = Backend()
+    try:
+        y = service_yaml("web", [b]) + "---\n" + ingress_yaml("web", [(None, "/", "Prefix", "web")])
+        with Proxy(y, http2=False) as p:
+            out = raw(p.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 505 "), out
+        assert b.requests == 0
+    finally:
+        b.stop()
