@@ -173,7 +173,7 @@ def start_haproxy(c: Candidate, h1: int, h2p: int) -> None:
     c.port = free_port()
     (c.dir / "haproxy.cfg").write_text(f"""global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 5s
@@ -276,10 +276,19 @@ def sample(c: Candidate, scenario: str, args, d: Path) -> dict:
     grpc = scenario == "grpc-unary"
     url = f"http://127.0.0.1:{c.port}" + ("/bench.Echo/Unary" if grpc else "/")
     roots = [c.proc.popen.pid]
+    spy = None
+    if args.profile and c.name == "meshproxy":
+        spy_out = d / f"pyspy-{scenario}.txt"
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(_python_pid(c)), "-d", str(int(args.duration)),
+                                "-r", "200", "-f", "raw", "-o", str(spy_out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before = procstat.tree(roots)
     out = h2load(url, connections=args.connections, streams=args.streams, duration=args.duration,
                  cpus=args.load_cpu, grpc=grpc, d=d)
     after = procstat.tree(roots)
+    if spy is not None:
+        spy.wait(timeout=60)
+        out["profile"] = profile_summary(spy_out)
     cpu = max(1e-9, after.cpu_s - before.cpu_s)
     # h2load's own warm-up second is not in its count; the CPU delta includes it: scale by the
     # measured share of the run so requests / CPU-second compares like with like.
@@ -288,6 +297,54 @@ def sample(c: Candidate, scenario: str, args, d: Path) -> dict:
     out.update(proxy_cpu_s=round(cpu, 3), per_core=round(total / (cpu * share), 1),
                cpu_us_per_req=round(cpu * share * 1e6 / max(total, 1), 2), rss_mib=round(after.rss_mib, 1))
     return out
+
+
+def _python_pid(c: Candidate) -> int:
+    """The meshproxy process itself (under taskset it is the child of the one we spawned)."""
+    pid = c.proc.popen.pid
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return int(kids[0]) if kids and "python" not in Path(f"/proc/{pid}/comm").read_text() else pid
+
+
+def profile_summary(path: Path, top: int = 25) -> dict:
+    """py-spy raw (collapsed) stacks -> the share of samples per function: self (leaf) and
+    total (anywhere on the stack), "file:function" with the path shortened."""
+    self_n: dict[str, int] = {}
+    total_n: dict[str, int] = {}
+    n = 0
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        k = int(count)
+        n += k
+        frames = [_short(f) for f in stack.split(";")]
+        if frames:
+            self_n[frames[-1]] = self_n.get(frames[-1], 0) + k
+        for f in set(frames):
+            total_n[f] = total_n.get(f, 0) + k
+    n = max(n, 1)
+    return {"samples": n,
+            "self": [(f, round(100 * v / n, 1)) for f, v in sorted(self_n.items(), key=lambda x: -x[1])[:top]],
+            "total": [(f, round(100 * v / n, 1)) for f, v in sorted(total_n.items(), key=lambda x: -x[1])[:top]]}
+
+
+def _short(frame: str) -> str:
+    # "function (path/to/file.py:line)" -> "file.py:function"
+    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
+    if m is None:
+        return frame
+    fn, path = m.groups()
+    parts = path.split("/")
+    where = "/".join(parts[-2:]) if parts[-2:-1] in (["l7"], ["h2"], ["hpack"], ["hyperframe"]) else parts[-1]
+    return f"{where}:{fn}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
     ap.add_argument("--json", default="", help="write the samples here")
+    ap.add_argument("--profile", action="store_true", help="py-spy meshproxy during its samples (pip install py-spy)")
     args = ap.parse_args(argv)
     if not shutil.which("h2load"):
         print("h2load not found: MESHPROXY_BENCH_DEPS=1 bash scripts/system-deps.sh (nghttp2-client)", file=sys.stderr)
@@ -370,6 +428,13 @@ def report(samples: list[dict], args) -> str:
                          f"{pc:>10.0f} {statistics.median(x['cpu_us_per_req'] for x in ss):>10.1f} "
                          f"{max(x['rss_mib'] for x in ss):>8.1f} {errs:>7} {ratio:>12}")
         lines.append("")
+        prof = [x["profile"] for x in by.get("meshproxy", []) if x.get("profile")]
+        if prof:
+            p = prof[-1]
+            lines.append(f"  meshproxy profile ({p['samples']} samples), % of samples:")
+            lines.append("    self:  " + ", ".join(f"{f} {v}" for f, v in p["self"][:15]))
+            lines.append("    total: " + ", ".join(f"{f} {v}" for f, v in p["total"][:25]))
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -180,7 +180,7 @@ class H2Stream:
 
     def flush(self) -> None:
         if self.shell.push(self):
-            self.shell.write()
+            self.shell.write_later()
 
     def retract(self) -> bool:
         if self.pending_head is not None and not self.head_sent:
@@ -337,7 +337,7 @@ class H2ClientConnection(asyncio.Protocol):
     __slots__ = ("server", "listener", "loop", "settings", "transport", "conn", "streams", "tls", "client",
                  "peer_ip", "processing", "closed", "goaway_at", "peer_goaway", "timer", "timer_at",
                  "deadline", "idle_at", "writing_paused", "read_paused", "blocked_since", "counts",
-                 "window_start", "max_headers", "max_body", "flow_blocked", "last_sid", "fresh")
+                 "window_start", "max_headers", "max_body", "flow_blocked", "last_sid", "fresh", "write_soon")
 
     def __init__(self, server, listener, client, peer_ip: str, tls: bool) -> None:
         self.server = server
@@ -371,6 +371,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.flow_blocked: set[H2Stream] = set()
         self.last_sid = 0
         self.fresh = True                     # the client's preface has not been read yet
+        self.write_soon = False               # a write is scheduled for the end of this loop turn
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -684,6 +685,21 @@ class H2ClientConnection(asyncio.Protocol):
         if data and not self.closed:
             self.transport.write(data)
 
+    def write_later(self) -> None:
+        """Write at the end of this turn of the loop: the responses of all the upstream reads
+        handled in it go out in one write (streams of one connection answer together)."""
+        if not self.write_soon and not self.processing:
+            self.write_soon = True
+            self.loop.call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self.write_soon = False
+        try:
+            self.write()
+        except Exception as exc:  # noqa: BLE001 - no exception may escape a loop callback
+            log.error("L7: internal error writing to an HTTP/2 client: %r", exc, exc_info=exc)
+            self.close_now()
+
     def _window_opened(self, sid: int) -> None:
         """The client opened a window (0: the connection's, or all streams' initial one)."""
         if sid and sid in self.streams:
@@ -838,6 +854,10 @@ class H2ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self._end_streams("connection closed")
+        try:
+            self.write()   # what is queued (a last response, a GOAWAY) goes out before the FIN
+        except Exception:  # noqa: BLE001 - closing anyway
+            log.debug("L7: HTTP/2 connection closed with output lost", exc_info=True)
         self.closed = True
         t = self.transport
         if t is not None and not t.is_closing():

@@ -123,7 +123,7 @@ class H2UpstreamStream:
     def flush(self) -> None:
         conn = self.conn
         conn.push(self)
-        conn.write()   # also the head and end queued by send_head
+        conn.write_later()   # also the head and end queued by send_head
 
     def pause_reading(self) -> None:
         self.reading_paused = True
@@ -153,7 +153,8 @@ class H2UpstreamConnection(asyncio.Protocol):
     """One HTTP/2 connection to a pod (see the module docstring)."""
 
     __slots__ = ("pool", "addr", "labels", "counts", "transport", "conn", "streams", "reserved", "draining",
-                 "closed", "idle_since", "blocked", "streams_started", "active", "writing_paused", "settled")
+                 "closed", "idle_since", "blocked", "streams_started", "active", "writing_paused", "settled",
+                 "write_soon")
 
     def __init__(self, pool: H2Pool, addr: tuple[str, int], labels: tuple[str, str]) -> None:
         self.pool = pool
@@ -174,6 +175,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.active = False           # counted as active (carrying streams) in counts
         self.writing_paused = False
         self.settled = False          # the pod's SETTINGS arrived (its stream limit is known)
+        self.write_soon = False
 
     # -- capacity -------------------------------------------------------------------------------
 
@@ -304,6 +306,21 @@ class H2UpstreamConnection(asyncio.Protocol):
         data = self.conn.data_to_send()
         if data and not self.closed:
             self.transport.write(data)
+
+    def write_later(self) -> None:
+        """Write at the end of this loop turn: the requests of one client read that go to
+        this pod leave in one write."""
+        if not self.write_soon:
+            self.write_soon = True
+            self.pool.loop.call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self.write_soon = False
+        try:
+            self.write()
+        except Exception as exc:  # noqa: BLE001 - no exception may escape a loop callback
+            log.error("L7: internal error writing to an HTTP/2 pod: %r", exc, exc_info=exc)
+            self.abort()
 
     # -- asyncio callbacks -----------------------------------------------------------------------
 

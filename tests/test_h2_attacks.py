@@ -115,16 +115,20 @@ def _blast(port: int, payload: bytes, connections: int, read: bool = False) -> l
                 pass   # closed by the proxy mid-send: fine
             if read:
                 data = b""
-                s.settimeout(2)
+                s.settimeout(3)
+                ended = False
                 try:
                     for _ in range(1000):
                         chunk = s.recv(65536)
                         if not chunk:
+                            ended = True
                             break
                         data += chunk
-                except OSError:
+                except socket.timeout:
                     pass
-                got.append(data)
+                except OSError:
+                    ended = True   # reset by the proxy
+                got.append(data if ended else b"(still open)")
     return got
 
 
@@ -195,7 +199,9 @@ def test_settings_and_ping_floods(proxy):
         pings = b"".join(PingFrame(0, opaque_data=b"%08d" % i).serialize() for i in range(20000))
         settings = SettingsFrame(0, settings={4: 65535}).serialize() * 20000
         got = _blast(port, pings, 5, read=True) + _blast(port, settings, 5, read=True)
-        assert all(_goaway_code(g) == 11 for g in got)
+        # Each connection is ended: GOAWAY ENHANCE_YOUR_CALM, or - when the flood filled our
+        # output with ACKs the client did not read, so we stopped reading it - the send timeout.
+        assert all(g != b"(still open)" and _goaway_code(g) in (11, None) for g in got), [g[-40:] for g in got]
         _blast(port, pings, 5, read=False)   # and never reading the ACKs at all
     under_attack(proxy, attack)
 
