@@ -28,7 +28,7 @@ import time
 from hyperframe.frame import HeadersFrame, RstStreamFrame, SettingsFrame
 
 from bench import procstat
-from bench._util import log, wait_port
+from bench._util import wait_port
 from bench.h2bench import Candidate, start_backend, start_meshproxy
 from bench.peers import Workspace
 

@@ -55,7 +55,7 @@ from h2.settings import SettingCodes
 from meshproxy.core import metrics
 
 from . import grpc
-from .downstream import REASONS, http_date, reset
+from .downstream import http_date, reset
 from .exchange import CONNECTING, ROUTING, WAITING, Exchange
 from .h2_fields import H2Conn, request_head, response_block, trailer_block
 from .http1 import HTTPError

@@ -155,7 +155,7 @@ def _headers(sid: int, end_stream: bool = True, path: bytes = b"/echo") -> bytes
 def test_rapid_reset(proxy):
     """CVE-2023-44487: streams opened and reset at once, thousands per connection."""
     def attack(port):
-        rst = bytes.fromhex("000004030000000000") 
+        rst = bytes.fromhex("000004030000000000")
         payload = b"".join(_headers(sid) + rst[:5] + sid.to_bytes(4, "big") + (8).to_bytes(4, "big")
                            for sid in range(1, 2 * 2000, 2))
         got = _blast(port, payload, 10, read=True)
