@@ -161,6 +161,12 @@ class H2Stream:
             self.reset_after = True
         self.flush()
 
+    def backlog(self) -> int:
+        """Response bytes of this stream waiting for the client's window, plus what the
+        connection's socket buffer holds (shared by all its streams)."""
+        t = self.shell.transport
+        return self.out_bytes + (t.get_write_buffer_size() if t is not None else 0)
+
     def pause_request(self, why: str) -> None:
         self.req_paused |= 1 if why == "upstream" else 2
 
