@@ -6,6 +6,7 @@ Service port with ``appProtocol: grpc`` on its ClusterIP, and grpcio clients and
 from __future__ import annotations
 
 import os
+import time
 
 import grpc
 import pytest
@@ -88,3 +89,49 @@ def test_mesh_grpc_port_is_balanced_per_call(cluster):
             name = ch.unary_unary("/test.Echo/Who")(b"", timeout=5)
             seen[name] = seen.get(name, 0) + 1
     assert sorted(seen) == [b"m-0", b"m-1", b"m-2"] and min(seen.values()) >= 15, seen
+
+
+def test_sigterm_lets_calls_in_flight_finish(tmp_path):
+    """Drain: on SIGTERM an HTTP/2 client connection gets GOAWAY; the call in flight on it
+    finishes with its answer, and the process exits once it has."""
+    import signal
+    import threading
+    pod = GrpcPod("drain")
+    port = free_port()
+    path = tmp_path / "m.yaml"
+    path.write_text(grpc_service_yaml("echo", [pod]) + "---\n" + """apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: g, namespace: default}
+spec:
+  rules:
+  - http:
+      paths:
+      - {path: /test.Echo/, pathType: Prefix, backend: {service: {name: echo, port: {number: 50051}}}}
+""")
+    mp = Meshproxy([str(path)], "--ingress-listen", f"127.0.0.1:{port}", "--drain-timeout", "10")
+    try:
+        mp.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assert ch.unary_unary("/test.Echo/Who")(b"", timeout=5) == b"drain"
+            result: dict = {}
+
+            def slow() -> None:
+                try:
+                    result["answer"] = ch.unary_unary("/test.Echo/Slow")(b"1500", timeout=10)
+                except grpc.RpcError as exc:
+                    result["error"] = exc.code()
+
+            t = threading.Thread(target=slow)
+            t.start()
+            deadline = time.monotonic() + 5
+            while pod.calls < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pod.calls == 2, "the slow call did not reach the pod"
+            mp.proc.send_signal(signal.SIGTERM)
+            t.join(timeout=15)
+            assert result == {"answer": b"slow done"}, result
+        assert mp.proc.wait(timeout=15) == 0
+    finally:
+        if mp.proc is not None and mp.proc.poll() is None:
+            mp.stop()
+        pod.stop()
