@@ -80,17 +80,19 @@ LIMITS = {
 # Stream ids are 31 bits: past this a client is told to open a new connection (GOAWAY).
 _LAST_STREAM_IDS = (1 << 31) - 1 - (1 << 16)
 _PREFACE_TIMEOUT_FLOOR = 1.0
+_WRITE_HIGH = 256 * 1024
 
 
 class H2ClientConnection(asyncio.Protocol):
     """One HTTP/2 client connection (see the module docstring for its invariants)."""
 
     __slots__ = ("server", "listener", "loop", "settings", "transport", "conn", "streams", "tls", "client",
-                 "peer_ip", "processing", "closed", "goaway_at", "peer_goaway", "timer", "timer_at",
+                 "peer_ip", "peer_port", "sni", "processing", "closed", "goaway_at", "peer_goaway", "timer", "timer_at",
                  "deadline", "idle_at", "writing_paused", "read_paused", "blocked_since", "counts",
                  "window_start", "max_headers", "max_body", "flow_blocked", "last_sid", "fresh", "write_soon")
 
-    def __init__(self, server, listener, client, peer_ip: str, tls: bool) -> None:
+    def __init__(self, server, listener, client, peer_ip: str, peer_port: int, tls: bool,
+                 sni: str | None = None) -> None:
         self.server = server
         self.listener = listener
         self.loop = server.loop
@@ -103,6 +105,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.tls = tls
         self.client = client
         self.peer_ip = peer_ip
+        self.peer_port = peer_port
+        self.sni = sni                        # the TLS server name the client asked for
         self.processing = False
         self.closed = False
         self.goaway_at: int | None = None     # last stream id announced in our GOAWAY
@@ -129,6 +133,9 @@ class H2ClientConnection(asyncio.Protocol):
     def start(self, transport, data: bytes) -> None:
         """Take the connection over (the caller made us its transport's protocol)."""
         self.transport = transport
+        # Room for one turn's responses of many streams before we stop reading the client
+        # (the HTTP/1.1 shell's 16 KiB is for one response at a time).
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
         self.server.connections.add(self)
         conn = self.conn
         conn.local_settings.update({
@@ -284,7 +291,9 @@ class H2ClientConnection(asyncio.Protocol):
             st.exchange = None
             st.route = ex.route
             ex.client_gone("stream reset")
-            st.status = -1
+            if st.grpc:
+                st.grpc_status = b"1"   # the client cancelled the call: CANCELLED
+                st.count_grpc(ex)
             # Reset before its response ended: the pattern of the rapid-reset attack.
             self._abuse("rapid_reset")
         if st.timer is not None:

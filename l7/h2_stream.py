@@ -35,7 +35,7 @@ class H2Stream:
     """One request stream: the ``l7.contracts.Downstream`` of its exchange. ``shell``: its
     ``l7.h2_downstream.H2ClientConnection``."""
 
-    __slots__ = ("shell", "sid", "exchange", "head", "tls", "client", "peer_ip", "memo_head", "memo_up",
+    __slots__ = ("shell", "sid", "exchange", "head", "tls", "client", "peer_ip", "peer_port", "sni", "memo_head", "memo_up",
                  "pending_head", "head_sent", "out", "out_bytes", "ended", "trailers", "closed", "req_ended",
                  "unacked", "req_paused", "down_paused", "timer", "timer_at", "req_trailers", "grpc",
                  "grpc_status", "route", "status", "reset_after")
@@ -48,6 +48,8 @@ class H2Stream:
         self.tls = shell.tls
         self.client = shell.client
         self.peer_ip = shell.peer_ip
+        self.peer_port = shell.peer_port
+        self.sni = shell.sni
         self.memo_head = self.memo_up = None
         self.pending_head: list | None = None   # the response head, sent at the next flush
         self.head_sent = False
@@ -218,16 +220,18 @@ class H2Stream:
         RST_STREAM."""
         ex = self.exchange
         self.exchange = None
+        if ex is not None:
+            self.route = ex.route
         if self.grpc and (self.head_sent or self.pending_head is not None) and not self.closed:
             code = grpc.DEADLINE_EXCEEDED if ex is not None and ex.flags == "UT" else grpc.UNAVAILABLE
             self.trailers = [(b"grpc-status", b"%d" % code), (b"grpc-message", b"upstream failed mid-response")]
             self.grpc_status = b"%d" % code
             self.ended = True
             self.reset_after = not self.req_ended
-            self._count_grpc()
+            self.count_grpc(ex)
             self.flush()
             return
-        self._count_grpc()
+        self.count_grpc(ex)
         self.shell.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
 
     def exchange_done(self, keep: bool) -> None:
@@ -235,7 +239,7 @@ class H2Stream:
         if ex is not None:
             self.route = ex.route
             self.exchange = None
-        self._count_grpc()
+        self.count_grpc(ex)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -269,10 +273,12 @@ class H2Stream:
                 self.grpc_status = v
                 return
 
-    def _count_grpc(self) -> None:
+    def count_grpc(self, ex=None) -> None:
+        """Count the call once (``ex``: its exchange, when it was already let go)."""
         if not self.grpc or self.status < 0:
             return
-        ex = self.exchange
+        if ex is None:
+            ex = self.exchange
         route = ex.route if ex is not None else self.route
         stats = ex.stats if ex is not None else None
         backend = ex.backend if ex is not None else None

@@ -431,7 +431,8 @@ class IngressServer:
     def start_h2(self, conn: ClientConnection, data: bytes) -> None:
         """``conn`` turned out to speak HTTP/2 (ALPN h2, or the preface in ``data``, its first
         bytes): its transport goes to an HTTP/2 shell."""
-        shell = H2ClientConnection(self, conn.listener, conn.client, conn.peer_ip, conn.tls)
+        shell = H2ClientConnection(self, conn.listener, conn.client, conn.peer_ip, conn.peer_port, conn.tls,
+                                   conn.sni)
         transport = conn.transport
         transport.set_protocol(shell)
         shell.start(transport, data)
