@@ -1,6 +1,6 @@
 """HTTP/2 to pods (h2c, prior knowledge): multiplexed connections, one ``Upstream`` per stream.
 
-A request to a backend whose ``protocol`` is HTTP/2 (``meshproxy.core.snapshot.backend_protocol``)
+A request to a backend whose ``l7_protocol`` is HTTP/2 (``meshproxy.core.snapshot.backend_protocol``)
 runs as one stream (``H2UpstreamStream``, the ``l7.contracts.Upstream`` of one attempt) on an
 ``H2UpstreamConnection`` to the chosen endpoint, from the ``H2Pool``. Every request picks its
 endpoint on its own (the exchange's balancer), so the calls of one long-lived client channel

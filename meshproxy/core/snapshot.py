@@ -50,7 +50,7 @@ ANN_PER_TRY_TIMEOUT = "meshproxy.dev/per-try-timeout"
 ANN_SSL_REDIRECT = "meshproxy.dev/ssl-redirect"
 
 
-# What the L7 proxy speaks to a backend's pods (Backend.protocol).
+# What the L7 proxy speaks to a backend's pods (Backend.l7_protocol).
 HTTP1 = "http/1.1"
 H2C = "h2c"
 _H2C_APP_PROTOCOLS = frozenset(("kubernetes.io/h2c", "grpc"))
