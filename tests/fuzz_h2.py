@@ -35,7 +35,8 @@ from hyperframe.frame import (
 )
 from hypothesis import strategies as st
 
-from l7.http1 import valid_host, valid_origin_target
+from l7.h1grammar import check_host as valid_host
+from l7.h2_fields import valid_origin_target
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
