@@ -62,6 +62,7 @@ class H2Conn(H2Connection):
         self._prepare_for_sending([GoAwayFrame(stream_id=0, last_stream_id=last_stream_id,
                                                error_code=error_code, additional_data=data)])
 _TE_TRAILERS = (b"te", b"trailers")
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 _EXPECT = b"expect"
 
 
@@ -205,6 +206,18 @@ def request_block(method: bytes, target: bytes, scheme: bytes, fields: list, te_
     if te_trailers:
         out.append(_TE_TRAILERS)
     out += rest
+    return out
+
+
+def h1_head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields of a serialized HTTP/1.1 response head (status line first, framing fields
+    left out: the caller frames the body itself)."""
+    out = []
+    for line in head.split(b"\r\n")[1:]:
+        if line:
+            n, _, v = line.partition(b": ")
+            if n.lower() not in _FRAMING:
+                out.append((n, v))
     return out
 
 

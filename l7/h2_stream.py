@@ -19,7 +19,7 @@ from h2.errors import ErrorCodes
 from . import grpc
 from .downstream import http_date
 from .exchange import CONNECTING, ROUTING, WAITING, Exchange
-from .h2_fields import response_block, trailer_block
+from .h2_fields import h1_head_fields, response_block, tail_fields, trailer_block
 
 __all__ = ["BAD_HEAD", "STREAM_HIGH", "H2Stream"]
 
@@ -98,7 +98,15 @@ class H2Stream:
             self._note_grpc(fields)
 
     def send_whole(self, status: int, reason: bytes, fields, content_length: int, body: bytes,
-                   complete: bool) -> None:
+                   complete: bool, cached: bytes | None = None, tail: bytes = b"") -> None:
+        """A complete response. ``cached``: the HTTP/1.1 head the upstream connection remembered
+        for this response head (another client of that pooled connection got it; ``fields`` is
+        then None): its fields are taken back from it. Returns None: nothing for the exchange to
+        remember (an HTTP/2 head depends on this connection's HPACK state)."""
+        if fields is None:
+            fields = h1_head_fields(cached or b"")
+        if tail:
+            fields = fields + tail_fields(tail)
         self.status = status
         self.pending_head = response_block(status, fields, content_length)
         if self.grpc:

@@ -529,3 +529,27 @@ def test_reset_of_an_idle_stream_is_a_connection_error(h):
     shell.data_received(RstStreamFrame(7, error_code=8).serialize())
     peer.feed(drain(h, t))
     assert peer.of(h2.events.ConnectionTerminated)[0].error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_h1_and_h2_clients_share_a_pooled_connection_and_its_remembered_head(h):
+    """The upstream connection remembers the serialized HTTP/1.1 head of a repeated response for
+    its next client; an HTTP/2 client taking the same pooled connection gets the fields back."""
+    resp = b"HTTP/1.1 200 OK\r\nX-Pod: one\r\nContent-Length: 2\r\n\r\nok"
+    c1, t1 = h.client()
+    c1.data_received(b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    up, ut = h.pool.open()
+    up.data_received(resp)
+    assert t1.take().startswith(b"HTTP/1.1 200 OK")
+    c1.data_received(b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n")   # the head is remembered now
+    up.data_received(resp)
+    assert b"X-Pod: one" in t1.take()
+    c1.connection_lost(None)
+    shell, t, peer = connect(h)
+    sid = get(peer)
+    send(shell, t, peer)
+    assert not h.pool.requests                    # the pooled connection, not a new one
+    up.data_received(resp)
+    peer.feed(drain(h, t))
+    hd = dict(peer.of(h2.events.ResponseReceived, sid)[0].headers)
+    assert hd[b":status"] == b"200" and hd[b"x-pod"] == b"one" and hd[b"content-length"] == b"2"
+    assert b"".join(e.data for e in peer.of(h2.events.DataReceived, sid)) == b"ok"
