@@ -18,7 +18,7 @@ import trustme
 
 from backends import Backend, Proxy, ingress_yaml, service_yaml, tls_secret_yaml
 from grpc_pods import GrpcPod, grpc_service_yaml
-from requires import requires
+from conftest import requires
 
 GRPC_PORT = 50051
 
