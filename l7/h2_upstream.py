@@ -21,12 +21,19 @@ Invariants:
   past ``_STREAM_HIGH``, pauses the client (``upstream_paused``).
 * Connection counts per (namespace, service) are plain ints exported once a second, as for
   HTTP/1.1 (``meshproxy_upstream_connections``: active = carrying streams).
+* Security as in ``l7.upstream``: ``H2Pool.security`` (None: plain text) says per pod address
+  how a new connection is secured (``UpstreamSecurity``: TLS context, server name, a check of
+  the peer after the handshake, e.g. the mesh's SPIFFE ID); connections are told apart by
+  address and the security's key, so a stream never rides a connection made for another peer
+  identity or in the clear. HTTP/2 then runs over that TLS connection (prior knowledge: our
+  own sidecar on the other end recognises the preface whatever ALPN said).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Callable
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -49,6 +56,7 @@ from meshproxy.core import metrics
 from .downstream import REASONS
 from .h2_fields import H2Conn, request_block, response_head, tail_fields, trailer_block
 from .http1 import HTTPError
+from .upstream import UpstreamSecurity
 
 __all__ = ["H2C", "H2Pool", "H2UpstreamConnection", "H2UpstreamStream"]
 
@@ -154,7 +162,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "addr", "labels", "counts", "transport", "conn", "streams", "reserved", "draining",
                  "closed", "idle_since", "blocked", "streams_started", "active", "writing_paused", "settled",
-                 "write_soon")
+                 "write_soon", "pool_key")
 
     def __init__(self, pool: H2Pool, addr: tuple[str, int], labels: tuple[str, str]) -> None:
         self.pool = pool
@@ -176,6 +184,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.writing_paused = False
         self.settled = False          # the pod's SETTINGS arrived (its stream limit is known)
         self.write_soon = False
+        self.pool_key: Any = addr     # the address, or (address, security key)
 
     # -- capacity -------------------------------------------------------------------------------
 
@@ -523,9 +532,12 @@ class H2Pool:
         self.idle_timeout = settings.upstream_idle_timeout
         self.connect_timeout = settings.connect_timeout
         self.max_head = settings.max_head_size
-        self._conns: dict[tuple[str, int], list[H2UpstreamConnection]] = {}
+        self._conns: dict[Any, list[H2UpstreamConnection]] = {}   # by pool key
         # Requests waiting for a connection being opened: addr -> (connection, [(exchange, token)]).
-        self._opening: dict[tuple[str, int], tuple[H2UpstreamConnection, list]] = {}
+        self._opening: dict[Any, tuple[H2UpstreamConnection, list]] = {}
+        # Per address: how to secure a new connection, or None (plain text); None here:
+        # everything in plain text (module docstring).
+        self.security: Callable[[tuple[str, int]], UpstreamSecurity | None] | None = None
         self._live: frozenset[tuple[str, int]] | None = None
         self._counts: dict[tuple[str, str], list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -540,7 +552,8 @@ class H2Pool:
         return c
 
     def take(self, addr: tuple[str, int]) -> H2UpstreamStream | None:
-        for conn in self._conns.get(addr, ()):
+        key = addr if self.security is None else self._key(addr)[0]
+        for conn in self._conns.get(key, ()):
             if conn.room():
                 return conn.new_stream()
         return None
@@ -549,23 +562,41 @@ class H2Pool:
         """A stream on a new connection to ``addr``: ``exchange.connected(token, stream, None)``
         or ``(token, None, exc)``, from the event loop. Requests arriving while one connection
         to ``addr`` is being opened wait for it."""
-        opening = self._opening.get(addr)
+        key, sec = (addr, None) if self.security is None else self._key(addr)
+        opening = self._opening.get(key)
         if opening is not None and len(opening[1]) < _ASSUMED_STREAMS:
             opening[1].append((exchange, token))
             return
         conn = H2UpstreamConnection(self, addr, labels)
+        conn.pool_key = key
         waiters = [(exchange, token)]
-        self._opening[addr] = (conn, waiters)
-        task = self.loop.create_task(self._connect(conn, waiters))
+        self._opening[key] = (conn, waiters)
+        task = self.loop.create_task(self._connect(conn, waiters, sec))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, conn: H2UpstreamConnection, waiters: list) -> None:
+    def _key(self, addr: tuple[str, int]):
+        sec = self.security(addr)
+        return (addr if sec is None else (addr, sec.key)), sec
+
+    async def _connect(self, conn: H2UpstreamConnection, waiters: list, sec: UpstreamSecurity | None = None) -> None:
         addr = conn.addr
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self.loop.create_connection(lambda: conn, addr[0], addr[1])
-        except (OSError, TimeoutError) as exc:
+                if sec is None:
+                    await self.loop.create_connection(lambda: conn, addr[0], addr[1])
+                else:
+                    if sec.context is None:
+                        raise ConnectionRefusedError(f"no TLS context to reach {addr[0]}:{addr[1]} with")
+                    await self.loop.create_connection(lambda: conn, addr[0], addr[1], ssl=sec.context,
+                                                      server_hostname=sec.server_name,
+                                                      ssl_handshake_timeout=self.connect_timeout)
+                    if sec.check is not None:
+                        sec.check(conn.transport.get_extra_info("ssl_object"))
+        except (OSError, TimeoutError, ValueError) as exc:
+            # ValueError: the peer check refused the peer (e.g. the wrong SPIFFE ID).
+            if conn.transport is not None:
+                conn.transport.abort()
             self._done_opening(conn)
             for exchange, token in waiters:
                 self._report(exchange, token, None, exc)
@@ -594,12 +625,12 @@ class H2Pool:
     def adopt(self, conn: H2UpstreamConnection) -> None:
         """A connection just opened joins the pool (counted idle until a stream uses it)."""
         conn.counts[1] += 1
-        self._conns.setdefault(conn.addr, []).append(conn)
+        self._conns.setdefault(conn.pool_key, []).append(conn)
 
     def _done_opening(self, conn: H2UpstreamConnection) -> None:
-        opening = self._opening.get(conn.addr)
+        opening = self._opening.get(conn.pool_key)
         if opening is not None and opening[0] is conn:
-            del self._opening[conn.addr]
+            del self._opening[conn.pool_key]
 
     @staticmethod
     def _report(exchange, token: int, st, exc) -> None:
@@ -613,7 +644,7 @@ class H2Pool:
         st.conn.release(st)
 
     def lost(self, conn: H2UpstreamConnection) -> None:
-        conns = self._conns.get(conn.addr)
+        conns = self._conns.get(conn.pool_key)
         if conns is not None and conn in conns:
             conns.remove(conn)
             if conn.active:
@@ -622,7 +653,7 @@ class H2Pool:
             else:
                 conn.counts[1] -= 1
             if not conns:
-                del self._conns[conn.addr]
+                del self._conns[conn.pool_key]
 
     def apply(self, snapshot) -> None:
         """Connections to endpoints that are no longer usable take no new streams; idle ones
@@ -632,8 +663,10 @@ class H2Pool:
             for ep in backend.usable:
                 live.add((ep.ip, ep.port))
         self._live = frozenset(live)
-        for addr in [a for a in self._conns if a not in live]:
-            for conn in list(self._conns.get(addr, ())):
+        for key in list(self._conns):
+            for conn in list(self._conns.get(key, ())):
+                if conn.addr in live:
+                    continue
                 conn.draining = True
                 if not conn.reserved:
                     conn.close()
@@ -648,7 +681,7 @@ class H2Pool:
 
     def connection_count(self, addr: tuple[str, int] | None = None) -> int:
         if addr is not None:
-            return len(self._conns.get(addr, ()))
+            return sum(len(c) for k, c in self._conns.items() if k == addr or (type(k) is tuple and k[0] == addr))
         return sum(len(c) for c in self._conns.values())
 
     def export_metrics(self) -> None:
