@@ -1,6 +1,8 @@
-"""HTTP/1.1 load generator: ``python -m bench.load URL [options]``.
+"""HTTP/1.1 and HTTP/2 load generator: ``python -m bench.load URL [options]``.
 
-Two modes:
+``--http2`` speaks HTTP/2 (prior knowledge) with ``--streams`` requests in flight per
+connection, and ``--grpc`` makes each request a gRPC unary call (bench/load_h2.py); both are
+closed loop. For HTTP/1.1, two modes:
 
 - closed loop (default): ``-c N`` connections, each sends its next request as soon as the
   previous response is complete (what wrk does). Latency is measured per request from the
@@ -38,6 +40,7 @@ from urllib.parse import urlsplit
 
 from bench._util import NotLoopback, check_loopback
 from bench.hist import Histogram
+from bench.load_h2 import H2Generator, grpc_frame
 
 # Parser states.
 _HEAD, _BODY_LEN, _CHUNK_SIZE, _CHUNK_DATA, _TRAILERS, _BODY_EOF = range(6)
@@ -456,7 +459,7 @@ def _worker(opts: dict, start_at: float, duration: float, conn) -> None:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
-        g = _Generator(opts, loop)
+        g = H2Generator(opts, loop) if opts.get("http2") else _Generator(opts, loop)
         res = loop.run_until_complete(g.run(start_at, duration))
         usage = os.times()
         res["cpu_s"] = usage.user + usage.system
@@ -501,6 +504,9 @@ def run_load(
     headers: list[str] | None = None,
     body: bytes = b"",
     timeout: float = 10.0,
+    http2: bool = False,
+    streams: int = 10,
+    grpc: bool = False,
 ) -> dict:
     """Run the load and return the merged result (see `--json` for the shape)."""
     u = urlsplit(url)
@@ -521,6 +527,20 @@ def run_load(
         "ip": ip, "port": port, "request": request, "method": method,
         "keepalive": keepalive, "timeout": timeout,
     }
+    if http2 or grpc:
+        if rate or not keepalive:
+            raise ValueError("--http2 / --grpc: closed loop on kept connections only")
+        if grpc:
+            method = "POST"
+            body = grpc_frame(body)
+        h2h = [(b":method", method.encode()), (b":scheme", b"http"), (b":path", path.encode()),
+               (b":authority", host_header.encode())]
+        if grpc:
+            h2h += [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        for h in headers or []:
+            n, _, v = h.partition(":")
+            h2h.append((n.strip().lower().encode(), v.strip().encode()))
+        base.update(http2=True, streams=streams, grpc=grpc, body=body, h2_headers=h2h)
     per = []
     for i in range(processes):
         o = dict(base)
@@ -534,7 +554,7 @@ def run_load(
     if processes == 1:
         loop = _new_loop()
         try:
-            g = _Generator(per[0], loop)
+            g = H2Generator(per[0], loop) if base.get("http2") else _Generator(per[0], loop)
             results = [loop.run_until_complete(g.run(start_at, duration))]
             usage = os.times()
             results[0]["cpu_s"] = usage.user + usage.system
@@ -662,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
     p.add_argument("--data", default="", help="request body (sent with Content-Length)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, s [10]")
+    p.add_argument("--http2", action="store_true", help="HTTP/2 with prior knowledge (closed loop)")
+    p.add_argument("--streams", type=int, default=10, help="--http2: requests in flight per connection [10]")
+    p.add_argument("--grpc", action="store_true",
+                   help="gRPC unary calls over HTTP/2 (--data is the message; grpc-status != 0 counts as an error)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--histogram", action="store_true",
                    help="with --json: keep the sparse histogram buckets in the output")
@@ -671,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             a.url, connections=a.connections, duration=a.duration, requests=a.requests,
             rate=a.rate, keepalive=not a.no_keepalive, processes=a.processes,
             method=a.method.upper(), headers=a.header, body=a.data.encode(), timeout=a.timeout,
+            http2=a.http2, streams=a.streams, grpc=a.grpc,
         )
     except (NotLoopback, ValueError) as e:
         print(f"bench.load: error: {e}", file=sys.stderr)

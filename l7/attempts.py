@@ -43,7 +43,10 @@ class Attempts:
         self.attempts += 1
         ctx.balancers.acquire(ep)
         addr = (ep.ip, ep.port)
-        conn = None if fresh else ctx.pool.take(addr)
+        # The backend's protocol picks the pool: HTTP/1.1 connections, or HTTP/2 streams
+        # multiplexed over a few connections (l7.h2_upstream).
+        pool = ctx.pool if self.backend.l7_protocol == "http/1.1" else ctx.h2pool
+        conn = None if fresh else pool.take(addr)
         if conn is not None:
             self.state = WAITING        # event: routed or retry (hot path: assigned directly)
             self._attach(conn)
@@ -55,7 +58,7 @@ class Attempts:
         self._to(event, CONNECTING)
         self.token = token = self.token + 1
         backend = self.backend
-        ctx.pool.connect(addr, (backend.namespace, backend.service), self, token)
+        pool.connect(addr, (backend.namespace, backend.service), self, token)
 
     def _attach(self, conn) -> None:
         """Hand the request to ``conn`` (head, the body so far, its end if complete)."""
@@ -128,7 +131,7 @@ class Attempts:
         if token != self.token or self.state != CONNECTING:
             # Nobody waits for it any more: keep a good new connection for later.
             if conn is not None:
-                self.ctx.pool.release(conn)
+                conn.pool.release(conn)
             return
         if conn is None:
             self._connect_failed(exc)
@@ -173,7 +176,7 @@ class Attempts:
             self.up = None
             self.upstream_addr = up.addr
             if reuse:
-                self.ctx.pool.release(up)
+                up.pool.release(up)
             else:
                 up.abort()
             if self.up_paused:

@@ -55,12 +55,17 @@ from .http1 import (
     serialize_trailers,
 )
 
-__all__ = ["ClientConnection", "REASONS", "http_date", "response_head_bytes"]
+__all__ = ["ClientConnection", "H2_PREFACE", "REASONS", "http_date", "reset", "response_head_bytes"]
 
 log = logging.getLogger("meshproxy.l7")
 
-# Client connection states.
-_IDLE, _HEAD, _BUSY, _TUNNEL, _CLOSED = range(5)
+# Client connection states. _FRESH: nothing read yet (HTTP/1.1 or HTTP/2 is decided on the first
+# bytes); it sorts after _TUNNEL so the hot path's one state test covers it.
+_IDLE, _HEAD, _BUSY, _TUNNEL, _CLOSED, _FRESH = range(6)
+# The HTTP/2 connection preface (RFC 9113 §3.4): a client with prior knowledge starts with it.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# This much of it tells the two protocols apart ("PRI * HTTP/2.0" is refused by HTTP/1.1).
+_PREFACE_DECIDES = 14
 # How the response body is framed towards the client.
 _M_NONE, _M_RAW, _M_CHUNKED = range(3)
 # Reasons to pause reading from the client (bit flags).
@@ -144,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
         "client", "tls", "read_paused", "writing_paused", "processing", "client_eof",
         "timer", "timer_at", "deadline", "send_deadline", "send_left", "idle_at",
         "exchange", "head", "out", "resp_mode", "resp_keep", "fast",
-        "memo_raw", "memo_head", "memo_up", "up_eof", "sni",
+        "memo_raw", "memo_head", "memo_up", "up_eof", "sni", "sniffed",
     )
 
     def __init__(self, server, listener) -> None:
@@ -154,7 +159,8 @@ class ClientConnection(asyncio.Protocol):
         self.settings = server.settings
         self.transport: Any = None
         self.parser: RequestParser | None = None
-        self.state = _IDLE
+        self.state = _FRESH if server.settings.http2 else _IDLE
+        self.sniffed = b""            # the first bytes, while they may still be the HTTP/2 preface
         self.idle_at = self.loop.time()
         self.tls = listener.tls
         self.read_paused = 0
@@ -212,6 +218,10 @@ class ClientConnection(asyncio.Protocol):
             # A new connection must send a head within header_timeout (a silent connection is
             # a slowloris too).
             self._set_deadline(self.loop.time() + settings.header_timeout)
+            if self.tls and self.state == _FRESH:
+                ssl_obj = transport.get_extra_info("ssl_object")
+                if ssl_obj is not None and ssl_obj.selected_alpn_protocol() == "h2":
+                    self._hand_over(b"")
         except Exception:  # noqa: BLE001 - no exception may escape a protocol callback
             log.exception("L7: internal error accepting a connection")
             self._close(abort=True)
@@ -219,13 +229,19 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             state = self.state
-            if state == _TUNNEL:
-                ex = self.exchange
-                if ex is not None:
-                    ex.tunnel_data(data)
-                return
-            if state == _CLOSED:
-                return
+            if state >= _TUNNEL:
+                if state == _TUNNEL:
+                    ex = self.exchange
+                    if ex is not None:
+                        ex.tunnel_data(data)
+                    return
+                if state == _CLOSED:
+                    return
+                # _FRESH: the first bytes of the connection.
+                data = self._sniff(data)
+                if data is None:
+                    return
+                state = self.state
             if self.writing_paused and (state == _IDLE or state == _HEAD):
                 # Between requests, while the client does not take our answers: no more input
                 # (pipelined requests answered by us would otherwise pile up responses in our
@@ -452,11 +468,40 @@ class ClientConnection(asyncio.Protocol):
 
     def _deadline_passed(self) -> None:
         state = self.state
-        if state == _IDLE:
-            self._close()  # keep-alive idle timeout
+        if state == _IDLE or state == _FRESH:
+            self._close()  # keep-alive idle timeout, or nothing sent at all
         elif state == _HEAD:
             metrics.http_bad_requests.labels("408").inc()
             self._answer_error(408, b"request header timeout\n")
+
+    # ------------------------------------------------------------------------------------------
+    # HTTP/2 by prior knowledge
+
+    def _sniff(self, data: bytes) -> bytes | None:
+        """The first bytes: HTTP/2's preface hands the connection to the HTTP/2 shell (None),
+        anything else is HTTP/1.1 (the bytes to parse). A prefix too short to tell waits."""
+        if self.sniffed:
+            data = self.sniffed + data
+            self.sniffed = b""
+        n = len(data)
+        if n and data[:_PREFACE_DECIDES] == H2_PREFACE[:min(n, _PREFACE_DECIDES)]:
+            if n < _PREFACE_DECIDES:
+                self.sniffed = data
+                return None
+            self._hand_over(data)
+            return None
+        self.state = _IDLE
+        return data
+
+    def _hand_over(self, data: bytes) -> None:
+        """The client speaks HTTP/2: the connection (its transport and listener slot) goes
+        to ``l7.h2_downstream.H2ClientConnection``; this object is done."""
+        self.state = _CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server.connections.discard(self)
+        self.server.start_h2(self, data)
 
     # ------------------------------------------------------------------------------------------
     # request side
@@ -785,7 +830,7 @@ class ClientConnection(asyncio.Protocol):
         A client that is still sending gets ``Connection: close`` on its next response
         instead; closing it the moment it goes idle would race with a request already on the
         wire (RFC 9112 §9.3.1: the client would have to retry it)."""
-        if self.state == _IDLE and self.loop.time() - self.idle_at >= grace:
+        if (self.state == _IDLE or self.state == _FRESH) and self.loop.time() - self.idle_at >= grace:
             self._close()
 
     def close_now(self) -> None:

@@ -374,9 +374,18 @@ class Exchange(Attempts):
         elif self.timeout:
             when = self.deadline = (self.t0 if now is None else now) + self.timeout
             self.down.set_deadline(when)
+        if head.version == 20 and head.grpc_timeout is not None:
+            # gRPC: the client's grpc-timeout bounds every attempt like a request timeout.
+            self._grpc_deadline(head.grpc_timeout, now)
         self._attempt(ep, "routed")
         if action.mirrors and self.req == COMPLETE:
             self._mirror()
+
+    def _grpc_deadline(self, timeout: float, now: float | None) -> None:
+        when = self.t0 + timeout
+        if not self.hard_deadline or when < self.hard_deadline:
+            self.hard_deadline = when
+            self._arm(self.t0 if now is None else now)
 
     def _mirror(self) -> None:
         if not self.mirrored:

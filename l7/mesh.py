@@ -193,6 +193,8 @@ class MeshServer(IngressServer):
         # left are closed).
         if self.pool is not None and snapshot is not None:
             self.pool.apply(snapshot)
+        if self.h2pool is not None and snapshot is not None:
+            self.h2pool.apply(snapshot)
 
     async def serve(self, sock, listener: MeshListener, ssl_ctx=None, opener=None) -> None:
         """Serve one accepted socket as an HTTP client connection (over TLS with ``ssl_ctx``)."""

@@ -79,17 +79,22 @@ class Shadow:
             return
         self.ep = ep
         ctx.balancers.acquire(ep)
-        conn = ctx.pool.take((ep.ip, ep.port))
+        pool = self._pool()
+        conn = pool.take((ep.ip, ep.port))
         if conn is not None:
             self._send(conn)
             return
         self.token += 1
-        ctx.pool.connect((ep.ip, ep.port), (backend.namespace, backend.service), self, self.token)
+        pool.connect((ep.ip, ep.port), (backend.namespace, backend.service), self, self.token)
+
+    def _pool(self):
+        # As for an exchange's attempts: the backend's protocol picks the pool.
+        return self.ctx.pool if self.backend.l7_protocol == "http/1.1" else self.ctx.h2pool
 
     def connected(self, token: int, conn, exc) -> None:
         if token != self.token or self.state != "waiting":
             if conn is not None:
-                self.ctx.pool.release(conn)
+                conn.pool.release(conn)
             return
         if conn is None:
             self._end("connect")
@@ -141,7 +146,7 @@ class Shadow:
             conn.abort()
             ep = self.ep
             self.token += 1
-            self.ctx.pool.connect((ep.ip, ep.port), (self.backend.namespace, self.backend.service), self, self.token)
+            self._pool().connect((ep.ip, ep.port), (self.backend.namespace, self.backend.service), self, self.token)
             return
         self.keep = False
         self._end(kind)
@@ -181,7 +186,7 @@ class Shadow:
         if up is not None:
             self.up = None
             if self.keep and result == "ok":
-                self.ctx.pool.release(up)
+                up.pool.release(up)
             else:
                 up.abort()
         if self.ep is not None:

@@ -26,6 +26,8 @@ from meshproxy.core.memory import release_free_memory
 from meshproxy.core.paths import normalize_request_path
 
 from .downstream import ClientConnection
+from .h2_downstream import H2ClientConnection
+from .h2_upstream import H2Pool
 from .headers import TrustedProxies
 from .passthrough import Sniffer
 from .stats import RouteStats
@@ -209,6 +211,8 @@ class IngressServer:
         self.balancers = runtime.balancers
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool: UpstreamPool | None = None
+        self.h2pool: H2Pool | None = None
+        self._grpc_stats: dict[tuple[str, ...], object] = {}
         self.connections: set[ClientConnection] = set()
         self.listeners: list[Listener] = []
         self.http_listeners: dict[tuple[str, int], Listener] = {}
@@ -263,13 +267,15 @@ class IngressServer:
         self.now = loop.time
         settings = self.settings
         self.pool = UpstreamPool(loop, settings)
+        self.h2pool = H2Pool(loop, settings)
         if self.runtime.snapshot is not None:
             self.pool.apply(self.runtime.snapshot)
+            self.h2pool.apply(self.runtime.snapshot)
         if settings.ingress_listen:
             host, port = settings.ingress_listen
             self.listeners.append(Listener(self, host, port, None))
         if settings.ingress_tls_listen:
-            self.tls = TLSContexts()
+            self.tls = TLSContexts(http2=settings.http2)
             self._update_tls(self.runtime.snapshot)
             host, port = settings.ingress_tls_listen
             lst = Listener(self, host, port, self.tls.listener_context, sniff=settings.ssl_passthrough)
@@ -289,6 +295,8 @@ class IngressServer:
         rebuild TLS contexts whose Secret changed, bind / close the HTTP listeners it wants."""
         if self.pool is not None:
             self.pool.apply(snapshot)
+        if self.h2pool is not None and snapshot is not None:
+            self.h2pool.apply(snapshot)
         if self.tls is not None:
             self._update_tls(snapshot)
         if snapshot is not None and (snapshot.http_listeners or self.http_listeners):
@@ -312,7 +320,7 @@ class IngressServer:
             ssl_ctx = ctxs = None
             if spec.tls:
                 # Gateway listener hostnames: "*." covers any number of labels.
-                ctxs = TLSContexts(label_wildcards=False)
+                ctxs = TLSContexts(label_wildcards=False, http2=self.settings.http2)
                 ctxs.update(spec.tls_hosts, snapshot.secrets)
                 ssl_ctx = ctxs.listener_context
             try:
@@ -355,6 +363,8 @@ class IngressServer:
             conn.close_now()
         if self.pool is not None:
             self.pool.close()
+        if self.h2pool is not None:
+            self.h2pool.close()
         # Let the loop run the connection_lost callbacks of what was just closed.
         for _ in range(3):
             await asyncio.sleep(0)
@@ -379,6 +389,8 @@ class IngressServer:
             if self.pool is not None:
                 self.pool.sweep()
             self._give_back_memory()
+            if self.h2pool is not None:
+                self.h2pool.sweep()
         except Exception:  # noqa: BLE001 - housekeeping must keep running
             log.exception("L7: housekeeping failed")
         self._ticker = self.loop.call_later(1.0, self._tick)
@@ -411,6 +423,26 @@ class IngressServer:
         metrics.http_downstream_connections.set(len(self.connections))
         if self.pool is not None:
             self.pool.export_metrics()
+        if self.h2pool is not None:
+            self.h2pool.export_metrics()
+
+    # -- HTTP/2 ------------------------------------------------------------------------------------
+
+    def start_h2(self, conn: ClientConnection, data: bytes) -> None:
+        """``conn`` turned out to speak HTTP/2 (ALPN h2, or the preface in ``data``, its first
+        bytes): its transport goes to an HTTP/2 shell."""
+        shell = H2ClientConnection(self, conn.listener, conn.client, conn.peer_ip, conn.peer_port, conn.tls,
+                                   conn.sni)
+        transport = conn.transport
+        transport.set_protocol(shell)
+        shell.start(transport, data)
+
+    def grpc_call(self, namespace: str, service: str, grpc_service: str, grpc_method: str, status: str) -> None:
+        key = (namespace, service, grpc_service, grpc_method, status)
+        child = self._grpc_stats.get(key)
+        if child is None:
+            child = self._grpc_stats[key] = metrics.grpc_requests.labels(*key)
+        child.inc()
 
     # -- what exchanges call -----------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ whose bytes changed; a handshake in progress or an established connection keeps 
 started with (an ``SSLObject`` holds a reference to it), so a rotation drops nothing.
 
 Settings (Mozilla "intermediate"): TLS 1.2 and 1.3 only, ECDHE key exchange with AEAD ciphers
-for 1.2, no compression, no renegotiation, ALPN ``http/1.1`` (we speak no HTTP/2 on this
-port, so we do not offer it).
+for 1.2, no compression, no renegotiation, ALPN ``h2`` then ``http/1.1`` (``http/1.1`` only
+when HTTP/2 is off, ``Settings.http2``). Every context built here - the listener's and each
+Secret's, which the SNI callback switches to - offers the same list.
 
 ``ssl`` loads a certificate and key only from files: each PEM pair is written to a private
 temporary file (``mkstemp``: mode 0600, in a fresh 0700 directory) and removed right after
@@ -43,16 +44,18 @@ def _norm(name: str) -> str:
 class TLSContexts:
     """Per-Secret contexts and the SNI choice. ``update(snapshot)`` on every publish."""
 
-    def __init__(self, label_wildcards: bool = True) -> None:
+    def __init__(self, label_wildcards: bool = True, http2: bool = True) -> None:
         """``label_wildcards``: a ``*.`` name covers exactly one label (Ingress); False: any
-        number of them, the longest suffix first (Gateway API listeners)."""
+        number of them, the longest suffix first (Gateway API listeners). ``http2``: offer
+        ALPN ``h2`` before ``http/1.1``."""
         self.label_wildcards = label_wildcards
+        self.alpn = ("h2", "http/1.1") if http2 else ("http/1.1",)
         self._by_secret: dict[tuple[str, str], tuple[bytes, bytes, ssl.SSLContext]] = {}
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}
         self._default: ssl.SSLContext | None = None
         self.problems: tuple[str, ...] = ()
-        self.listener_context = base_context()
+        self.listener_context = base_context(self.alpn)
         self.listener_context.sni_callback = self._sni
         self.builds = 0   # contexts built so far (tests: a rotation rebuilds one)
 
@@ -67,7 +70,7 @@ class TLSContexts:
                 new[key] = old
                 continue
             try:
-                ctx = make_context(cert, keypem)
+                ctx = make_context(cert, keypem, self.alpn)
             except (ssl.SSLError, ValueError, OSError) as exc:
                 # A broken Secret affects only the hosts that use it (they get the default).
                 msg = f"Secret/{key[0]}/{key[1]}: tls.crt/tls.key do not load: {exc}"

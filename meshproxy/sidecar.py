@@ -204,6 +204,8 @@ class Sidecar:
         await self.outbound.start()
         await self.inbound.start()
         self.outbound.pool.security = self.upstream_security
+        # Streams to h2c / grpc ports go over the same mutual TLS (l7.h2_upstream).
+        self.outbound.h2pool.security = self.upstream_security
         self.view.on_change = self.inbound.apply
         outbound_hosts = [s.outbound_host] + (["::1"] if s.outbound_host == "127.0.0.1" else [])
         for host in outbound_hosts:

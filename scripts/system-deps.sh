@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real programs the tests talk to (curl, dnsmasq, dig, promtool, slowhttptest;
 # nft, ip, conntrack, tcpdump and tshark for the tests in network namespaces they create; etcd for the
-# real API server tests; nginx, haproxy, wrk for the benchmark) when they are missing and we may
+# real API server tests; nginx, haproxy, wrk, h2load for the benchmark) when they are missing and we may
 # install them (root with apt-get). Outside CI this is best effort: a test whose program is
 # still missing skips and says why. In CI (CI set, as .ci/run does) a program that cannot be
 # installed is an error here, and the tests that need it fail (tests/conftest.py: requires).
@@ -25,6 +25,7 @@ if [ "${MESHPROXY_BENCH_DEPS:-0}" = 1 ]; then
   have nginx || want+=(nginx-light)
   have haproxy || want+=(haproxy)
   have wrk || want+=(wrk)
+  have h2load || want+=(nghttp2-client)   # bench.h2bench / bench.h2soak (h2load)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 fail=0

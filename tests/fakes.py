@@ -16,6 +16,7 @@ from typing import Any
 from discovery.manifests import load_text
 from discovery.store import ADDED, Allocator, EndpointIndex, Event, Store
 from l7.server import IngressServer, RequestView  # noqa: F401 - re-exported for tests
+from l7.h2_upstream import H2Pool, H2UpstreamConnection
 from l7.upstream import UpstreamConnection, UpstreamPool
 from meshproxy.core.runtime import Runtime
 from meshproxy.core.settings import Settings
@@ -145,6 +146,9 @@ class FakeTransport:
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         self.limits = (high, low)
 
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
     def get_extra_info(self, name: str, default=None):
         return {"peername": self.peer, "sockname": self.sock}.get(name, default)
 
@@ -194,6 +198,28 @@ class FakePool(UpstreamPool):
         exchange.connected(token, None, ConnectionRefusedError(111, "refused"))
 
 
+class FakeH2Pool(H2Pool):
+    """The real HTTP/2 pool without sockets: ``connect`` records the request; ``open(i)``
+    makes a connection on a FakeTransport (its preface and SETTINGS are in ``written``) and
+    hands the waiting exchange a stream on it."""
+
+    def __init__(self, loop, settings) -> None:
+        super().__init__(loop, settings)
+        self.requests: list[tuple[tuple[str, int], Any, int]] = []
+
+    def connect(self, addr, labels, exchange, token) -> None:
+        self.requests.append((addr, labels, exchange, token))
+
+    def open(self, i: int = -1) -> tuple[H2UpstreamConnection, FakeTransport]:
+        addr, labels, exchange, token = self.requests.pop(i)
+        conn = H2UpstreamConnection(self, addr, labels)
+        t = FakeTransport(peer=addr)
+        conn.connection_made(t)
+        self.adopt(conn)
+        exchange.connected(token, conn.new_stream(), None)
+        return conn, t
+
+
 def snapshot_for(manifests: str, settings: Settings):
     """Build a snapshot from manifest text, no sockets (pods at any addresses)."""
     result = load_text(manifests)
@@ -219,6 +245,7 @@ class Harness:
         self.server.loop = self.loop
         self.server.now = self.loop.time
         self.pool = self.server.pool = FakePool(self.loop, self.settings)
+        self.h2pool = self.server.h2pool = FakeH2Pool(self.loop, self.settings)
         self.listener = FakeListener()
         self.publish(manifests)
 

@@ -894,6 +894,6 @@ def test_http_and_grpc_routes_sharing_a_hostname_the_older_one_wins():
 
 def test_grpc_routes_wait_for_http2():
     grpc = route("grpc", "  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n", kind="GRPCRoute")
-    snap = served(grpc)
+    snap = served(grpc, http2=False)
     assert route_conditions(snap, "GRPCRoute", INFRA, "grpc")["Accepted"] == ("False", "NotAllowedByListeners")
     assert outcome(snap, *SAME, Req("/x.Y/Z")) == NOT_FOUND

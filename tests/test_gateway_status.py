@@ -100,7 +100,7 @@ def test_accepted_programmed_addresses_and_observed_generation():
     assert {c["type"]: (c["status"], c["reason"], c["observedGeneration"]) for c in st["conditions"]} == {
         "Accepted": ("True", "Accepted", 3), "Programmed": ("True", "Programmed", 3)}
     ls = listener_status(snap, INFRA, "gw", "http")
-    assert ls == {"attached": 0, "kinds": ["HTTPRoute"], "Accepted": ("True", "Accepted"),
+    assert ls == {"attached": 0, "kinds": ["HTTPRoute", "GRPCRoute"], "Accepted": ("True", "Accepted"),
                   "Programmed": ("True", "Programmed"), "ResolvedRefs": ("True", "ResolvedRefs"),
                   "Conflicted": ("False", "NoConflicts")}
 
@@ -108,8 +108,8 @@ def test_accepted_programmed_addresses_and_observed_generation():
 def test_grpc_route_kinds_with_and_without_http2():
     gw = gateway("gw", "  - {name: http, port: 80, protocol: HTTP}\n"
                        "  - {name: g, port: 81, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}\n")
-    assert listener_status(served(gw, http2=True), INFRA, "gw", "http")["kinds"] == ["HTTPRoute", "GRPCRoute"]
-    snap = served(gw)
+    assert listener_status(served(gw), INFRA, "gw", "http")["kinds"] == ["HTTPRoute", "GRPCRoute"]
+    snap = served(gw, http2=False)
     assert listener_status(snap, INFRA, "gw", "http")["kinds"] == ["HTTPRoute"]
     assert listener_status(snap, INFRA, "gw", "g")["ResolvedRefs"] == ("False", "InvalidRouteKinds")
 
@@ -374,9 +374,9 @@ spec:
   selector: {app: rpc}
   ports: [{name: grpc, port: 50051, appProtocol: grpc}, {name: h2c, port: 8081, appProtocol: kubernetes.io/h2c}]
 """
-    snap = snapshot(svc)
+    snap = snapshot(svc, http2=False)
     assert {("127.96.5.4", 50051), ("127.96.5.4", 8081)} <= set(snap.l4)
-    snap = snapshot(svc, http2=True)
+    snap = snapshot(svc)
     assert {("127.96.5.4", 50051), ("127.96.5.4", 8081)} <= set(snap.http_listeners)
 
 

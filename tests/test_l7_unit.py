@@ -413,7 +413,6 @@ def test_response_hop_by_hop_removed(proxy):
     (b"GET / HTTP/1.1\r\nHost : example.com\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n\r\n", 400),
-    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
     (b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
 ])
 def test_bad_requests_refused_nothing_upstream(proxy, pods, req, status):
@@ -884,14 +883,15 @@ def _alpn_handshake(port: int, ca, protocols: list[str]) -> str | None:
             return t.selected_alpn_protocol()
 
 
-def test_tls_alpn_selects_http11_and_never_h2(pods, certs):
-    """ALPN (docs/l7.md, TLS): the server offers only http/1.1. A client offering h2 and
-    http/1.1 gets http/1.1; a client offering only h2 completes the handshake with no protocol
-    selected (the server does not acknowledge ALPN, RFC 7301 §3.2 allows this; it does not
-    abort with no_application_protocol) and is then served HTTP/1.1."""
+def test_tls_alpn_without_http2_selects_http11_and_never_h2(pods, certs):
+    """ALPN with HTTP/2 off (docs/l7.md, TLS; with it on, tests/test_http2.py): the server
+    offers only http/1.1. A client offering h2 and http/1.1 gets http/1.1; a client offering
+    only h2 completes the handshake with no protocol selected (the server does not acknowledge
+    ALPN, RFC 7301 §3.2 allows this; it does not abort with no_application_protocol) and is
+    then served HTTP/1.1."""
     if not ssl.HAS_ALPN:
         pytest.skip("this OpenSSL has no ALPN")
-    with Proxy(_tls_config(pods, certs), tls=True) as p:
+    with Proxy(_tls_config(pods, certs), tls=True, http2=False) as p:
         ca = certs["ca"]
         assert _alpn_handshake(p.tls_port, ca, ["h2", "http/1.1"]) == "http/1.1"
         assert _alpn_handshake(p.tls_port, ca, ["http/1.1"]) == "http/1.1"

@@ -94,6 +94,18 @@ upstream_errors = Counter("meshproxy_upstream_errors_total", "Upstream failures 
                           ["namespace", "service", "kind"], registry=REGISTRY)
 http_retries = Counter("meshproxy_http_retries_total", "Retried upstream attempts.", ["namespace", "service"], registry=REGISTRY)
 
+# -- HTTP/2 and gRPC ---------------------------------------------------------------------------
+# gRPC calls by the route's service / method (never the raw path: labels stay bounded, see
+# docs/http2.md) and grpc-status (a code 0-16, or "none" when a response carried none).
+grpc_requests = Counter("meshproxy_grpc_requests_total", "gRPC calls answered, by gRPC service, method and grpc-status.",
+                        ["namespace", "service", "grpc_service", "grpc_method", "grpc_status"], registry=REGISTRY)
+# HTTP/2 connections closed by the proxy for abusing the protocol, by kind (rapid_reset,
+# control_flood, empty_data_flood, header_flood, stream_ids, protocol).
+http2_abuse = Counter("meshproxy_http2_connections_refused_total",
+                      "HTTP/2 client connections ended with GOAWAY for abusing the protocol, by kind.",
+                      ["kind"], registry=REGISTRY)
+http2_streams = Counter("meshproxy_http2_streams_total", "HTTP/2 streams opened by clients.", registry=REGISTRY)
+
 # -- access log -------------------------------------------------------------------------------
 access_log_lines = Counter("meshproxy_access_log_lines_total", "Access-log lines written.", registry=REGISTRY)
 access_log_dropped = Counter("meshproxy_access_log_dropped_total",

@@ -156,9 +156,10 @@ class Settings:
     mesh_detect_timeout: float = 1.0
     # Where a Gateway without spec.addresses binds its listeners (--gateway-address, repeatable).
     gateway_addresses: tuple[str, ...] = ("0.0.0.0",)
-    # The L7 server speaks HTTP/2 (h2c prior knowledge, ALPN h2). Until it does, GRPCRoutes are
-    # not accepted and Service ports with appProtocol kubernetes.io/h2c / grpc stay at L4.
-    http2: bool = False
+    # The L7 server speaks HTTP/2 (h2c prior knowledge, ALPN h2) and HTTP/2 to h2c / grpc Service
+    # ports (docs/http2.md). Off: GRPCRoutes are not accepted, h2c / grpc Service ports stay at
+    # L4 and pods are spoken to in HTTP/1.1 only.
+    http2: bool = True
     dns_upstreams: tuple[tuple[str, int], ...] = ()  # where cluster DNS forwards other names (default: /etc/resolv.conf)
     proxy_mode: str = "userspace"          # L4: "userspace" (listeners, l4/) or "nftables" (kernel rules)
     nft_table: str = "meshproxy"           # the inet table nftables mode owns

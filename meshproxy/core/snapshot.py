@@ -37,7 +37,7 @@ from .tls import make_context
 
 from .settings import LB_POLICIES, Settings, parse_duration
 
-__all__ = ["Backend", "HTTPListener", "L4Listener", "NodeInfo", "Snapshot", "SnapshotBuilder",
+__all__ = ["Backend", "HTTP1", "H2C", "backend_protocol", "HTTPListener", "L4Listener", "NodeInfo", "Snapshot", "SnapshotBuilder",
            "parse_duration"]
 
 log = logging.getLogger("meshproxy.snapshot")
@@ -48,6 +48,28 @@ ANN_TIMEOUT = "meshproxy.dev/timeout"
 ANN_RETRIES = "meshproxy.dev/retries"
 ANN_PER_TRY_TIMEOUT = "meshproxy.dev/per-try-timeout"
 ANN_SSL_REDIRECT = "meshproxy.dev/ssl-redirect"
+
+
+# What the L7 proxy speaks to a backend's pods (Backend.l7_protocol).
+HTTP1 = "http/1.1"
+H2C = "h2c"
+_H2C_APP_PROTOCOLS = frozenset(("kubernetes.io/h2c", "grpc"))
+_H2C_NAMES = frozenset(("grpc", "h2c", "http2"))
+
+
+def backend_protocol(port: o.ServicePort | None, http2: bool = True) -> str:
+    """HTTP/2 in clear text (prior knowledge) to a port whose appProtocol is
+    ``kubernetes.io/h2c`` or ``grpc``, or whose name is ``grpc``, ``h2c``, ``http2`` or starts
+    with ``grpc-`` / ``http2-`` (the naming convention meshes use when appProtocol is not
+    set); HTTP/1.1 to everything else, and to everything while HTTP/2 is off."""
+    if port is None or not http2:
+        return HTTP1
+    if port.app_protocol is not None:
+        return H2C if port.app_protocol in _H2C_APP_PROTOCOLS else HTTP1
+    name = port.name
+    if name in _H2C_NAMES or name.startswith(("grpc-", "http2-")):
+        return H2C
+    return HTTP1
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +88,7 @@ class Backend:
     proxy_protocol: int = 0               # 0 off, 1 or 2: PROXY protocol version towards pods
     l7_policy: str = "p2c"                # policy for L7 requests (annotation, else --l7-lb-policy)
     protocol: str = "TCP"                 # TCP or UDP
+    l7_protocol: str = HTTP1              # what the L7 proxy speaks to the pods: HTTP1 or H2C
     # True when the endpoints' weights (SRV weights, discovery/endpoints.py) are not all equal:
     # computed once here, so the balancers' equal-weight path costs one flag test per pick.
     weighted: bool = field(init=False, default=False)
@@ -186,6 +209,8 @@ def _backend_json(b: Backend) -> dict:
          "local": [f"{e.ip}:{e.port}" for e in b.local], "affinityTimeout": b.affinity_timeout}
     if b.weighted:
         d["weights"] = {f"{e.ip}:{e.port}": e.weight for e in b.endpoints}
+    if b.l7_protocol != HTTP1:
+        d["l7Protocol"] = b.l7_protocol
     return d
 
 
@@ -294,8 +319,10 @@ class SnapshotBuilder:
             local_all = tuple(e for e in es.endpoints if node and e.node == node)
             local_ready = tuple(e for e in local_all if e.ready)
             local = local_ready or tuple(e for e in local_all if e.serving and e.terminating)
+            sp = next((p for p in svc.ports if (p.name or str(p.port)) == es.key[2]), None)
             out.append(Backend(es.key, svc.namespace, svc.name, es.port_name, es.port, es.endpoints,
-                               es.usable, local, policy, affinity, proxy_protocol, l7_policy, es.protocol))
+                               es.usable, local, policy, affinity, proxy_protocol, l7_policy, es.protocol,
+                               backend_protocol(sp, self.settings.http2)))
         result = tuple(out)
         self._backend_cache[key] = (svc, sets, node, result)
         return result

@@ -25,21 +25,23 @@ _CIPHERS_TLS12 = (
 )
 
 
-def base_context() -> ssl.SSLContext:
+def base_context(alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+    """``alpn``: the protocols offered, in the server's order of preference (the L7 server
+    offers ``h2`` first when it speaks HTTP/2)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_CIPHERS_TLS12)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     if hasattr(ssl, "OP_NO_RENEGOTIATION"):
         ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
-def make_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+def make_context(cert_pem: bytes, key_pem: bytes, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
     """A server context holding one certificate chain and its key. Raises ssl.SSLError or
     ValueError when they do not load (bad PEM, key not matching the certificate)."""
-    ctx = base_context()
+    ctx = base_context(alpn)
     load_cert_chain(ctx, cert_pem, key_pem)
     return ctx
 
