@@ -214,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
             # wait in our buffer (the kernel's send buffer holds more), so a slow reader costs a
             # bounded amount of our memory (docs/resilience.md, "Slow readers").
             transport.set_write_buffer_limits(high=_WRITE_HIGH)
-            self.parser = RequestParser(settings.max_head_size, settings.max_headers, settings.max_body_size)
+            self.parser = self.server.impl.RequestParser(settings.max_head_size, settings.max_headers, settings.max_body_size)
             # A new connection must send a head within header_timeout (a silent connection is
             # a slowloris too).
             self._set_deadline(self.loop.time() + settings.header_timeout)

@@ -197,6 +197,18 @@ def split_fields_fast(buf: bytes, start: int, end: int) -> list[tuple[bytes, byt
     return out
 
 
+# In the compiled twin (l7.compiled, built from this very file) the function above is replaced
+# by its C version (l7/compiled/_h1scan.pyx: the same blocks accepted, the same lists returned;
+# the Python one stays for a bytearray). The pure package has no ``_h1scan``: the import fails
+# there and the Python function stays.
+try:
+    from ._h1scan import with_fallback as _c_split_fields
+except ImportError:
+    _c_split_fields = None
+if _c_split_fields is not None:
+    split_fields_fast = _c_split_fields(split_fields_fast)
+
+
 def diagnose_fields(block: bytes, what: str) -> str:
     """Slow path: name the first problem in a field block that split_fields refused."""
     if block[:1] == b"\n" or BAD_EOL_RE.search(block) is not None:

@@ -105,15 +105,22 @@ def _classify(name: bytes, actions: dict[bytes, int], seen: dict[bytes, int]) ->
 # Response fast path (no Upgrade, no Via of ours, no field named by Connection): name as
 # spelt -> kept (plain fields and an incoming Via) or dropped. Same bounds as above.
 _KEEP_ALIVE_ONLY = frozenset((b"keep-alive",))
-_RESPONSE_KEEP: dict[bytes, bool] = {}
 
 
-def _learn_keep(name: bytes) -> bool:
-    action = _RESPONSE_ACTIONS.get(name.lower(), _PLAIN)
-    kept = action == _PLAIN or action == _VIA
-    if len(name) <= _SEEN_NAME_MAX and len(_RESPONSE_KEEP) < _SEEN_MAX:
-        _RESPONSE_KEEP[name] = kept
-    return kept
+class _KeepByName(dict):
+    """``keep[name]``: learned on first sight (``__missing__``), so the comprehension below is
+    one subscript per field. (An assignment expression there would do the same, but Cython
+    3.x mis-compiles it inside a comprehension: the compiled core kept no field at all.)"""
+
+    def __missing__(self, name: bytes) -> bool:
+        action = _RESPONSE_ACTIONS.get(name.lower(), _PLAIN)
+        kept = action == _PLAIN or action == _VIA
+        if len(name) <= _SEEN_NAME_MAX and len(self) < _SEEN_MAX:
+            self[name] = kept
+        return kept
+
+
+_RESPONSE_KEEP = _KeepByName()
 
 
 # RFC 9110 §5.6.2 token: a Forwarded parameter value that is a token needs no quotes.
@@ -306,8 +313,7 @@ def response_headers(
         # name alone ("Connection: keep-alive" names no field we would keep: Keep-Alive is
         # dropped anyway). One dict probe per field, no per-field branching.
         keep = _RESPONSE_KEEP
-        return [item for item in headers
-                if (k := keep.get(item[0])) or (k is None and _learn_keep(item[0]))]
+        return [item for item in headers if keep[item[0]]]
     out: list[tuple[bytes, bytes]] = []
     append = out.append
     via_in = None

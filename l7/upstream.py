@@ -49,7 +49,8 @@ from typing import Any, Callable, Hashable
 
 from meshproxy.core import metrics
 
-from .http1 import LAST_CHUNK, PAUSED, EndOfMessage, HTTPError, ResponseHead, ResponseParser, serialize_trailers
+from .h1impl import select as select_implementation
+from .http1 import LAST_CHUNK, PAUSED, EndOfMessage, HTTPError, ResponseHead, serialize_trailers
 
 __all__ = ["HTTP1", "UpstreamConnection", "UpstreamPool", "UpstreamSecurity", "request_head_bytes"]
 
@@ -120,7 +121,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.labels = labels
         self.counts = pool.counts_for(labels)   # [active, idle]
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser(pool.max_head, pool.max_headers)
+        self.parser = pool.response_parser(pool.max_head, pool.max_headers)
         self.exchange = None          # the exchange this connection serves, or None
         self.state = _CONNECTING
         self.idle_since = 0.0
@@ -376,6 +377,8 @@ class UpstreamPool:
         self.connect_timeout = settings.connect_timeout
         self.max_head = settings.max_head_size
         self.max_headers = settings.max_headers
+        # The compiled core's parser or the pure one, as the server's (l7.h1impl).
+        self.response_parser = select_implementation(getattr(settings, "http_parser", None)).ResponseParser
         self._idle: dict[Any, list[UpstreamConnection]] = {}   # by pool key (see UpstreamConnection.pool_key)
         # Per address: how to secure a new connection (UpstreamSecurity) or None (plain text);
         # None here: everything in plain text (module docstring).
