@@ -12,7 +12,9 @@ which is how the tests hold them to the same verdicts.
 * ``auto`` - the compiled core with the fast paths when it is built and current, else ``python``.
 * ``compiled`` - the compiled core with the fast paths; an error when it is not available.
 * ``python`` (or ``fast``, its older name) - the pure-Python modules with the fast paths.
-* ``strict`` - the pure-Python modules, general parser only (no ``parse_whole``).
+* ``python-strict`` (or ``strict``) / ``compiled-strict`` - that core's general parser only (no
+  ``parse_whole``): the fast paths are not a second set of verdicts, and the test suites run
+  without them to show it.
 
 The compiled core is "current" when it was built from the sources beside it (a hash of them is
 compiled in); a checkout edited since the build is refused rather than silently run stale.
@@ -28,7 +30,7 @@ from . import h1request, h1response, headers
 
 __all__ = ["MODES", "Implementation", "available", "compiled_status", "select"]
 
-MODES = ("auto", "compiled", "python", "fast", "strict")
+MODES = ("auto", "compiled", "python", "compiled-strict", "python-strict", "fast", "strict")
 # The modules the twin is compiled from (setup.py's TWIN, in the same order) and its C helper.
 _TWIN = ("h1grammar", "h1parser", "h1request", "h1response", "h1writer", "headers")
 _HELPER = "compiled/_h1scan.pyx"
@@ -93,6 +95,7 @@ _COMPILED, _WHY_NOT = _load_compiled()
 _PYTHON = Implementation("python", True, h1request, h1response, headers)
 _STRICT = Implementation("python", False, h1request, h1response, headers)
 _CORE = None if _COMPILED is None else Implementation("compiled", True, *_COMPILED)
+_CORE_STRICT = None if _COMPILED is None else Implementation("compiled", False, *_COMPILED)
 
 
 def available() -> bool:
@@ -109,6 +112,7 @@ def implementations() -> dict[str, Implementation]:
     out = {"python": _PYTHON, "python-strict": _STRICT}
     if _CORE is not None:
         out["compiled"] = _CORE
+        out["compiled-strict"] = _CORE_STRICT
     return out
 
 
@@ -120,12 +124,12 @@ def select(setting: str | None) -> Implementation:
         mode = os.environ.get("MESHPROXY_HTTP_PARSER", "auto") or "auto"
     if mode not in MODES:
         raise ValueError(f"http_parser: {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "strict":
+    if mode == "strict" or mode == "python-strict":
         return _STRICT
     if mode == "python" or mode == "fast":
         return _PYTHON
-    if mode == "compiled":
+    if mode == "compiled" or mode == "compiled-strict":
         if _CORE is None:
-            raise ValueError(f"http_parser: compiled core is {compiled_status()}")
-        return _CORE
+            raise ValueError(f"http_parser: the compiled core is {compiled_status()}")
+        return _CORE if mode == "compiled" else _CORE_STRICT
     return _CORE if _CORE is not None else _PYTHON

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+from cores import CORES, use_core
 
 from l7.headers import (
     ClientInfo,
@@ -22,6 +25,13 @@ OURS = [
     (b"X-Forwarded-Host", b"example.com"),
     (b"Forwarded", b"for=10.1.2.3;host=example.com;proto=http"),
 ]
+
+
+@pytest.fixture(autouse=True, params=CORES)
+def core(request, monkeypatch):
+    """Every table here runs against both cores (tests/cores.py)."""
+    use_core(monkeypatch, request.param, sys.modules[__name__])
+    return request.param
 
 
 def tokens(*names: bytes) -> frozenset[bytes]:

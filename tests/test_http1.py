@@ -7,9 +7,12 @@ h11 as a differential oracle unless the case documents a deliberate difference.
 
 from __future__ import annotations
 
+import sys
+
+import fuzz_http1
 import h11
 import pytest
-
+from cores import CORES, use_core
 from fuzz_http1 import (
     bytewise,
     check_corpus_file,
@@ -39,6 +42,13 @@ from l7.http1 import (
 )
 
 H = b"Host: a.example"
+
+
+@pytest.fixture(autouse=True, params=CORES)
+def core(request, monkeypatch):
+    """Every table, corpus file and fuzz run here runs against both cores (tests/cores.py)."""
+    use_core(monkeypatch, request.param, sys.modules[__name__], fuzz_http1)
+    return request.param
 
 
 def req(*lines: bytes, body: bytes = b"", start: bytes = b"POST / HTTP/1.1") -> bytes:
@@ -1327,3 +1337,18 @@ def test_take_body_returns_the_read_itself() -> None:
     assert p.take_body(b"789ab") == b"789"    # the rest is buffered for next_event
     assert isinstance(p.next_event(), EndOfMessage)
     assert p.take_body(b"x") is None          # not inside a body
+
+
+def test_the_core_under_test_is_the_one_asked(core) -> None:
+    """The fixture really swaps implementations: the compiled core's classes come from the
+    extension modules (and its fast-path splitter is the C one), the reference's from l7."""
+    parser = RequestParser()
+    if core == "compiled":
+        assert type(parser).__module__ == "l7.compiled.h1request"
+        assert fuzz_http1.RequestParser is RequestParser
+        from l7.compiled import h1grammar
+        assert type(h1grammar.split_fields_fast).__name__ != "function"   # C, not Python bytecode
+        assert h1grammar.__file__.endswith(".so")
+    else:
+        assert type(parser).__module__ == "l7.h1request"
+    assert parser.parse_whole(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").host == b"a"
