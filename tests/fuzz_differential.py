@@ -180,7 +180,7 @@ def compare(data: bytes, every_cut: bool = True) -> None:
 
 
 def _atheris_one_input(data: bytes) -> None:
-    compare(data, every_cut=len(data) <= 256)
+    compare(data, every_cut=len(data) <= 96)
 
 
 if __name__ == "__main__":
