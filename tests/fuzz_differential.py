@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from l7 import h1request, h1response, h1writer, headers  # noqa: E402
+from l7 import h1grammar, h1request, h1response, h1writer, headers  # noqa: E402
 from l7.h1events import NEED_DATA, PAUSED, EndOfMessage, HTTPError, RequestHead, ResponseHead  # noqa: E402
 
 try:
+    from l7.compiled import h1grammar as c_h1grammar  # noqa: E402
     from l7.compiled import h1request as c_h1request  # noqa: E402
     from l7.compiled import h1response as c_h1response  # noqa: E402
     from l7.compiled import h1writer as c_h1writer  # noqa: E402
@@ -157,8 +158,25 @@ def _heads(request_cls, response_cls, data, response, methods):
     return got
 
 
+def scans(data: bytes) -> None:
+    """The C scanners against the Python functions they replace, called directly (with limits
+    that bite, too) - including inputs the parsers would not pass them."""
+    for max_head, max_headers in ((65536, 100), (len(data) - 1, 100), (65536, 2)):
+        for name in ("scan_request_whole", "scan_response_whole"):
+            a = getattr(h1grammar, name)(data, max_head, max_headers)
+            b = getattr(c_h1grammar, name)(data, max_head, max_headers)
+            assert a == b, (name, data, max_head, max_headers, a, b)
+    end = data.find(b"\r\n\r\n")
+    start = data.find(b"\r\n") + 2
+    if end >= 0 and start <= end + 2:
+        a = h1grammar.split_fields_fast(data, start, end + 2)
+        b = c_h1grammar.split_fields_fast(data, start, end + 2)
+        assert a == b, ("split_fields_fast", data, a, b)
+
+
 def compare(data: bytes, every_cut: bool = True) -> None:
     """Fails (AssertionError naming the input, side and cut) on any difference."""
+    scans(data)
     py = (h1request.RequestParser, h1response.ResponseParser)
     cc = (c_h1request.RequestParser, c_h1response.ResponseParser)
     n = len(data)

@@ -1347,7 +1347,8 @@ def test_the_core_under_test_is_the_one_asked(core) -> None:
         assert type(parser).__module__ == "l7.compiled.h1request"
         assert fuzz_http1.RequestParser is RequestParser
         from l7.compiled import h1grammar
-        assert type(h1grammar.split_fields_fast).__name__ != "function"   # C, not Python bytecode
+        for helper in (h1grammar.split_fields_fast, h1grammar.scan_request_whole, h1grammar.scan_response_whole):
+            assert helper.__module__ == "l7.compiled._h1scan"   # the C scanners, not the Python loops
         assert h1grammar.__file__.endswith(".so")
     else:
         assert type(parser).__module__ == "l7.h1request"

@@ -1,18 +1,24 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""The field-block splitter of the parsers' fast paths, in C (the compiled twin only).
+"""The scanning halves of the parsers' fast paths, in C (the compiled twin only).
 
-``split_fields_fast`` here accepts exactly the blocks ``l7.h1grammar.split_fields_fast`` accepts
-and returns the same list; the twin's ``h1grammar`` imports it in place of the Python loop. The
-grammar is the same (RFC 9112 §5 field-line, RFC 9110 §5.5 field-value): each line is
-``token ":" OWS value OWS CRLF``, value bytes HTAB / SP / VCHAR / obs-text, CR only in CRLF.
-One pass over the bytes with two 256-entry tables instead of translate + three counts + split +
-partition per line. Anything else is None, and the general path decides as it always does.
+``split_fields_fast``, ``scan_request_whole`` and ``scan_response_whole`` here accept exactly
+what the functions of the same names in ``l7/h1grammar.py`` accept and return the same values;
+the twin's ``h1grammar`` takes them in place of its Python ones (``with_fallback``). The grammar
+is the same: request-line ``token SP target SP "HTTP/" DIGIT "." DIGIT`` with target bytes
+%x21-22 / %x24-7E (RFC 9112 §3), status-line ``"HTTP/" DIGIT "." DIGIT SP 3DIGIT [SP reason]``
+with reason bytes HTAB / SP / VCHAR / obs-text (§4), field lines ``token ":" OWS value OWS
+CRLF`` with value bytes HTAB / SP / VCHAR / obs-text and CR only in CRLF (§5, RFC 9110 §5.5).
+One pass over the bytes with 256-entry tables instead of regexes, translate, counts, split and
+partition per line. Whatever is not accepted is None, and the general path decides as always.
+tests/fuzz_differential.py holds both versions to the same answers.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcmp
 
 cdef unsigned char TCHAR[256]
 cdef unsigned char VALUE[256]
+cdef unsigned char TARGET[256]
 
 
 cdef void _tables():
@@ -20,32 +26,36 @@ cdef void _tables():
     for c in range(256):
         TCHAR[c] = 0
         VALUE[c] = 1 if (c == 9 or 0x20 <= c <= 0x7E or c >= 0x80) else 0
+        TARGET[c] = 1 if (c == 0x21 or c == 0x22 or 0x24 <= c <= 0x7E) else 0
     for c in b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz":
         TCHAR[c] = 1
 
 
 _tables()
 
-_py_split = None
+_py = {}
 
 
 def with_fallback(func):
-    """``split_fields_fast`` in C, calling ``func`` (the Python one) for a buffer that is not
-    ``bytes``."""
-    global _py_split
-    _py_split = func
-    return split_fields_fast
+    """The C version of ``func`` (an ``l7.h1grammar`` function of the same name), which calls
+    ``func`` itself for input that is not ``bytes`` (a bytearray buffer)."""
+    _py[func.__name__] = func
+    return globals()[func.__name__]
 
 
 def split_fields_fast(buf, Py_ssize_t start, Py_ssize_t end):
     if type(buf) is not bytes:
-        return _py_split(buf, start, end)
+        return _py["split_fields_fast"](buf, start, end)
     cdef const unsigned char *p = <const unsigned char *> PyBytes_AS_STRING(buf)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
     if start < 0:
         start = 0
     if end > n:
         end = n
+    return _fields(p, start, end)
+
+
+cdef object _fields(const unsigned char *p, Py_ssize_t start, Py_ssize_t end):
     cdef Py_ssize_t i = start, name_end, v0, v1, line_end
     cdef unsigned char c
     out = []
@@ -74,3 +84,203 @@ def split_fields_fast(buf, Py_ssize_t start, Py_ssize_t end):
                     PyBytes_FromStringAndSize(<const char *> p + v0, v1 - v0)))
         i = line_end + 2
     return out
+
+
+# What the head interpretation looks at (l7.h1grammar.name_kind), by name, case-insensitively.
+cdef enum:
+    K_PLAIN = 0
+    K_HOST = 1
+    K_CL = 2
+    K_TE = 3
+    K_CONNECTION = 4
+    K_UPGRADE = 5
+    K_EXPECT = 6
+    K_UNDERSCORE = -1
+
+
+cdef bint _is(const unsigned char *p, Py_ssize_t n, const char *lower, Py_ssize_t m):
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n != m:
+        return False
+    for i in range(n):
+        c = p[i]
+        if 65 <= c <= 90:
+            c += 32
+        if c != <unsigned char> lower[i]:
+            return False
+    return True
+
+
+cdef int _kind(const unsigned char *p, Py_ssize_t n):
+    cdef Py_ssize_t i
+    if _is(p, n, b"host", 4):
+        return K_HOST
+    if _is(p, n, b"content-length", 14):
+        return K_CL
+    if _is(p, n, b"transfer-encoding", 17):
+        return K_TE
+    if _is(p, n, b"connection", 10):
+        return K_CONNECTION
+    if _is(p, n, b"upgrade", 7):
+        return K_UPGRADE
+    if _is(p, n, b"expect", 6):
+        return K_EXPECT
+    for i in range(n):
+        if p[i] == 95:   # "_"
+            return K_UNDERSCORE
+    return K_PLAIN
+
+
+cdef Py_ssize_t _blank_line(const unsigned char *p, Py_ssize_t n):
+    """Offset of the first CRLFCRLF, or -1."""
+    cdef Py_ssize_t i
+    for i in range(n - 3):
+        if p[i] == 13 and p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
+            return i
+    return -1
+
+
+cdef Py_ssize_t _line_end(const unsigned char *p, Py_ssize_t n):
+    cdef Py_ssize_t i
+    for i in range(n - 1):
+        if p[i] == 13 and p[i + 1] == 10:
+            return i
+    return -1
+
+
+cdef int _version(const unsigned char *p, Py_ssize_t i, Py_ssize_t stop):
+    """ "HTTP/" DIGIT "." DIGIT at p[i:stop] exactly: 11, 10, 0 for another valid version, -1
+    when the grammar fails."""
+    if stop - i != 8 or p[i] != 72 or p[i + 1] != 84 or p[i + 2] != 84 or p[i + 3] != 80 or p[i + 4] != 47:
+        return -1
+    if not (48 <= p[i + 5] <= 57) or p[i + 6] != 46 or not (48 <= p[i + 7] <= 57):
+        return -1
+    if p[i + 5] == 49 and p[i + 7] == 49:
+        return 11
+    if p[i + 5] == 49 and p[i + 7] == 48:
+        return 10
+    return 0
+
+
+def scan_request_whole(data, Py_ssize_t max_head, Py_ssize_t max_headers):
+    if type(data) is not bytes:
+        return _py["scan_request_whole"](data, max_head, max_headers)
+    cdef const unsigned char *p = <const unsigned char *> PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t end = _blank_line(p, n)
+    if end < 0 or end + 4 != n or end + 4 > max_head:
+        return None
+    cdef Py_ssize_t line_end = _line_end(p, n)
+    cdef Py_ssize_t i = 0, m_end, t0, t_end
+    while i < line_end and TCHAR[p[i]]:
+        i += 1
+    if i == 0 or i >= line_end or p[i] != 32:
+        return None
+    m_end = i
+    t0 = i = i + 1
+    while i < line_end and TARGET[p[i]]:
+        i += 1
+    if i == t0 or i >= line_end or p[i] != 32:
+        return None
+    t_end = i
+    cdef int version = _version(p, i + 1, line_end)
+    if version <= 0 or p[t0] != 47:   # another version, a bad line; origin-form only
+        return None
+    if m_end == 7 and memcmp(p, b"CONNECT", 7) == 0:   # method names are case-sensitive
+        return None
+    headers = _fields(p, line_end + 2, end + 2)
+    if headers is None or len(headers) > max_headers:
+        return None
+    cdef Py_ssize_t k
+    cdef int kind
+    cdef bytes name
+    hosts = conns = None
+    for k in range(len(headers)):
+        name = headers[k][0]
+        kind = _kind(<const unsigned char *> PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+        if kind != K_PLAIN:
+            if kind == K_HOST and hosts is None:
+                hosts = headers[k][1]
+            elif kind == K_CONNECTION and conns is None:
+                conns = headers[k][1]
+            else:
+                return None
+    if hosts is None:
+        return None
+    return (PyBytes_FromStringAndSize(<const char *> p, m_end),
+            PyBytes_FromStringAndSize(<const char *> p + t0, t_end - t0),
+            version, headers, hosts, conns)
+
+
+cdef Py_ssize_t MAX_CONTENT_LENGTH_C = 0x7FFFFFFFFFFFFFFF
+
+
+def scan_response_whole(data, Py_ssize_t max_head, Py_ssize_t max_headers):
+    if type(data) is not bytes:
+        return _py["scan_response_whole"](data, max_head, max_headers)
+    cdef const unsigned char *p = <const unsigned char *> PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t end = _blank_line(p, n)
+    if end < 0 or end + 4 > max_head:
+        return None
+    cdef Py_ssize_t line_end = _line_end(p, n)
+    # "HTTP/x.y SSS" then nothing, or SP and a reason
+    if line_end < 12:
+        return None
+    cdef int version = _version(p, 0, 8)
+    if version < 0 or p[8] != 32:
+        return None
+    cdef int status = 0, d
+    for d in range(9, 12):
+        if not (48 <= p[d] <= 57):
+            return None
+        status = status * 10 + (p[d] - 48)
+    cdef Py_ssize_t i
+    if line_end > 12:
+        if p[12] != 32:
+            return None
+        for i in range(13, line_end):
+            if not VALUE[p[i]]:
+                return None
+        reason = PyBytes_FromStringAndSize(<const char *> p + 13, line_end - 13)
+    else:
+        reason = b""
+    if version == 0 or status < 200 or status > 599 or status == 204 or status == 304:
+        return None
+    fields = _fields(p, line_end + 2, end + 2)
+    if fields is None or len(fields) > max_headers:
+        return None
+    cdef Py_ssize_t k, cl_at = -1
+    cdef int kind
+    cdef bytes name, cl
+    conns = None
+    for k in range(len(fields)):
+        name = fields[k][0]
+        kind = _kind(<const unsigned char *> PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+        if kind == K_CL:
+            if cl_at >= 0:
+                return None
+            cl_at = k
+        elif kind == K_TE:
+            return None
+        elif kind == K_CONNECTION:
+            if conns is not None:
+                return None
+            conns = fields[k][1]
+    if cl_at < 0:
+        return None
+    cl = fields[cl_at][1]
+    cdef const unsigned char *q = <const unsigned char *> PyBytes_AS_STRING(cl)
+    cdef Py_ssize_t cl_len = PyBytes_GET_SIZE(cl)
+    if cl_len == 0 or cl_len > 19:
+        return None
+    cdef unsigned long long length = 0
+    for i in range(cl_len):
+        if not (48 <= q[i] <= 57):
+            return None
+        length = length * 10 + (q[i] - 48)
+    if length > <unsigned long long> MAX_CONTENT_LENGTH_C or <unsigned long long> n != <unsigned long long> (end + 4) + length:
+        return None
+    del fields[cl_at]
+    return version, status, reason, fields, length, conns, end
