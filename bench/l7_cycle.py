@@ -243,7 +243,9 @@ def i_wrote(server) -> bool:
 
 
 def instructions(n: int, path: str, core: str) -> int:
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m", "bench.l7_cycle",
+    # The file itself, not "-m bench.l7_cycle": with PYTHONPATH set to another checkout (one
+    # without this driver) the same cycles measure that version's l7.
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, os.path.abspath(__file__),
            "--cycles", str(n), "--path", path, "--core", core]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     m = re.search(r"Collected : (\d+)", r.stderr)

@@ -26,7 +26,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from . import h1request, h1response, headers
+from . import h1request, h1response, h1writer, headers
 
 __all__ = ["MODES", "Implementation", "available", "compiled_status", "select"]
 
@@ -41,15 +41,18 @@ class Implementation:
     ``parse_whole`` fast paths are used."""
 
     __slots__ = ("name", "fast_parse", "RequestParser", "ResponseParser", "request_headers",
-                 "response_headers")
+                 "response_headers", "ClientInfo", "request_head_bytes", "response_head_bytes")
 
-    def __init__(self, name: str, fast_parse: bool, request_mod, response_mod, headers_mod) -> None:
+    def __init__(self, name: str, fast_parse: bool, request_mod, response_mod, headers_mod, writer_mod) -> None:
         self.name = name
         self.fast_parse = fast_parse
         self.RequestParser = request_mod.RequestParser
         self.ResponseParser = response_mod.ResponseParser
         self.request_headers = headers_mod.request_headers
         self.response_headers = headers_mod.response_headers
+        self.ClientInfo = headers_mod.ClientInfo
+        self.request_head_bytes = writer_mod.request_head_bytes
+        self.response_head_bytes = writer_mod.response_head_bytes
 
     @property
     def mode(self) -> str:
@@ -79,6 +82,7 @@ def _load_compiled():
         from .compiled import _stamp
         from .compiled import h1request as c_request
         from .compiled import h1response as c_response
+        from .compiled import h1writer as c_writer
         from .compiled import headers as c_headers
     except ImportError as exc:
         return None, f"not built ({exc})"
@@ -88,12 +92,12 @@ def _load_compiled():
         current = _stamp.SOURCE_HASH
     if _stamp.SOURCE_HASH != current:
         return None, "stale: l7 sources changed since it was built (run make venv)"
-    return (c_request, c_response, c_headers), None
+    return (c_request, c_response, c_headers, c_writer), None
 
 
 _COMPILED, _WHY_NOT = _load_compiled()
-_PYTHON = Implementation("python", True, h1request, h1response, headers)
-_STRICT = Implementation("python", False, h1request, h1response, headers)
+_PYTHON = Implementation("python", True, h1request, h1response, headers, h1writer)
+_STRICT = Implementation("python", False, h1request, h1response, headers, h1writer)
 _CORE = None if _COMPILED is None else Implementation("compiled", True, *_COMPILED)
 _CORE_STRICT = None if _COMPILED is None else Implementation("compiled", False, *_COMPILED)
 

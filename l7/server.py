@@ -227,6 +227,7 @@ class IngressServer:
         self.fast_parse = impl.fast_parse
         self.request_headers = impl.request_headers
         self.response_headers = impl.response_headers
+        self.response_head_bytes = impl.response_head_bytes
         # The process's access log (meshproxy.dataplane opens it); an embedded server without
         # one (tests) opens its own from the settings.
         self.access_log = runtime.access_log

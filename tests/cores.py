@@ -27,6 +27,8 @@ _SOURCES = {
     "serialize_response_head": "h1writer",
     "serialize_trailers": "h1writer",
     "chunk": "h1writer",
+    "request_head_bytes": "h1writer",
+    "response_head_bytes": "h1writer",
     "request_headers": "headers",
     "response_headers": "headers",
     "forwarded_element": "headers",

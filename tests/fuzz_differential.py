@@ -118,6 +118,8 @@ def policy(hmod, wmod, head) -> list:
                     fields = hmod.request_headers(head.headers, head.connection_tokens, client, upgrade,
                                                   None if upgrade else head.host, via)
                     out.append(fields)
+                    out.append(wmod.request_head_bytes(head.method, head.target, fields, head.content_length,
+                                                       head.chunked))
                     out.append(_serialize(wmod.serialize_request_head, head.method, head.target, fields,
                                           content_length=head.content_length, chunked=head.chunked))
     else:
@@ -125,6 +127,8 @@ def policy(hmod, wmod, head) -> list:
             for via in (None, b"1.1 meshproxy"):
                 fields = hmod.response_headers(head.headers, head.connection_tokens, upgrade, via)
                 out.append(fields)
+                out.append(wmod.response_head_bytes(head.status, head.reason, fields, head.content_length,
+                                                    head.chunked))
                 out.append(_serialize(wmod.serialize_response_head, head.status, head.reason, fields,
                                       content_length=head.content_length, chunked=head.chunked,
                                       version=head.version))

@@ -40,6 +40,7 @@ from l7.http1 import (
     serialize_response_head,
     serialize_trailers,
 )
+from l7.h1writer import request_head_bytes, response_head_bytes
 
 H = b"Host: a.example"
 
@@ -1353,3 +1354,24 @@ def test_the_core_under_test_is_the_one_asked(core) -> None:
     else:
         assert type(parser).__module__ == "l7.h1request"
     assert parser.parse_whole(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").host == b"a"
+
+
+@pytest.mark.parametrize("fields, cl, chunked", [
+    ([], None, False),
+    ([(b"Host", b"a"), (b"X-Obs", b"\x80\xff v")], 0, False),
+    (((b"Host", b"a"),), 12345, False),
+    ([(b"Host", b"a"), (b"Accept", b"*/*")], None, True),
+    ([(b"Host", b"a")], 2**63 - 1, False),
+])
+def test_fast_head_serializers_write_what_the_validating_ones_write(fields, cl, chunked) -> None:
+    """The proxy's own head serializers (no output validation; C in the compiled core) write
+    the same bytes as serialize_request_head / serialize_response_head."""
+    assert request_head_bytes(b"POST", b"/p?q=1", fields, cl, chunked) == \
+        serialize_request_head(b"POST", b"/p?q=1", fields, content_length=cl, chunked=chunked)
+    for status, reason in ((200, b"OK"), (404, b""), (599, b"Odd Reason"), (101, b"Switching")):
+        assert response_head_bytes(status, reason, fields, cl, chunked) == \
+            serialize_response_head(status, reason, fields, content_length=cl, chunked=chunked)
+    # Fields that are not tuples of bytes take the Python path and still come out alike.
+    listed = [list(f) for f in fields]
+    assert response_head_bytes(200, b"OK", listed, cl, chunked) == \
+        serialize_response_head(200, b"OK", fields, content_length=cl, chunked=chunked)

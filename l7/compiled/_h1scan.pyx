@@ -14,7 +14,8 @@ tests/fuzz_differential.py holds both versions to the same answers.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcmp
+from libc.stdio cimport snprintf
+from libc.string cimport memcmp, memcpy
 
 cdef unsigned char TCHAR[256]
 cdef unsigned char VALUE[256]
@@ -284,3 +285,102 @@ def scan_response_whole(data, Py_ssize_t max_head, Py_ssize_t max_headers):
         return None
     del fields[cl_at]
     return version, status, reason, fields, length, conns, end
+
+
+# ---- the proxy's head serializers (l7.h1writer.request_head_bytes / response_head_bytes)
+
+cdef Py_ssize_t _fields_size(fields) except -2:
+    """Bytes of "name: value CRLF" for every field, or -1 when a field is not a (bytes, bytes)
+    tuple (then the Python version runs)."""
+    cdef Py_ssize_t size = 0
+    for item in fields:
+        if type(item) is not tuple or len(<tuple> item) != 2:
+            return -1
+        name = (<tuple> item)[0]
+        value = (<tuple> item)[1]
+        if type(name) is not bytes or type(value) is not bytes:
+            return -1
+        size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+    return size
+
+
+cdef char *_put(char *w, const char *src, Py_ssize_t n):
+    memcpy(w, src, n)
+    return w + n
+
+
+cdef char *_put_fields(char *w, fields):
+    cdef bytes name, value
+    for item in fields:
+        name = (<tuple> item)[0]
+        value = (<tuple> item)[1]
+        w = _put(w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+        w = _put(w, b": ", 2)
+        w = _put(w, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+        w = _put(w, b"\r\n", 2)
+    return w
+
+
+cdef int _framing(char *buf, content_length, bint chunked) except -2:
+    """The framing field into buf (at least 48 bytes): its length, or -1 for the Python path."""
+    cdef long long v
+    if chunked:
+        memcpy(buf, b"Transfer-Encoding: chunked\r\n", 28)
+        return 28
+    if content_length is None:
+        return 0
+    if type(content_length) is not int or content_length < 0 or content_length > 0x7FFFFFFFFFFFFFFF:
+        return -1
+    v = content_length
+    return snprintf(buf, 48, b"Content-Length: %lld\r\n", v)
+
+
+def request_head_bytes(method, target, fields, content_length, chunked):
+    cdef char framing[48]
+    cdef Py_ssize_t fsize = -1
+    cdef int flen = -1
+    if type(method) is bytes and type(target) is bytes and (type(fields) is list or type(fields) is tuple):
+        fsize = _fields_size(fields)
+        if fsize >= 0:
+            flen = _framing(framing, content_length, chunked)
+    if fsize < 0 or flen < 0:
+        return _py["request_head_bytes"](method, target, fields, content_length, chunked)
+    cdef Py_ssize_t m = PyBytes_GET_SIZE(method), t = PyBytes_GET_SIZE(target)
+    out = PyBytes_FromStringAndSize(NULL, m + 1 + t + 11 + fsize + flen + 2)
+    cdef char *w = PyBytes_AS_STRING(out)
+    w = _put(w, PyBytes_AS_STRING(method), m)
+    w = _put(w, b" ", 1)
+    w = _put(w, PyBytes_AS_STRING(target), t)
+    w = _put(w, b" HTTP/1.1\r\n", 11)
+    w = _put_fields(w, fields)
+    w = _put(w, framing, flen)
+    _put(w, b"\r\n", 2)
+    return out
+
+
+def response_head_bytes(status, reason, fields, content_length, chunked):
+    cdef char framing[48]
+    cdef Py_ssize_t fsize = -1
+    cdef int flen = -1, code = 0
+    if (type(status) is int and 100 <= status <= 999 and type(reason) is bytes
+            and (type(fields) is list or type(fields) is tuple)):
+        code = status
+        fsize = _fields_size(fields)
+        if fsize >= 0:
+            flen = _framing(framing, content_length, chunked)
+    if fsize < 0 or flen < 0:
+        return _py["response_head_bytes"](status, reason, fields, content_length, chunked)
+    cdef Py_ssize_t r = PyBytes_GET_SIZE(reason)
+    out = PyBytes_FromStringAndSize(NULL, 13 + r + 2 + fsize + flen + 2)
+    cdef char *w = PyBytes_AS_STRING(out)
+    w = _put(w, b"HTTP/1.1 ", 9)
+    w[0] = <char> (48 + code // 100)
+    w[1] = <char> (48 + code // 10 % 10)
+    w[2] = <char> (48 + code % 10)
+    w[3] = 32
+    w = _put(w + 4, PyBytes_AS_STRING(reason), r)
+    w = _put(w, b"\r\n", 2)
+    w = _put_fields(w, fields)
+    w = _put(w, framing, flen)
+    _put(w, b"\r\n", 2)
+    return out
