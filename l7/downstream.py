@@ -177,14 +177,13 @@ class ClientConnection(asyncio.Protocol):
             ip = peer[0] if peer else ""
             self.peer_ip = ip
             self.peer_port = peer[1] if peer else 0
-            trusted = server.trusted.contains(ip) if server.trusted else False
             listener = self.listener
             local_host = listener.local_host
             if local_host is None:  # wildcard listener: which address did the client reach?
                 local = transport.get_extra_info("sockname")
                 host = local[0] if local else ""
                 local_host = (f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}").encode()
-            self.client = server.impl.ClientInfo(ip, trusted, b"https" if self.tls else b"http", listener.port_b, local_host)
+            self.client = server.clients.get(ip, b"https" if self.tls else b"http", listener.port_b, local_host)
             self.sni = None
             if self.tls:
                 sslobj = transport.get_extra_info("ssl_object")

@@ -47,6 +47,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "ClientInfo",
+    "ClientInfoCache",
     "TrustedProxies",
     "forwarded_node",
     "forwarded_element",
@@ -204,6 +205,34 @@ class ClientInfo:
             self._fwd = forwarded_element(self.node, host, self.proto)
             self._fwd_host = host
         return self._fwd
+
+
+class ClientInfoCache:
+    """One ``ClientInfo`` per (peer address, scheme, local port, default Host), shared by every
+    connection with those four: a client opening a connection per request (or a fleet behind
+    one NAT address) costs a dict hit instead of a ``ClientInfo`` (its forwarding fields, the
+    ``--trusted-proxies`` check) per connection. Sharing is safe: a ClientInfo is a function of
+    those four values (its ``forwarded`` cache too). Bounded: at ``limit`` entries it starts
+    over, so clients from endless addresses cost at most that many."""
+
+    __slots__ = ("_trusted", "_make", "_limit", "_cache")
+
+    def __init__(self, trusted: TrustedProxies, make=ClientInfo, limit: int = 4096) -> None:
+        self._trusted = trusted
+        self._make = make
+        self._limit = limit
+        self._cache: dict[tuple, ClientInfo] = {}
+
+    def get(self, ip: str, proto: bytes, port: bytes, default_host: bytes) -> ClientInfo:
+        key = (ip, proto, port, default_host)
+        info = self._cache.get(key)
+        if info is None:
+            trusted = self._trusted.contains(ip) if self._trusted else False
+            info = self._make(ip, trusted, proto, port, default_host)
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            self._cache[key] = info
+        return info
 
 
 def request_headers(

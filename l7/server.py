@@ -30,7 +30,7 @@ from .h2_downstream import H2ClientConnection
 from .h2_upstream import H2Pool
 from .h1impl import MODES as PARSER_MODES
 from .h1impl import select as select_implementation
-from .headers import TrustedProxies
+from .headers import ClientInfoCache, TrustedProxies
 from .passthrough import Sniffer
 from .stats import RouteStats
 from .subrequest import subrequest
@@ -228,6 +228,8 @@ class IngressServer:
         self.request_headers = impl.request_headers
         self.response_headers = impl.response_headers
         self.response_head_bytes = impl.response_head_bytes
+        # The forwarding facts of each client address, built once (l7.headers.ClientInfoCache).
+        self.clients = ClientInfoCache(self.trusted, impl.ClientInfo)
         # The process's access log (meshproxy.dataplane opens it); an embedded server without
         # one (tests) opens its own from the settings.
         self.access_log = runtime.access_log

@@ -34,6 +34,7 @@ _SOURCES = {
     "forwarded_element": "headers",
     "forwarded_node": "headers",
     "ClientInfo": "headers",
+    "ClientInfoCache": "headers",
     "TrustedProxies": "headers",
     "split_fields": "h1grammar",
     "split_fields_fast": "h1grammar",
