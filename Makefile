@@ -31,7 +31,9 @@ system-deps:
 	@bash scripts/system-deps.sh
 
 # The L7 suites run a second time with the general parser only (--http-parser strict): the
-# parse_whole fast paths must not change any verdict (docs/http.md, "Fast path").
+# parse_whole fast paths must not change any verdict (docs/http.md, "Fast path"). Both L7 cores
+# (compiled and pure Python) are a pytest parameter of the parser, header and smuggling tests
+# (tests/cores.py), and tests/test_differential.py holds them to the same answers.
 L7_SUITES := tests/test_l7.py tests/test_l7_unit.py tests/test_smuggling_e2e.py tests/test_headers.py tests/test_retries.py
 
 test: venv system-deps

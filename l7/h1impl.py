@@ -63,7 +63,9 @@ class Implementation:
         return f"Implementation({self.mode})"
 
 
-def _source_hash() -> str:
+def source_hash() -> str:
+    """What the compiled core must have been built from to be current (setup.py computes the
+    same hash at build time)."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for name in _TWIN:
@@ -74,28 +76,36 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-def _load_compiled():
-    """(modules, None) or (None, why the compiled core cannot run)."""
-    if os.environ.get("MESHPROXY_PURE") == "1":
-        return None, "disabled by MESHPROXY_PURE=1"
-    try:
-        from .compiled import _stamp
-        from .compiled import h1request as c_request
-        from .compiled import h1response as c_response
-        from .compiled import h1writer as c_writer
-        from .compiled import headers as c_headers
-    except ImportError as exc:
-        return None, f"not built ({exc})"
-    try:
-        current = _source_hash()
-    except OSError:   # installed without its sources (a wheel): nothing to compare with
-        current = _stamp.SOURCE_HASH
-    if _stamp.SOURCE_HASH != current:
-        return None, "stale: l7 sources changed since it was built (run make venv)"
-    return (c_request, c_response, c_headers, c_writer), None
+def why_not(import_error: ImportError | None, built_from: str | None, current: str | None, env) -> str | None:
+    """None when the compiled core may run, else the reason (shown in the log and snapshot).
+    ``current`` None: the sources are not there to compare with (then the build is trusted)."""
+    if env.get("MESHPROXY_PURE") == "1":
+        return "disabled by MESHPROXY_PURE=1"
+    if import_error is not None:
+        return f"not built ({import_error})"
+    if current is not None and built_from != current:
+        return "stale: l7 sources changed since it was built (run make venv)"
+    return None
 
 
-_COMPILED, _WHY_NOT = _load_compiled()
+# Importing the extension modules is harmless even when they are not to be used (stale, or
+# disabled): nothing runs until a server selects them.
+try:
+    from .compiled import h1request as c_request
+    from .compiled import h1response as c_response
+    from .compiled import h1writer as c_writer
+    from .compiled import headers as c_headers
+    from .compiled.stamp import SOURCE_HASH as BUILT_FROM
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:
+    BUILT_FROM = None
+    _IMPORT_ERROR = exc
+try:
+    _CURRENT: str | None = source_hash()
+except OSError:   # installed without its sources: nothing to compare with
+    _CURRENT = None
+_WHY_NOT = why_not(_IMPORT_ERROR, BUILT_FROM, _CURRENT, os.environ)
+_COMPILED = None if _WHY_NOT is not None else (c_request, c_response, c_headers, c_writer)
 _PYTHON = Implementation("python", True, h1request, h1response, headers, h1writer)
 _STRICT = Implementation("python", False, h1request, h1response, headers, h1writer)
 _CORE = None if _COMPILED is None else Implementation("compiled", True, *_COMPILED)

@@ -124,10 +124,13 @@ def test_asking_for_the_compiled_core_without_it_is_a_clear_startup_error(tmp_pa
     assert "--http-parser: http_parser: the compiled core is not built" in r.stderr, r.stderr
 
 
-def test_stale_build_is_refused(monkeypatch):
+def test_stale_build_is_refused():
     """Sources edited after the build: the compiled core would not be what the sources say."""
-    if not h1impl.available():
-        package("compiled")
-    monkeypatch.setattr(h1impl, "_source_hash", lambda: "0" * 64)
-    modules, why = h1impl._load_compiled()
-    assert modules is None and why.startswith("stale")
+    package("compiled")
+    current = h1impl.source_hash()
+    assert h1impl.BUILT_FROM == current
+    assert h1impl.why_not(None, current, current, {}) is None
+    assert h1impl.why_not(None, current, None, {}) is None   # no sources to compare with: trusted
+    assert h1impl.why_not(None, "0" * 64, current, {}).startswith("stale")
+    assert h1impl.why_not(None, current, current, {"MESHPROXY_PURE": "1"}) == "disabled by MESHPROXY_PURE=1"
+    assert h1impl.why_not(ImportError("no module"), None, current, {}) == "not built (no module)"
