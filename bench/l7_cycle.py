@@ -247,7 +247,8 @@ def instructions(n: int, path: str, core: str) -> int:
     # without this driver) the same cycles measure that version's l7.
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, os.path.abspath(__file__),
            "--cycles", str(n), "--path", path, "--core", core]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # A fixed hash seed: dict and set layouts (and so their probe counts) are the same each run.
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
     m = re.search(r"Collected : (\d+)", r.stderr)
     if m is None:
         raise SystemExit(f"no instruction count from valgrind: {r.stderr[-500:]}")
