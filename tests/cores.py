@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from requires import unavailable
+from conftest import unavailable
 
 from l7 import h1impl
 

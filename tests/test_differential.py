@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cores import package
-from requires import unavailable
+from conftest import unavailable
 from fuzz_differential import compare
 from fuzz_http1 import corpus_files, requests, responses
 from hypothesis import HealthCheck, given, settings
