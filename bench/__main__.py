@@ -163,6 +163,13 @@ def _baseline_tree(workspace: Path, ref: str) -> Path:
                    check=True, capture_output=True)
     atexit.register(subprocess.run, ["git", "-C", str(root), "worktree", "remove", "--force", str(dest)],
                     capture_output=True)
+    if (dest / "l7" / "compiled").is_dir() and (dest / "setup.py").exists():
+        # A version with the compiled L7 core: build it there too, or the A/B would compare a
+        # compiled build with a pure one (optional: without a compiler both run pure).
+        r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest,
+                           capture_output=True)
+        if r.returncode != 0:
+            log(f"baseline {ref}: compiled core not built: {r.stderr.decode(errors='replace')[-300:]}")
     return dest
 
 

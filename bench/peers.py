@@ -674,6 +674,13 @@ class Meshproxy(Peer):
             self._fail("meshproxy is ready but opened neither listener", proc)
         self.layers = frozenset(k for k, v in (("l7", self.l7_url), ("l4", self.l4_addr)) if v)
         self.version = f"{self.workers} worker(s)"
+        try:   # which L7 core runs (compiled or the pure-Python one): part of what was measured
+            status, body = http_get("127.0.0.1", admin, "/debug/snapshot")
+            core = json.loads(body).get("httpCore", {}).get("running") if status == 200 else None
+        except (OSError, ValueError):
+            core = None
+        if core:
+            self.version += f", {core} L7 core"
 
 
 def _env(source: Path | None = None) -> dict:

@@ -20,7 +20,7 @@ import logging
 
 from . import telemetry
 from .filters import filtered_request
-from .headers import IDEMPOTENT_METHODS, request_headers
+from .headers import IDEMPOTENT_METHODS
 from .stats import take_retry_slot
 from .states import ABORTED, COMPLETE, CONNECTING, STREAMING, WAITING
 
@@ -111,7 +111,7 @@ class Attempts:
 
     def _fields(self, authority) -> list:
         head = self.head
-        fields = request_headers(head.headers, head.connection_tokens, self.down.client,
+        fields = self.ctx.request_headers(head.headers, head.connection_tokens, self.down.client,
                                  head.upgrade is not None, authority, self.ctx.via)
         if self.trace is not None:
             fields = telemetry.strip_trace_fields(fields)

@@ -44,7 +44,7 @@ from typing import Any
 from meshproxy.core import metrics
 
 from .exchange import CONNECTING, ROUTING, STREAMING, TUNNEL, WAITING, Exchange
-from .headers import ClientInfo
+from .h1writer import response_head_bytes  # noqa: F401 - re-exported (tests, older callers)
 from .http1 import (
     LAST_CHUNK,
     EndOfMessage,
@@ -108,26 +108,6 @@ REASONS = {
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
-
-_CHUNKED_FIELD = b"Transfer-Encoding: chunked\r\n"
-_FIELD_JOIN = b": ".join   # ("Name", "value") -> b"Name: value": one C call per field
-
-
-def response_head_bytes(status: int, reason: bytes, fields, content_length: int | None,
-                        chunked: bool) -> bytes:
-    """``http1.serialize_response_head`` (HTTP/1.1) without output validation, for responses
-    parsed by the response parser (see ``l7.upstream.request_head_bytes``)."""
-    if chunked:
-        framing = _CHUNKED_FIELD
-    elif content_length is not None:
-        framing = b"Content-Length: %d\r\n" % content_length
-    else:
-        framing = b""
-    if fields:
-        return b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason),
-                         b"\r\n".join(map(_FIELD_JOIN, fields)), b"\r\n", framing, b"\r\n"))
-    return b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason), framing, b"\r\n"))
-
 
 _date_cache = [0, b""]
 
@@ -197,14 +177,13 @@ class ClientConnection(asyncio.Protocol):
             ip = peer[0] if peer else ""
             self.peer_ip = ip
             self.peer_port = peer[1] if peer else 0
-            trusted = server.trusted.contains(ip) if server.trusted else False
             listener = self.listener
             local_host = listener.local_host
             if local_host is None:  # wildcard listener: which address did the client reach?
                 local = transport.get_extra_info("sockname")
                 host = local[0] if local else ""
                 local_host = (f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}").encode()
-            self.client = ClientInfo(ip, trusted, b"https" if self.tls else b"http", listener.port_b, local_host)
+            self.client = server.clients.get(ip, b"https" if self.tls else b"http", listener.port_b, local_host)
             self.sni = None
             if self.tls:
                 sslobj = transport.get_extra_info("ssl_object")
@@ -214,7 +193,7 @@ class ClientConnection(asyncio.Protocol):
             # wait in our buffer (the kernel's send buffer holds more), so a slow reader costs a
             # bounded amount of our memory (docs/resilience.md, "Slow readers").
             transport.set_write_buffer_limits(high=_WRITE_HIGH)
-            self.parser = RequestParser(settings.max_head_size, settings.max_headers, settings.max_body_size)
+            self.parser = self.server.impl.RequestParser(settings.max_head_size, settings.max_headers, settings.max_body_size)
             # A new connection must send a head within header_timeout (a silent connection is
             # a slowloris too).
             self._set_deadline(self.loop.time() + settings.header_timeout)
@@ -571,7 +550,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(_CONTINUE)
 
     def send_interim(self, status: int, reason: bytes, fields) -> None:
-        self.out.append(response_head_bytes(status, reason, fields, None, False))
+        self.out.append(self.server.response_head_bytes(status, reason, fields, None, False))
 
     def _keep(self, complete: bool) -> bool:
         head = self.head
@@ -609,7 +588,7 @@ class ClientConnection(asyncio.Protocol):
             fields.append((b"Connection", b"close"))
         elif not client11:
             fields.append((b"Connection", b"keep-alive"))
-        self.out.append(response_head_bytes(status, reason, fields, cl, chunked))
+        self.out.append(self.server.response_head_bytes(status, reason, fields, cl, chunked))
 
     def send_whole(self, status: int, reason: bytes, fields, content_length: int, body: bytes,
                    complete: bool, cached: bytes | None = None, tail: bytes = b"") -> bytes:
@@ -623,7 +602,7 @@ class ClientConnection(asyncio.Protocol):
                 and not server.runtime.draining and head.upgrade is None)
         self.resp_keep = keep
         self.resp_mode = _M_RAW
-        base = cached if cached is not None else response_head_bytes(status, reason, fields, content_length, False)[:-2]
+        base = cached if cached is not None else server.response_head_bytes(status, reason, fields, content_length, False)[:-2]
         if not keep:
             tail += b"Connection: close\r\n"
         elif head.version != 11:
@@ -682,7 +661,7 @@ class ClientConnection(asyncio.Protocol):
 
     def start_tunnel(self, status: int, reason: bytes, fields, conn) -> None:
         """After a 101: the head, then bytes either side already buffered, then a plain pump."""
-        self.out.append(response_head_bytes(status, reason, fields, None, False))
+        self.out.append(self.server.response_head_bytes(status, reason, fields, None, False))
         self.flush()
         self.state = _TUNNEL
         trailing = conn.parser.trailing

@@ -24,7 +24,6 @@ from typing import Any
 from . import telemetry
 from .attempts import Attempts
 from .filters import redirect_location
-from .headers import response_headers
 from .mirror import mirror
 from .requestid import new_request_id
 from .states import (
@@ -636,7 +635,7 @@ class Exchange(Attempts):
             cached, pod_rid = memo[2], memo[3]
             fields = None
         else:
-            fields = response_headers(head.headers, head.connection_tokens, False, via)
+            fields = self.ctx.response_headers(head.headers, head.connection_tokens, False, via)
             if not plain:
                 fields = self._response_filters(fields, status)
             cached = None
@@ -666,7 +665,7 @@ class Exchange(Attempts):
                     self._upstream_failed("protocol", 502, b"upstream switched protocols unasked\n")
                     return
                 self.resp_status = 101
-                fields = response_headers(head.headers, head.connection_tokens, True, self.ctx.via)
+                fields = self.ctx.response_headers(head.headers, head.connection_tokens, True, self.ctx.via)
                 self._to("tunnel", TUNNEL)
                 self.deadline = self.ctx.now() + self.ctx.settings.idle_timeout
                 self.down.start_tunnel(101, head.reason, fields, conn)
@@ -681,7 +680,7 @@ class Exchange(Attempts):
             if status != 100 and self.head.version != 10:
                 # 103 Early Hints and other 1xx: relayed (HTTP/1.0 clients get none). Our own
                 # 100 went out already when the client asked for it.
-                fields = response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
+                fields = self.ctx.response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
                 self.down.send_interim(status, head.reason, fields)
             return
         if self.trace is not None:
@@ -690,7 +689,7 @@ class Exchange(Attempts):
             return
         self.resp_status = status
         self.up_keep = head.keep_alive
-        fields = response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
+        fields = self.ctx.response_headers(head.headers, head.connection_tokens, False, self.ctx.via)
         if not self.action.plain_response:
             fields = self._response_filters(fields, status)
         if self.rid_generated:

@@ -197,6 +197,114 @@ def split_fields_fast(buf: bytes, start: int, end: int) -> list[tuple[bytes, byt
     return out
 
 
+def scan_request_whole(data: bytes, max_head: int, max_headers: int):
+    """The scanning half of ``RequestParser.parse_whole``: is ``data`` exactly one request head
+    (nothing after its blank line) within the limits, with a request line REQUEST_LINE_RE
+    accepts (HTTP/1.1 or 1.0, origin-form, not CONNECT), field lines split_fields_fast accepts,
+    exactly one Host, at most one Connection, and no other field the head interpretation
+    looks at (framing, Upgrade, Expect, a "_" in a name)? Returns (method, target, version,
+    fields, Host value, Connection value or None), else None. Pure: the parser's state and
+    the Host / Connection checks are the caller's."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 != len(data) or end + 4 > max_head:
+        return None
+    line_end = data.find(b"\r\n")
+    m = REQUEST_LINE_RE.fullmatch(data, 0, line_end)
+    if m is None:
+        return None
+    method, target, version_b = m.groups()
+    version = WHOLE_VERSIONS.get(version_b)
+    if version is None or target[0] != 47 or method == b"CONNECT":  # origin-form only
+        return None
+    headers = split_fields_fast(data, line_end + 2, end + 2)
+    if headers is None or len(headers) > max_headers:
+        return None
+    hosts = conns = None
+    kind_of = name_kinds.get
+    for name, value in headers:
+        kind = kind_of(name)
+        if kind is None:
+            kind = name_kind(name)
+        if kind:
+            if kind == K_HOST and hosts is None:
+                hosts = value
+            elif kind == K_CONNECTION and conns is None:
+                conns = value
+            else:  # framing, Upgrade, Expect, "_", or a repeated Host / Connection
+                return None
+    if hosts is None:
+        return None
+    return method, target, version, headers, hosts, conns
+
+
+def scan_response_whole(data: bytes, max_head: int, max_headers: int):
+    """The scanning half of ``ResponseParser.parse_whole``: is ``data`` exactly one final
+    response (200-599 but 204 and 304, HTTP/1.1 or 1.0) with one Content-Length (1*DIGIT, at
+    most 19 digits, at most MAX_CONTENT_LENGTH) and exactly that many body bytes after the
+    head, at most one Connection and no Transfer-Encoding, every line as STATUS_LINE_RE /
+    split_fields_fast accept it? Returns (version, status, reason, fields without the
+    Content-Length field, body length, Connection value or None, offset of the blank line),
+    else None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > max_head:
+        return None
+    line_end = data.find(b"\r\n")
+    m = STATUS_LINE_RE.fullmatch(data, 0, line_end)
+    if m is None:
+        return None
+    version_b, status_b, reason = m.groups()
+    version = WHOLE_VERSIONS.get(version_b)
+    if version is None:
+        return None
+    status = int(status_b)
+    if status < 200 or status > 599 or status == 204 or status == 304:
+        return None
+    headers = split_fields_fast(data, line_end + 2, end + 2)
+    if headers is None or len(headers) > max_headers:
+        return None
+    cl = conns = cl_item = None
+    kind_of = name_kinds.get
+    for item in headers:
+        kind = kind_of(item[0])
+        if kind is None:
+            kind = name_kind(item[0])
+        if kind > 0:  # most fields are plain (0) or merely carry "_" (-1)
+            if kind == K_CL:
+                if cl is not None:
+                    return None
+                cl = item[1]
+                cl_item = item
+            elif kind == K_TE:
+                return None
+            elif kind == K_CONNECTION:
+                if conns is not None:
+                    return None
+                conns = item[1]
+    # 1*DIGIT, at most 19 digits and <= 2**63-1: what parse_content_length accepts for a
+    # single value (bytes.isdigit() is ASCII-only); a comma list goes the general way.
+    if cl is None or not cl.isdigit() or len(cl) > 19:
+        return None
+    n = int(cl)
+    if n > MAX_CONTENT_LENGTH or len(data) != end + 4 + n:
+        return None
+    headers.remove(cl_item)  # framing is reported as content_length only (headers is ours)
+    return version, status, reason or b"", headers, n, conns, end
+
+
+# In the compiled twin (l7.compiled, built from this very file) the three functions above are
+# replaced by their C versions (l7/compiled/_h1scan.pyx: the same inputs accepted, the same
+# results; the Python ones stay for input that is not ``bytes``). The pure package has no
+# ``_h1scan``: the import fails there and the Python functions stay.
+try:
+    from ._h1scan import with_fallback as _c_version
+except ImportError:
+    _c_version = None
+if _c_version is not None:
+    split_fields_fast = _c_version(split_fields_fast)
+    scan_request_whole = _c_version(scan_request_whole)
+    scan_response_whole = _c_version(scan_response_whole)
+
+
 def diagnose_fields(block: bytes, what: str) -> str:
     """Slow path: name the first problem in a field block that split_fields refused."""
     if block[:1] == b"\n" or BAD_EOL_RE.search(block) is not None:

@@ -27,7 +27,6 @@ from .h1grammar import (
     TRAILER_DROP,
     diagnose_fields,
     split_fields,
-    split_fields_fast,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -175,25 +174,6 @@ class MessageParser:
         """May ``parse_whole`` run: between messages, nothing buffered, no EOF seen."""
         return (self._state == _HEAD and self._pos == len(self._buf) and not self._eof
                 and not self._blank_lines)
-
-    def _whole_head(self, data: bytes, line_re):
-        """The first half of both ``parse_whole`` paths: may they run, and does ``data`` start
-        with a complete head whose start line matches ``line_re`` and whose field block passes
-        the strict field checks within the limits? Returns (start-line groups, fields, offset
-        of the blank line) or None (then the general path decides). Consumes nothing."""
-        if not self._whole_ok():
-            return None
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end + 4 > self._max_head:
-            return None
-        line_end = data.find(b"\r\n")
-        m = line_re.fullmatch(data, 0, line_end)
-        if m is None:
-            return None
-        headers = split_fields_fast(data, line_end + 2, end + 2)
-        if headers is None or len(headers) > self._max_headers:
-            return None
-        return m.groups(), headers, end
 
     # ---- helpers
 

@@ -13,12 +13,12 @@ from .h1grammar import (
     K_UPGRADE,
     NO_TOKENS,
     REQUEST_LINE_RE,
-    WHOLE_VERSIONS,
     check_host,
     name_kind,
     name_kinds,
     parse_connection_tokens,
     parse_content_length,
+    scan_request_whole,
     split_fields,
     split_tokens,
     websocket_offer,
@@ -91,30 +91,12 @@ class RequestParser(MessageParser):
         next_event calls, a bytearray copy and a generic field pass per request; this is one
         function over the received bytes (measured ~2x faster per request).
         """
-        whole = self._whole_head(data, REQUEST_LINE_RE)
-        if whole is None:
+        if not self._whole_ok():
             return None
-        (method, target, version_b), headers, end = whole
-        version = WHOLE_VERSIONS.get(version_b)
-        if version is None or end + 4 != len(data):   # a body or a pipelined request follows
+        scan = scan_request_whole(data, self._max_head, self._max_headers)
+        if scan is None:
             return None
-        if target[0] != 47 or method == b"CONNECT":  # origin-form only
-            return None
-        hosts = conns = None
-        kind_of = name_kinds.get
-        for name, value in headers:
-            kind = kind_of(name)
-            if kind is None:
-                kind = name_kind(name)
-            if kind:
-                if kind == K_HOST and hosts is None:
-                    hosts = value
-                elif kind == K_CONNECTION and conns is None:
-                    conns = value
-                else:  # framing, Upgrade, Expect, "_", or a repeated Host / Connection
-                    return None
-        if hosts is None:
-            return None
+        method, target, version, headers, hosts, conns = scan
         host = check_host(hosts)
         if host is None:
             return None

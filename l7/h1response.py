@@ -8,16 +8,15 @@ from .h1grammar import (
     K_CL,
     K_CONNECTION,
     K_TE,
-    MAX_CONTENT_LENGTH,
     NO_TOKENS,
     RESPONSE_START_BYTES,
     STATUS_LINE_RE,
-    WHOLE_VERSIONS,
     message_keep_alive,
     name_kind,
     name_kinds,
     parse_connection_tokens,
     parse_content_length,
+    scan_response_whole,
     split_fields,
     split_tokens,
 )
@@ -86,49 +85,17 @@ class ResponseParser(MessageParser):
         bodies, repeated Content-Length or Connection, a body still to come or bytes after it,
         any error) returns None and goes the general way."""
         method = self._method
-        if method is None or method == b"HEAD" or method == b"CONNECT":
+        if method is None or method == b"HEAD" or method == b"CONNECT" or not self._whole_ok():
             return None
-        whole = self._whole_head(data, STATUS_LINE_RE)
-        if whole is None:
+        scan = scan_response_whole(data, self._max_head, self._max_headers)
+        if scan is None:
             return None
-        (version_b, status_b, reason), headers, end = whole
-        version = WHOLE_VERSIONS.get(version_b)
-        if version is None:
-            return None
-        status = int(status_b)
-        if status < 200 or status > 599 or status == 204 or status == 304:
-            return None
-        cl = conns = cl_item = None
-        kind_of = name_kinds.get
-        for item in headers:
-            kind = kind_of(item[0])
-            if kind is None:
-                kind = name_kind(item[0])
-            if kind > 0:  # most fields are plain (0) or merely carry "_" (-1)
-                if kind == K_CL:
-                    if cl is not None:
-                        return None
-                    cl = item[1]
-                    cl_item = item
-                elif kind == K_TE:
-                    return None
-                elif kind == K_CONNECTION:
-                    if conns is not None:
-                        return None
-                    conns = item[1]
-        # 1*DIGIT, at most 19 digits and <= 2**63-1: what parse_content_length accepts for a
-        # single value (bytes.isdigit() is ASCII-only); a comma list goes the general way.
-        if cl is None or not cl.isdigit() or len(cl) > 19:
-            return None
-        n = int(cl)
-        if n > MAX_CONTENT_LENGTH or len(data) != end + 4 + n:
-            return None
+        version, status, reason, headers, n, conns, end = scan
         tokens = NO_TOKENS if conns is None else parse_connection_tokens([conns])
         if tokens is None:
             return None
-        headers.remove(cl_item)  # framing is reported as content_length only (headers is ours)
         self._state = S_DONE
-        return (ResponseHead(status, reason or b"", version, headers, n, False,
+        return (ResponseHead(status, reason, version, headers, n, False,
                              message_keep_alive(version, tokens), tokens),
                 data[end + 4:])
 

@@ -87,6 +87,58 @@ def serialize_response_head(
     )
 
 
+# The proxy's own head serializers: the same bytes as serialize_request_head /
+# serialize_response_head (HTTP/1.1) without their output validation (test_l7_unit.py::
+# test_fast_serializers_match_http1). Safe because every input was validated by a parser
+# (method, target, status, reason, each field) or is built by the proxy from validated parts
+# (forwarding fields, route header edits checked when the route was compiled); the check costs
+# more than the rest of the head building. Local answers still use the validating ones.
+
+_CHUNKED_FIELD = b"Transfer-Encoding: chunked\r\n"
+_FIELD_JOIN = b": ".join   # ("Name", "value") -> b"Name: value": one C call per field
+
+
+def request_head_bytes(method: bytes, target: bytes, fields, content_length: int | None,
+                       chunked: bool) -> bytes:
+    """A request head to a pod (always HTTP/1.1), framing given as arguments."""
+    if chunked:
+        framing = _CHUNKED_FIELD
+    elif content_length is not None:
+        framing = b"Content-Length: %d\r\n" % content_length
+    else:
+        framing = b""
+    if fields:
+        return b"".join((method, b" ", target, b" HTTP/1.1\r\n",
+                         b"\r\n".join(map(_FIELD_JOIN, fields)), b"\r\n", framing, b"\r\n"))
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", framing, b"\r\n"))
+
+
+def response_head_bytes(status: int, reason: bytes, fields, content_length: int | None,
+                        chunked: bool) -> bytes:
+    """A response head to a client (always HTTP/1.1), framing given as arguments."""
+    if chunked:
+        framing = _CHUNKED_FIELD
+    elif content_length is not None:
+        framing = b"Content-Length: %d\r\n" % content_length
+    else:
+        framing = b""
+    if fields:
+        return b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason),
+                         b"\r\n".join(map(_FIELD_JOIN, fields)), b"\r\n", framing, b"\r\n"))
+    return b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason), framing, b"\r\n"))
+
+
+# In the compiled twin both are replaced by C versions (l7/compiled/_h1scan.pyx: one allocation,
+# the same bytes; the Python ones stay for fields that are not tuples of bytes).
+try:
+    from ._h1scan import with_fallback as _c_version
+except ImportError:
+    _c_version = None
+if _c_version is not None:
+    request_head_bytes = _c_version(request_head_bytes)
+    response_head_bytes = _c_version(response_head_bytes)
+
+
 def serialize_trailers(trailers) -> bytes:
     """The last chunk with a trailer section: write it instead of LAST_CHUNK. Fields that may not
     be trailers (framing, routing, hop-by-hop, auth, content metadata) are dropped."""

@@ -47,6 +47,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "ClientInfo",
+    "ClientInfoCache",
     "TrustedProxies",
     "forwarded_node",
     "forwarded_element",
@@ -105,15 +106,22 @@ def _classify(name: bytes, actions: dict[bytes, int], seen: dict[bytes, int]) ->
 # Response fast path (no Upgrade, no Via of ours, no field named by Connection): name as
 # spelt -> kept (plain fields and an incoming Via) or dropped. Same bounds as above.
 _KEEP_ALIVE_ONLY = frozenset((b"keep-alive",))
-_RESPONSE_KEEP: dict[bytes, bool] = {}
 
 
-def _learn_keep(name: bytes) -> bool:
-    action = _RESPONSE_ACTIONS.get(name.lower(), _PLAIN)
-    kept = action == _PLAIN or action == _VIA
-    if len(name) <= _SEEN_NAME_MAX and len(_RESPONSE_KEEP) < _SEEN_MAX:
-        _RESPONSE_KEEP[name] = kept
-    return kept
+class _KeepByName(dict):
+    """``keep[name]``: learned on first sight (``__missing__``), so the comprehension below is
+    one subscript per field. (An assignment expression there would do the same, but Cython
+    3.x mis-compiles it inside a comprehension: the compiled core kept no field at all.)"""
+
+    def __missing__(self, name: bytes) -> bool:
+        action = _RESPONSE_ACTIONS.get(name.lower(), _PLAIN)
+        kept = action == _PLAIN or action == _VIA
+        if len(name) <= _SEEN_NAME_MAX and len(self) < _SEEN_MAX:
+            self[name] = kept
+        return kept
+
+
+_RESPONSE_KEEP = _KeepByName()
 
 
 # RFC 9110 §5.6.2 token: a Forwarded parameter value that is a token needs no quotes.
@@ -197,6 +205,34 @@ class ClientInfo:
             self._fwd = forwarded_element(self.node, host, self.proto)
             self._fwd_host = host
         return self._fwd
+
+
+class ClientInfoCache:
+    """One ``ClientInfo`` per (peer address, scheme, local port, default Host), shared by every
+    connection with those four: a client opening a connection per request (or a fleet behind
+    one NAT address) costs a dict hit instead of a ``ClientInfo`` (its forwarding fields, the
+    ``--trusted-proxies`` check) per connection. Sharing is safe: a ClientInfo is a function of
+    those four values (its ``forwarded`` cache too). Bounded: at ``limit`` entries it starts
+    over, so clients from endless addresses cost at most that many."""
+
+    __slots__ = ("_trusted", "_make", "_limit", "_cache")
+
+    def __init__(self, trusted: TrustedProxies, make=ClientInfo, limit: int = 4096) -> None:
+        self._trusted = trusted
+        self._make = make
+        self._limit = limit
+        self._cache: dict[tuple, ClientInfo] = {}
+
+    def get(self, ip: str, proto: bytes, port: bytes, default_host: bytes) -> ClientInfo:
+        key = (ip, proto, port, default_host)
+        info = self._cache.get(key)
+        if info is None:
+            trusted = self._trusted.contains(ip) if self._trusted else False
+            info = self._make(ip, trusted, proto, port, default_host)
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            self._cache[key] = info
+        return info
 
 
 def request_headers(
@@ -306,8 +342,7 @@ def response_headers(
         # name alone ("Connection: keep-alive" names no field we would keep: Keep-Alive is
         # dropped anyway). One dict probe per field, no per-field branching.
         keep = _RESPONSE_KEEP
-        return [item for item in headers
-                if (k := keep.get(item[0])) or (k is None and _learn_keep(item[0]))]
+        return [item for item in headers if keep[item[0]]]
     out: list[tuple[bytes, bytes]] = []
     append = out.append
     via_in = None

@@ -28,7 +28,9 @@ from meshproxy.core.paths import normalize_request_path
 from .downstream import ClientConnection
 from .h2_downstream import H2ClientConnection
 from .h2_upstream import H2Pool
-from .headers import TrustedProxies
+from .h1impl import MODES as PARSER_MODES
+from .h1impl import select as select_implementation
+from .headers import ClientInfoCache, TrustedProxies
 from .passthrough import Sniffer
 from .stats import RouteStats
 from .subrequest import subrequest
@@ -40,7 +42,6 @@ __all__ = ["IngressServer", "Listener", "PARSER_MODES", "parser_mode"]
 
 log = logging.getLogger("meshproxy.l7")
 
-PARSER_MODES = ("auto", "strict", "fast")
 # Route decisions cached per snapshot and table: at most this many, keys (host + path) at most
 # this long, so a client sending endless distinct paths costs a bounded amount of memory.
 _ROUTE_CACHE_SIZE = 4096
@@ -49,15 +50,17 @@ _BAD_PATH = (None, None)
 
 
 def parser_mode(settings) -> str:
-    """``Settings.http_parser``; "auto" defers to $MESHPROXY_HTTP_PARSER (so test suites can be
-    run under each mode) and means "fast" when that is unset. "strict": the general parser
-    only; "fast": its ``parse_whole`` fast paths for complete simple messages in one read."""
+    """``Settings.http_parser`` as asked; "auto" defers to $MESHPROXY_HTTP_PARSER (so test
+    suites can be run under each mode) and resolves to "compiled" when the compiled core runs,
+    else "fast" (the pure fast paths). l7.h1impl describes every mode."""
     mode = getattr(settings, "http_parser", "auto") or "auto"
     if mode == "auto":
         mode = os.environ.get("MESHPROXY_HTTP_PARSER", "auto") or "auto"
     if mode not in PARSER_MODES:
-        raise ValueError(f"http_parser: {mode!r} is not one of auto, strict, fast")
-    return "fast" if mode == "auto" else mode
+        raise ValueError(f"http_parser: {mode!r} is not one of {', '.join(PARSER_MODES)}")
+    if mode == "auto":
+        return select_implementation("auto").name.replace("python", "fast")
+    return mode
 
 
 class RequestView:
@@ -218,8 +221,15 @@ class IngressServer:
         self.http_listeners: dict[tuple[str, int], Listener] = {}
         self.trusted = TrustedProxies(settings.trusted_proxies)
         self.parser_mode = parser_mode(settings)
-        # The parse_whole fast paths (same strictness, see docs/http.md) unless "strict".
-        self.fast_parse = self.parser_mode != "strict"
+        # The per-message work: the compiled core or the pure-Python reference (l7.h1impl), with
+        # the parse_whole fast paths (same strictness, see docs/http.md) unless "strict".
+        self.impl = impl = select_implementation(self.parser_mode)
+        self.fast_parse = impl.fast_parse
+        self.request_headers = impl.request_headers
+        self.response_headers = impl.response_headers
+        self.response_head_bytes = impl.response_head_bytes
+        # The forwarding facts of each client address, built once (l7.headers.ClientInfoCache).
+        self.clients = ClientInfoCache(self.trusted, impl.ClientInfo)
         # The process's access log (meshproxy.dataplane opens it); an embedded server without
         # one (tests) opens its own from the settings.
         self.access_log = runtime.access_log

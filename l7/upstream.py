@@ -49,7 +49,9 @@ from typing import Any, Callable, Hashable
 
 from meshproxy.core import metrics
 
-from .http1 import LAST_CHUNK, PAUSED, EndOfMessage, HTTPError, ResponseHead, ResponseParser, serialize_trailers
+from .h1impl import select as select_implementation
+from .h1writer import request_head_bytes  # noqa: F401 - re-exported (tests, older callers)
+from .http1 import LAST_CHUNK, PAUSED, EndOfMessage, HTTPError, ResponseHead, serialize_trailers
 
 __all__ = ["HTTP1", "UpstreamConnection", "UpstreamPool", "UpstreamSecurity", "request_head_bytes"]
 
@@ -59,29 +61,6 @@ _CONNECTING, _ACTIVE, _IDLE, _CLOSED = range(4)
 
 # What an exchange checks before reusing serialized head bytes (``UpstreamConnection.kind``).
 HTTP1 = "http/1.1"
-
-_CHUNKED_FIELD = b"Transfer-Encoding: chunked\r\n"
-_FIELD_JOIN = b": ".join   # ("Name", "value") -> b"Name: value": one C call per field
-
-
-def request_head_bytes(method: bytes, target: bytes, fields, content_length: int | None,
-                       chunked: bool) -> bytes:
-    """``http1.serialize_request_head`` without its output validation (same bytes: see
-    test_l7_unit.py::test_fast_serializers_match_http1). Safe because every input was validated
-    by the request parser (method, target, each field) or is built by us from validated parts
-    (forwarding fields, route header edits checked when the route was compiled); the check
-    costs more than the rest of the head building."""
-    if chunked:
-        framing = _CHUNKED_FIELD
-    elif content_length is not None:
-        framing = b"Content-Length: %d\r\n" % content_length
-    else:
-        framing = b""
-    if fields:
-        return b"".join((method, b" ", target, b" HTTP/1.1\r\n",
-                         b"\r\n".join(map(_FIELD_JOIN, fields)), b"\r\n", framing, b"\r\n"))
-    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", framing, b"\r\n"))
-
 
 # Response bytes read per read call (BufferedProtocol): a response starts with small reads and
 # they double while the client takes what we send (its socket's queue is short), up to
@@ -120,7 +99,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.labels = labels
         self.counts = pool.counts_for(labels)   # [active, idle]
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser(pool.max_head, pool.max_headers)
+        self.parser = pool.response_parser(pool.max_head, pool.max_headers)
         self.exchange = None          # the exchange this connection serves, or None
         self.state = _CONNECTING
         self.idle_since = 0.0
@@ -157,7 +136,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         head = exchange.head
         self.parser.set_request_method(head.method)
         chunked = self.chunked = head.chunked
-        base = cached if cached is not None else request_head_bytes(
+        base = cached if cached is not None else self.pool.request_head_bytes(
             head.method, target, fields, head.content_length, chunked)[:-2]
         data = b"".join((base, tail, b"\r\n")) if tail else base + b"\r\n"
         self.pending.append(data + LAST_CHUNK if end and chunked else data)
@@ -376,6 +355,10 @@ class UpstreamPool:
         self.connect_timeout = settings.connect_timeout
         self.max_head = settings.max_head_size
         self.max_headers = settings.max_headers
+        # The compiled core's parser or the pure one, as the server's (l7.h1impl).
+        impl = select_implementation(getattr(settings, "http_parser", None))
+        self.response_parser = impl.ResponseParser
+        self.request_head_bytes = impl.request_head_bytes
         self._idle: dict[Any, list[UpstreamConnection]] = {}   # by pool key (see UpstreamConnection.pool_key)
         # Per address: how to secure a new connection (UpstreamSecurity) or None (plain text);
         # None here: everything in plain text (module docstring).

@@ -173,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the nftables table (family inet) --proxy-mode nftables owns (default meshproxy)")
     run.add_argument("--udp-idle-timeout", type=_positive_float, default=None,
                      help="userspace mode: a UDP client's flow to its endpoint ends after this many idle seconds (default 30)")
-    run.add_argument("--http-parser", choices=("auto", "strict", "fast"), default=None,
-                     help="L7 message parsing: fast (one-call paths for complete simple messages, same strictness), "
-                          "strict (general parser only), auto (fast unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
+    run.add_argument("--http-parser", choices=("auto", "compiled", "python", "compiled-strict", "python-strict", "fast", "strict"), default=None,
+                     help="L7 per-message core (docs/l7.md 'Compiled core'): compiled (the Cython build of the parser "
+                          "and header policy; an error if not built), python (the pure-Python reference; 'fast' is its "
+                          "older name), python-strict / compiled-strict (that core without the one-call fast paths; strict is "
+                          "python-strict), auto "
+                          "(compiled when built, else python, unless $MESHPROXY_HTTP_PARSER says otherwise; default)")
     run.add_argument("--enable-ssl-passthrough", action="store_true",
                      help="on --ingress-tls-listen, relay TLS unterminated to the pods of Ingresses annotated "
                           "nginx.ingress.kubernetes.io/ssl-passthrough, chosen by SNI (docs/ingress-nginx.md)")

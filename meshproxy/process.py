@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import resource
+import platform
 import signal
 import sys
 
@@ -33,8 +34,10 @@ from discovery.sources.gateway_status import attach_gateway_status_writer
 from discovery.sources.ingress_status import attach_status_writer
 from discovery.sources.kubeconfig import KubeConfigError, load_config
 from discovery.sources.kubernetes import KubernetesSource
+from l7.h1impl import compiled_status
+from l7.h1impl import select as select_http_core
 
-from . import control
+from . import __version__, control
 from .admin import AdminServer
 from .controller import APPLY_CHUNK, Controller
 from .core import metrics, sockets
@@ -138,6 +141,7 @@ class Process:
         self.identity_source: IdentityDirSource | IssuerClient | None = None
         self.dns_forwarder: Forwarder | None = None
         self.ready = False
+        self.http_core = ""          # the L7 per-message core that runs (set in start)
         self.stopping = False
         self._stop = asyncio.Event()
 
@@ -313,6 +317,15 @@ class Process:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> bool:
+        try:
+            # Which L7 per-message core runs (l7.h1impl): the compiled one or the pure reference.
+            self.http_core = select_http_core(self.settings.http_parser).mode
+        except ValueError as exc:
+            print(f"meshproxy: --http-parser: {exc}", file=sys.stderr)
+            return False
+        metrics.build_info.labels(version=__version__, python=platform.python_version(),
+                                  http_core=self.http_core).set(1)
+        log.info("L7 HTTP/1.1 core: %s (compiled core: %s)", self.http_core, compiled_status())
         takeover = None
         if self.settings.takeover:
             path = control.control_path(self.settings.admin_listen)
@@ -443,6 +456,7 @@ class Process:
             return None
         data = snap.to_json()
         data["problems"] = self.controller.problems()
+        data["httpCore"] = {"running": self.http_core, "compiled": compiled_status()}
         if self.dataplane is not None:
             data["listenerErrors"] = self.dataplane.listener_errors()
             kernel = self.dataplane.kernel_state()

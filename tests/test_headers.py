@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+from cores import CORES, use_core
 
 from l7.headers import (
     ClientInfo,
+    ClientInfoCache,
     TrustedProxies,
     forwarded_element,
     forwarded_node,
@@ -22,6 +26,13 @@ OURS = [
     (b"X-Forwarded-Host", b"example.com"),
     (b"Forwarded", b"for=10.1.2.3;host=example.com;proto=http"),
 ]
+
+
+@pytest.fixture(autouse=True, params=CORES)
+def core(request, monkeypatch):
+    """Every table here runs against both cores (tests/cores.py)."""
+    use_core(monkeypatch, request.param, sys.modules[__name__])
+    return request.param
 
 
 def tokens(*names: bytes) -> frozenset[bytes]:
@@ -257,3 +268,23 @@ def test_forwarded_element_cache_follows_host():
     assert client.forwarded(b"a.test") == b"for=10.0.0.1;host=a.test;proto=http"
     assert client.forwarded(b"b.test:8080") == b'for=10.0.0.1;host="b.test:8080";proto=http'
     assert client.forwarded(b"a.test") == b"for=10.0.0.1;host=a.test;proto=http"
+
+
+def test_client_info_is_built_once_per_peer_and_bounded(core):
+    made = []
+
+    def make(*args):
+        made.append(args)
+        return ClientInfo(*args)
+
+    cache = ClientInfoCache(TrustedProxies(["10.0.0.0/8"]), make, limit=3)
+    a = cache.get("10.1.2.3", b"http", b"80", b"h")
+    assert cache.get("10.1.2.3", b"http", b"80", b"h") is a and a.trusted
+    assert cache.get("10.1.2.3", b"https", b"443", b"h") is not a   # another listener: its own
+    assert not cache.get("192.0.2.1", b"http", b"80", b"h").trusted
+    assert len(made) == 3
+    for i in range(10):   # endless addresses: the cache starts over instead of growing
+        cache.get(f"192.0.2.{i + 2}", b"http", b"80", b"h")
+    assert len(cache._cache) <= 3
+    # A shared ClientInfo builds the same fields for every connection that uses it.
+    assert run([(b"Host", b"example.com")], ip="10.1.2.3", trusted=True) == run([(b"Host", b"example.com")], ip="10.1.2.3", trusted=True)

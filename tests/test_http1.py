@@ -7,9 +7,12 @@ h11 as a differential oracle unless the case documents a deliberate difference.
 
 from __future__ import annotations
 
+import sys
+
+import fuzz_http1
 import h11
 import pytest
-
+from cores import CORES, use_core
 from fuzz_http1 import (
     bytewise,
     check_corpus_file,
@@ -37,8 +40,16 @@ from l7.http1 import (
     serialize_response_head,
     serialize_trailers,
 )
+from l7.h1writer import request_head_bytes, response_head_bytes
 
 H = b"Host: a.example"
+
+
+@pytest.fixture(autouse=True, params=CORES)
+def core(request, monkeypatch):
+    """Every table, corpus file and fuzz run here runs against both cores (tests/cores.py)."""
+    use_core(monkeypatch, request.param, sys.modules[__name__], fuzz_http1)
+    return request.param
 
 
 def req(*lines: bytes, body: bytes = b"", start: bytes = b"POST / HTTP/1.1") -> bytes:
@@ -1327,3 +1338,40 @@ def test_take_body_returns_the_read_itself() -> None:
     assert p.take_body(b"789ab") == b"789"    # the rest is buffered for next_event
     assert isinstance(p.next_event(), EndOfMessage)
     assert p.take_body(b"x") is None          # not inside a body
+
+
+def test_the_core_under_test_is_the_one_asked(core) -> None:
+    """The fixture really swaps implementations: the compiled core's classes come from the
+    extension modules (and its fast-path splitter is the C one), the reference's from l7."""
+    parser = RequestParser()
+    if core == "compiled":
+        assert type(parser).__module__ == "l7.compiled.h1request"
+        assert fuzz_http1.RequestParser is RequestParser
+        from l7.compiled import h1grammar
+        for helper in (h1grammar.split_fields_fast, h1grammar.scan_request_whole, h1grammar.scan_response_whole):
+            assert helper.__module__ == "l7.compiled._h1scan"   # the C scanners, not the Python loops
+        assert h1grammar.__file__.endswith(".so")
+    else:
+        assert type(parser).__module__ == "l7.h1request"
+    assert parser.parse_whole(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").host == b"a"
+
+
+@pytest.mark.parametrize("fields, cl, chunked", [
+    ([], None, False),
+    ([(b"Host", b"a"), (b"X-Obs", b"\x80\xff v")], 0, False),
+    (((b"Host", b"a"),), 12345, False),
+    ([(b"Host", b"a"), (b"Accept", b"*/*")], None, True),
+    ([(b"Host", b"a")], 2**63 - 1, False),
+])
+def test_fast_head_serializers_write_what_the_validating_ones_write(fields, cl, chunked) -> None:
+    """The proxy's own head serializers (no output validation; C in the compiled core) write
+    the same bytes as serialize_request_head / serialize_response_head."""
+    assert request_head_bytes(b"POST", b"/p?q=1", fields, cl, chunked) == \
+        serialize_request_head(b"POST", b"/p?q=1", fields, content_length=cl, chunked=chunked)
+    for status, reason in ((200, b"OK"), (404, b""), (599, b"Odd Reason"), (101, b"Switching")):
+        assert response_head_bytes(status, reason, fields, cl, chunked) == \
+            serialize_response_head(status, reason, fields, content_length=cl, chunked=chunked)
+    # Fields that are not tuples of bytes take the Python path and still come out alike.
+    listed = [list(f) for f in fields]
+    assert response_head_bytes(200, b"OK", listed, cl, chunked) == \
+        serialize_response_head(200, b"OK", fields, content_length=cl, chunked=chunked)

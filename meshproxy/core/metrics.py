@@ -22,6 +22,11 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _SVC = ("namespace", "service", "port")
 
+# -- the build ------------------------------------------------------------------------------------
+build_info = Gauge("meshproxy_build_info", "Always 1; the labels say what runs: version, python, and http_core "
+                   "(the L7 HTTP/1.1 per-message core: compiled or python, -strict without the fast paths).",
+                   ["version", "python", "http_core"], registry=REGISTRY, multiprocess_mode="max")
+
 # -- control plane --------------------------------------------------------------------------------
 config_reloads = Counter("meshproxy_config_reloads_total", "Configuration loads by result (ok / error).",
                          ["result"], registry=REGISTRY)
