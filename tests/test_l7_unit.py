@@ -102,7 +102,7 @@ def base_config(pods, *, web_route="web") -> str:
 
 
 @pytest.fixture(scope="module")
-def proxy(pods):
+def proxy(pods, http_parser_mode):
     with Proxy(base_config(pods)) as p:
         yield p
 
@@ -1148,7 +1148,7 @@ _RESPONSE_PIECES = [
 
 
 @pytest.fixture(scope="module")
-def scripted():
+def scripted(http_parser_mode):
     b = ScriptedBackend("127.0.10.9")
     cfg = service_yaml("script", [b]) + "---\n" + ingress_yaml("script", [(None, "/", "Prefix", "script")])
     with Proxy(cfg, upstream_timeout=1.0) as p:
@@ -1290,3 +1290,10 @@ def test_http_parser_modes():
     assert parser_mode(Settings(http_parser="fast")) == "fast"
     with pytest.raises(ValueError):
         parser_mode(Settings(http_parser="httptools"))
+
+
+def test_the_parser_mode_parameter_reaches_the_proxy(proxy, http_parser_mode):
+    """This module runs under both parser modes (tests/conftest.py PARSER_SUITES): the module's
+    proxy really runs the mode of the parameter, so the second pass is not the first again."""
+    assert http_parser_mode in ("auto", "strict")
+    assert ("strict" in proxy.server.parser_mode) == (http_parser_mode == "strict"), proxy.server.parser_mode
