@@ -30,15 +30,13 @@ $(CORE_STAMP): $(STAMP) $(CORE_SRC)
 system-deps:
 	@bash scripts/system-deps.sh
 
-# The L7 suites run a second time with the general parser only (--http-parser strict): the
-# parse_whole fast paths must not change any verdict (docs/http.md, "Fast path"). Both L7 cores
-# (compiled and pure Python) are a pytest parameter of the parser, header and smuggling tests
-# (tests/cores.py), and tests/test_differential.py holds them to the same answers.
-L7_SUITES := tests/test_l7.py tests/test_l7_unit.py tests/test_smuggling_e2e.py tests/test_headers.py tests/test_retries.py
-
+# One pytest run. The L7 suites run under both parser modes (the parse_whole fast paths and the
+# general parser only: the fast paths must not change any verdict, docs/http.md "Fast path") as a
+# pytest parameter (tests/conftest.py, PARSER_SUITES); both L7 cores (compiled and pure Python)
+# are a parameter of the parser, header and smuggling tests (tests/cores.py), and
+# tests/test_differential.py holds them to the same answers.
 test: venv system-deps
 	$(BIN)/python -m pytest -q
-	MESHPROXY_HTTP_PARSER=strict $(BIN)/python -m pytest -q $(L7_SUITES)
 
 demo: venv
 	$(BIN)/meshproxy demo

@@ -21,6 +21,7 @@ import os
 from urllib.parse import unquote_plus
 
 from meshproxy.core import metrics, sockets
+from meshproxy.core.accept import LogLimiter, connection_limits
 from meshproxy.core.accesslog import AccessLog
 from meshproxy.core.memory import release_free_memory
 from meshproxy.core.paths import normalize_request_path
@@ -108,7 +109,8 @@ class RequestView:
 
 
 class Listener:
-    """One listening socket, with accept paused (not refused) at ``--max-connections``.
+    """One listening socket, with accept paused (not refused) while the server is at its
+    connection limit (``IngressServer.max_connections``, all L7 listeners together).
 
     The socket is bound once; serving it is an asyncio server over a ``dup()`` of it, so
     pausing closes only that server while the kernel keeps queueing connections in the
@@ -125,10 +127,8 @@ class Listener:
         # ssl-passthrough: accept here and peek at SNI before terminating (l7.passthrough).
         self.sniff = sniff
         self.sniffer: Sniffer | None = None
-        self.count = 0
-        self.limit = server.settings.max_connections
         self.aserver = None
-        self.paused = False
+        self.paused = server.accept_paused
         self.stopped = False
         self._starting = False
         # SO_REUSEADDR|SO_REUSEPORT, and the inherited socket on `run --takeover`.
@@ -173,16 +173,21 @@ class Listener:
     def opened(self) -> None:
         # Counted in connection_made (after a TLS handshake): a failed handshake never
         # reaches the protocol, so counting in the factory would leak.
-        self.count += 1
-        if self.limit and self.count >= self.limit and not self.paused:
+        self.server.connection_opened()
+
+    def closed(self) -> None:
+        self.server.connection_closed()
+
+    def pause(self) -> None:
+        """Stop accepting; the kernel keeps queueing new connections in the backlog."""
+        if not self.paused:
             self.paused = True
             self._stop_server()
 
-    def closed(self) -> None:
-        self.count -= 1
-        if self.paused and not self.stopped and (not self.limit or self.count < self.limit):
+    def resume(self) -> None:
+        if self.paused:
             self.paused = False
-            if self.aserver is None:
+            if not self.stopped and self.aserver is None:
                 self.server.loop.create_task(self.start())
 
     def _stop_server(self) -> None:
@@ -220,6 +225,13 @@ class IngressServer:
         self.listeners: list[Listener] = []
         self.http_listeners: dict[tuple[str, int], Listener] = {}
         self.trusted = TrustedProxies(settings.trusted_proxies)
+        # Open client connections of every L7 listener together, and the limit at which all of
+        # them stop accepting (meshproxy.core.accept.connection_limits: --max-connections, else
+        # a share of RLIMIT_NOFILE; None: no limit).
+        self.open_connections = 0
+        self.max_connections: int | None = connection_limits(settings)[1]
+        self.accept_paused = False
+        self._limit_log = LogLimiter()   # the "limit reached" line, at most once per 10 s
         self.parser_mode = parser_mode(settings)
         # The per-message work: the compiled core or the pure-Python reference (l7.h1impl), with
         # the parse_whole fast paths (same strictness, see docs/http.md) unless "strict".
@@ -294,6 +306,52 @@ class IngressServer:
         for lst in self.listeners:
             await lst.start()
         self._ticker = loop.call_later(1.0, self._tick)
+
+    # -- the connection limit ----------------------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        limit = self.max_connections
+        if limit and self.open_connections >= limit and not self.accept_paused:
+            self._pause_all()
+
+    def _pause_all(self) -> None:
+        self.accept_paused = True
+        for lst in self._all_listeners():
+            lst.pause()
+        extra = self._limit_log.allow("full")
+        if extra is not None:
+            log.warning("l7: %d open connections, the limit (--max-connections, see docs/resilience.md): "
+                        "new connections wait in the backlog%s", self.open_connections, extra)
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        if self.accept_paused:
+            self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        limit = self.max_connections
+        if not limit or self.open_connections < limit:
+            self.accept_paused = False
+            for lst in self._all_listeners():
+                lst.resume()
+
+    def _all_listeners(self) -> list[Listener]:
+        return [*self.listeners, *self.http_listeners.values()]
+
+    def limits_changed(self) -> None:
+        """``--max-connections`` changed (a live setting): the new limit applies at once."""
+        self.max_connections = connection_limits(self.settings)[1]
+        limit = self.max_connections
+        if self.accept_paused:
+            self._maybe_resume()
+        elif limit and self.open_connections >= limit:
+            self._pause_all()
+
+    def trusted_changed(self) -> None:
+        """``--trusted-proxies`` changed: new connections are judged by the new list."""
+        self.trusted = TrustedProxies(self.settings.trusted_proxies)
+        self.clients = ClientInfoCache(self.trusted, self.impl.ClientInfo)
 
     @property
     def ports(self) -> list[int]:
@@ -423,6 +481,8 @@ class IngressServer:
             "retry_budget_overflows": self.retry_budget_overflows,
             "retry_budgets": {"/".join(k): {"active": a, "retries_in_flight": r}
                               for k, (a, r) in self.budgets.items()},
+            "open_connections": self.open_connections,
+            "max_connections": self.max_connections,
         }
 
     def _tick_metrics(self) -> None:

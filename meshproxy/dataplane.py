@@ -36,7 +36,6 @@ from l4.listeners import L4Manager
 from l4.nft_kernel import KernelProxier, NftError
 from l4.nft_kernel import cleanup as nft_cleanup
 from l4.udp import UdpManager
-from l7.headers import TrustedProxies
 from l7.server import IngressServer
 
 from .core.accesslog import AccessLog
@@ -146,11 +145,14 @@ class DataPlane:
     def settings_changed(self, changes: dict[str, object]) -> None:
         """Live settings changed (already set on ``runtime.settings``). Most are read where
         they are used; the ones the listeners keep in a prepared form are refreshed here."""
-        if "max_connections" in changes and self.l4 is not None:
-            self.l4.limits_changed()
+        if "max_connections" in changes:
+            if self.l4 is not None:
+                self.l4.limits_changed()
+            if self.ingress is not None:
+                self.ingress.limits_changed()
         if "trusted_proxies" in changes and self.ingress is not None:
             # Read once per client connection: new connections see the new list.
-            self.ingress.trusted = TrustedProxies(self.runtime.settings.trusted_proxies)
+            self.ingress.trusted_changed()
 
     def listener_errors(self) -> dict[str, str]:
         out = {f"{h}:{p}": msg for (h, p), msg in sorted(self.l4.failures.items())} if self.l4 is not None else {}

@@ -23,6 +23,13 @@ Loops: ``run(coro)`` runs a coroutine on a new uvloop loop (as meshproxy runs), 
 a hung test fails instead of hanging; ``loop_thread`` is a loop running in a thread, for tests
 that drive async servers from blocking client code.
 
+Parser modes: the modules in ``PARSER_SUITES`` run every test once per L7 parser mode
+(``http_parser_mode``: "auto" - the compiled core or the pure one, with the parse_whole fast
+paths - and "strict", the general parser only): the fast paths must not change any verdict.
+The mode is a module-scoped parameter that sets $MESHPROXY_HTTP_PARSER (read by every server
+and process the tests start); a module-scoped proxy fixture names ``http_parser_mode`` so it is
+started once per mode.
+
 Backend: ``backend(host, name=...)`` is a ``tests/backends.py`` ``Backend`` (threads, keep-alive
 HTTP/1.1, behaviour chosen by the path) listening on ``host`` port 0, stopped after the test.
 """
@@ -262,6 +269,32 @@ class ClockedLoop:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loop, name)
+
+
+# -- L7 parser modes ---------------------------------------------------------------------------
+
+PARSER_SUITES = frozenset({"test_l7", "test_l7_unit", "test_smuggling_e2e", "test_retries"})
+PARSER_TEST_MODES = ("auto", "strict")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if metafunc.module.__name__ in PARSER_SUITES:
+        if "http_parser_mode" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("http_parser_mode")
+        metafunc.parametrize("http_parser_mode", PARSER_TEST_MODES, indirect=True, scope="module",
+                             ids=[f"parser-{m}" for m in PARSER_TEST_MODES])
+
+
+@pytest.fixture(scope="module")
+def http_parser_mode(request):
+    """The L7 parser mode this module runs under (None outside ``PARSER_SUITES``)."""
+    mode = getattr(request, "param", None)
+    if mode is None:
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MESHPROXY_HTTP_PARSER", mode)
+        yield mode
 
 
 @pytest.fixture

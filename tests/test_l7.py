@@ -59,7 +59,7 @@ def config(pods, root_service: str = "svc-a") -> str:
 
 
 @pytest.fixture(scope="module")
-def mp(pods, tmp_path_factory):
+def mp(pods, tmp_path_factory, http_parser_mode):
     d = tmp_path_factory.mktemp("l7manifests")
     (d / "all.yaml").write_text(config(pods))
     port = free_port()

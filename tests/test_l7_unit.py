@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import os
+import resource
 import shutil
 import socket
 import ssl
@@ -43,6 +44,7 @@ from backends import (
     ws_send,
 )
 from meshproxy.core import metrics
+from meshproxy.core.accept import connection_limits
 from proc import wait_for
 
 MiB = 1024 * 1024
@@ -100,7 +102,7 @@ def base_config(pods, *, web_route="web") -> str:
 
 
 @pytest.fixture(scope="module")
-def proxy(pods):
+def proxy(pods, http_parser_mode):
     with Proxy(base_config(pods)) as p:
         yield p
 
@@ -397,6 +399,18 @@ def test_forwarded_fields_from_trusted_proxy_kept(pods):
         assert h["forwarded"] == ["for=203.0.113.9;proto=https, for=127.0.0.1;host=example.com;proto=http"]
 
 
+def test_trusted_proxies_changed_live(pods):
+    """--trusted-proxies is a live setting: after the change, new connections are judged by
+    the new list (the per-client forwarding facts are cached, the cache starts over)."""
+    cfg = service_yaml("web", [pods["web1"]]) + "---\n" + ingress_yaml("t", [(None, "/", "Prefix", "web")])
+    with Proxy(cfg) as p:
+        sent = {"X-Forwarded-For": "203.0.113.9"}
+        assert _hdrs(echo(p.port, "/echo", headers=sent))["x-forwarded-for"] == ["127.0.0.1"]
+        p.settings.trusted_proxies = ("127.0.0.0/8",)
+        p.call(p.server.trusted_changed)
+        assert _hdrs(echo(p.port, "/echo", headers=sent))["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+
+
 def test_response_hop_by_hop_removed(proxy):
     # /close-after answers with the backend's own "Connection" handling; /trailers sends Trailer.
     r, _ = get(proxy.port, "/trailers")
@@ -495,6 +509,47 @@ def test_max_connections_pauses_accept(pods):
         assert read_response(c)[0] == 200  # accepted once a slot was free: not refused
         b.close()
         c.close()
+
+
+def test_max_connections_counts_every_l7_listener_together(pods, certs):
+    """The limit is the process's, not each listener's: a TLS connection and a plain one fill
+    max_connections=2, so a third client on either listener waits in the backlog; the limit can
+    be raised live (a --config change) and the waiting client is served at once."""
+    with Proxy(_tls_config(pods, certs), tls=True, max_connections=2) as p:
+        ctx = ssl.create_default_context()
+        certs["ca"].configure_trust(ctx)
+        t = ctx.wrap_socket(socket.create_connection(("127.0.0.1", p.tls_port), timeout=5),
+                            server_hostname="foo.bar.com")
+        t.sendall(b"GET /echo HTTP/1.1\r\nHost: foo.bar.com\r\n\r\n")
+        assert read_response(t)[0] == 200
+        a = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        a.sendall(b"GET /echo HTTP/1.1\r\nHost: foo.bar.com\r\n\r\n")
+        assert read_response(a)[0] == 200
+        assert p.call(p.server.state)["open_connections"] == 2
+        c = socket.create_connection(("127.0.0.1", p.port), timeout=5)   # queued in the backlog
+        c.sendall(b"GET /echo HTTP/1.1\r\nHost: foo.bar.com\r\n\r\n")
+        c.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            c.recv(100)
+        p.settings.max_connections = 3
+        p.call(p.server.limits_changed)
+        c.settimeout(5)
+        assert read_response(c)[0] == 200
+        assert p.call(p.server.state)["max_connections"] == 3
+        for s in (t, a, c):
+            s.close()
+
+
+def test_l7_limit_from_the_descriptor_limit_by_default(pods):
+    """Without --max-connections the L7 listeners get their share of RLIMIT_NOFILE
+    (meshproxy.core.accept.connection_limits), not no limit at all."""
+    cfg = service_yaml("web", [pods["web1"]]) + "---\n" + ingress_yaml("t", [(None, "/", "Prefix", "web")])
+    with Proxy(cfg) as p:
+        state = p.call(p.server.state)
+        expected = connection_limits(p.settings)[1]
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] != resource.RLIM_INFINITY:
+            assert expected is not None
+        assert state["max_connections"] == expected
 
 
 def _bulk_config(bulk: Backend) -> str:
@@ -1093,7 +1148,7 @@ _RESPONSE_PIECES = [
 
 
 @pytest.fixture(scope="module")
-def scripted():
+def scripted(http_parser_mode):
     b = ScriptedBackend("127.0.10.9")
     cfg = service_yaml("script", [b]) + "---\n" + ingress_yaml("script", [(None, "/", "Prefix", "script")])
     with Proxy(cfg, upstream_timeout=1.0) as p:
@@ -1235,3 +1290,10 @@ def test_http_parser_modes():
     assert parser_mode(Settings(http_parser="fast")) == "fast"
     with pytest.raises(ValueError):
         parser_mode(Settings(http_parser="httptools"))
+
+
+def test_the_parser_mode_parameter_reaches_the_proxy(proxy, http_parser_mode):
+    """This module runs under both parser modes (tests/conftest.py PARSER_SUITES): the module's
+    proxy really runs the mode of the parameter, so the second pass is not the first again."""
+    assert http_parser_mode in ("auto", "strict")
+    assert ("strict" in proxy.server.parser_mode) == (http_parser_mode == "strict"), proxy.server.parser_mode

@@ -86,12 +86,12 @@ class RawPod:
 
 
 def _mode(core: str) -> str:
-    # The Makefile's second run (MESHPROXY_HTTP_PARSER=strict) takes each core without its fast paths.
+    # Under the "strict" parser mode (conftest.http_parser_mode) each core runs without its fast paths.
     return core + "-strict" if os.environ.get("MESHPROXY_HTTP_PARSER") == "strict" else core
 
 
 @pytest.fixture(scope="module", params=CORES)
-def setup(request, tmp_path_factory):
+def setup(request, tmp_path_factory, http_parser_mode):
     """One proxy per L7 core (tests/cores.py): every smuggling case runs against both."""
     package(request.param)   # skips / fails when that core is not built
     pod = RawPod()
