@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from proc import Meshproxy, http_get, wait_for
 
+from meshproxy.cli import build_parser
 from meshproxy.core.identity import (IdentityError, IdentityStore, SpiffeId, is_tls_client_hello,
                                      load_svid, make_csr, peer_identity, xfcc_value)
 from meshproxy.identity_sources import IdentityDirSource, own_identity
@@ -509,3 +510,15 @@ def _identity(mp: Meshproxy) -> dict:
     st, body = http_get(mp.admin + "/debug/identity")
     assert st == 200, body
     return json.loads(body)
+
+
+def test_svids_live_24_hours_by_default():
+    """`meshproxy identity serve` without --ttl issues 24 h SVIDs (the lifetime the mesh docs
+    promise; renewal at half of it)."""
+    args = build_parser().parse_args(["identity", "serve", "--ca-dir", "/nonexistent"])
+    assert args.ttl == 24 * 3600
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)   # X.509 keeps whole seconds
+    ca = CertificateAuthority.generate("cluster.local", now=now)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue(SpiffeId.for_service_account("cluster.local", "shop", "web"), key.public_key(), args.ttl, now=now)
+    assert cert.not_valid_after_utc - now == datetime.timedelta(hours=24)
