@@ -11,7 +11,6 @@ import http.client
 import json
 import re
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,10 +31,10 @@ from backends import (
     ws_recv,
     ws_send,
 )
+from conftest import requires
 from proc import Meshproxy, free_port, wait_for
 
 MiB = 1024 * 1024
-CURL = shutil.which("curl")
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +275,10 @@ def test_access_log_and_metrics(mp):
     assert "meshproxy_http_no_route_total" in text
 
 
-@pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_upload_and_keepalive(mp, tmp_path):
     f = tmp_path / "b"
     f.write_bytes(b"z" * 1500000)
-    out = subprocess.run([CURL, "-sS", "--http1.1", "-H", "Host: site.test", "--data-binary", f"@{f}",
+    out = subprocess.run([requires("curl"), "-sS", "--http1.1", "-H", "Host: site.test", "--data-binary", f"@{f}",
                           f"http://127.0.0.1:{mp.port}/upload", "-o", "-", f"http://127.0.0.1:{mp.port}/upload",
                           "-w", " %{num_connects}"], capture_output=True, timeout=15)
     assert out.returncode == 0, out.stderr
@@ -420,7 +418,6 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-PROMTOOL = shutil.which("promtool")
 
 
 def test_metrics_move_as_requests_go(pods, tmp_path):
@@ -484,13 +481,12 @@ def test_metrics_move_as_requests_go(pods, tmp_path):
         assert up(after, "idle") >= 1   # kept for reuse
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
 def test_metrics_text_passes_promtool(mp):
     assert get(mp.port, "/echo?promtool=1")[0].status == 200
     assert get(mp.port, "/", host="nothing.test")[0].status == 404
     text = wait_for(lambda: (lambda t: t if "meshproxy_http_request_duration_seconds_bucket{" in t else None)(mp.metrics()),
                     timeout=5, what="metrics")
-    out = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    out = subprocess.run([requires("promtool"), "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

