@@ -163,7 +163,11 @@ class Attempts:
                 self.attempts -= 1  # connect failures have their own budget
                 self._attempt(nxt, "retry")
                 return
-        self._fail(503, b"no endpoint could be reached\n")
+        statuses = self.action.connect_error_statuses
+        if statuses is None:
+            self._fail(503, b"no endpoint could be reached\n")
+        else:
+            self._fail(statuses[0] if isinstance(exc, TimeoutError) else statuses[1], b"no endpoint could be reached\n")
 
     def _add_tried(self, ep) -> None:
         addr = (ep.ip, ep.port)

@@ -308,10 +308,6 @@ def closed_port(addr: str) -> int:
     return port
 
 
-@pytest.mark.xfail(strict=True, reason="meshproxy answers 503 'no endpoint could be reached' when no pod "
-                                       "of the route can be connected to; ingress-nginx answers 504 after a "
-                                       "connect timeout and 502 after a refused connect. The status is chosen "
-                                       "in l7/attempts.py (_connect_failed), outside the nginx filters.")
 @pytest.mark.parametrize("kind,status", [("timeout", 504), ("refused", 502)])
 def test_unreachable_pod_status(kind, status):
     pod = (Blackhole("127.0.10.133") if kind == "timeout"

@@ -244,7 +244,7 @@ def _action(loc: _Location, cert_hosts: frozenset[str], alternatives: Mapping, a
         req_headers = HeaderEdits(set=tuple(sets))
     base = Action(backends=(loc.ref,), timeout=cfg.read_timeout, per_try_timeout=per_try, attempts=attempts,
                   retry_on=retry_on, request_headers=req_headers, rewrite=rewrite,
-                  connect_timeout=cfg.connect_timeout, invalid_status=503)
+                  connect_timeout=cfg.connect_timeout, invalid_status=503, connect_error_statuses=(504, 502))
     error_key = None
     if cfg.default_backend:
         error_key = service_port(ns, cfg.default_backend)

@@ -280,6 +280,10 @@ class Action:
     filters: tuple[Any, ...] = ()
     invalid_status: int = 503             # a picked backend reference is invalid
     connect_timeout: float | None = None  # upstream connect timeout of this route (None: the proxy's)
+    # The answer when no pod of the route could be connected to: (after a connect timeout, after
+    # any other connect failure). None: 503 for both (Envoy's "no healthy upstream" family);
+    # ingress-nginx's locations answer 504 / 502, as nginx's proxy module does.
+    connect_error_statuses: tuple[int, int] | None = None
     # Response statuses answered by another request instead (ingress-nginx's custom-http-errors):
     # (status, action) pairs; the exchange discards the pod's response and sends the request
     # with that action (its first backend, its rewrite and header edits, its filters'
