@@ -37,7 +37,7 @@ def manifests(pod: Backend, port: int) -> str:
         ("slow-start", "    filters: [{type: ExtensionRef, extensionRef: {group: meshproxy.dev, kind: FaultInjection, "
                         "name: delay}}]\n"),
         ("slow-start-bounded", "    filters: [{type: ExtensionRef, extensionRef: {group: meshproxy.dev, "
-                                "kind: FaultInjection, name: delay}}]\n    timeouts: {request: 2s}\n"),
+                                "kind: FaultInjection, name: long-delay}}]\n    timeouts: {request: 2s}\n"),
     ]
     return "\n---\n".join([
         f"apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: {CLASS}}}\n"
@@ -57,6 +57,10 @@ spec:
 kind: FaultInjection
 metadata: {{name: delay, namespace: {INFRA}}}
 spec: {{delay: {{fixedDelay: 300ms, percentage: 100}}}}""",
+        f"""apiVersion: meshproxy.dev/v1alpha1
+kind: FaultInjection
+metadata: {{name: long-delay, namespace: {INFRA}}}
+spec: {{delay: {{fixedDelay: 1s}}}}""",
         gateway_yaml("timeouts", GW, http_listener(port)),
         f"""apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -156,12 +160,15 @@ def test_fault_delay_holds_the_request_before_forwarding(gateway):
 
 
 def test_fault_delay_counts_against_the_request_timeout(gateway):
-    # 300 ms of delay, then a pod that answers after 1 s: both fit in the 2 s request timeout
-    # and, as the rule sets a timeout, the 1 s default does not cut the pod short.
+    # The request timeout runs from the request's arrival (the specification's "from when the
+    # gateway receives the request"), so the 1 s fault delay uses half of the 2 s.
     _, _, port = gateway
-    status, body, elapsed = timed_get(port, "slow-start-bounded", "/delay?ms=1000")
+    # 1 s of delay and a pod that answers in 0.5 s fit (and the rule's own timeout, not the
+    # 1 s default, bounds the pod).
+    status, body, elapsed = timed_get(port, "slow-start-bounded", "/delay?ms=500")
     assert status == 200, body
-    assert elapsed >= 1.3
-    status, body, elapsed = timed_get(port, "slow-start-bounded", f"/delay?ms={SLOW}")
+    assert elapsed >= 1.5
+    # 1 s of delay and a pod that answers in 1.5 s do not: the pod alone would fit in 2 s.
+    status, body, elapsed = timed_get(port, "slow-start-bounded", "/delay?ms=1500")
     assert status == 504, body
     assert elapsed >= 2.0
