@@ -42,6 +42,12 @@ def _parent(ref: dict, ns: str) -> str:
     return out
 
 
+def _listener(lst: Any, ls: dict) -> str:
+    n = ls["attachedRoutes"]
+    where = f"{lst.port}/{lst.protocol}, " if lst is not None else ""
+    return f"{ls['name']}({where}{n} route{'' if n == 1 else 's'})"
+
+
 def gateway_table(what: str, status: Mapping[tuple[str, str, str], dict], store: Any, output: str) -> str:
     kind = GATEWAY_TABLES[what]
     objs = sorted(store.list(kind), key=lambda o: (o.namespace, o.name))
@@ -49,9 +55,10 @@ def gateway_table(what: str, status: Mapping[tuple[str, str, str], dict], store:
         items = []
         for obj in objs:
             key = (kind, "" if kind == "GatewayClass" else obj.namespace, obj.name)
-            item = {"kind": kind, "name": obj.name, "status": status.get(key)}
+            item = {"kind": kind, "name": obj.name}
             if kind != "GatewayClass":
                 item["namespace"] = obj.namespace
+            item["status"] = status.get(key)
             items.append(item)
         return json.dumps(items, indent=2)
     rows, conds = [], []
@@ -68,8 +75,9 @@ def gateway_table(what: str, status: Mapping[tuple[str, str, str], dict], store:
                 rows.append([obj.namespace, obj.name, obj.class_name, "-", "- (not ours)", "-", ""])
                 continue
             c = st["conditions"]
-            listeners = ", ".join(f"{lst.name}({lst.port}/{lst.protocol}, {ls['attachedRoutes']} routes)"
-                                  for lst, ls in zip(obj.listeners, st["listeners"]))
+            # By name, not by position: the status lists the listeners it has, in its own order.
+            spec = {lst.name: lst for lst in obj.listeners}
+            listeners = ", ".join(_listener(spec.get(ls["name"]), ls) for ls in st["listeners"])
             rows.append([obj.namespace, obj.name, obj.class_name,
                          ",".join(a["value"] for a in st["addresses"]) or "<none>",
                          _cond(c, "Accepted"), _cond(c, "Programmed"), listeners])
@@ -82,8 +90,12 @@ def gateway_table(what: str, status: Mapping[tuple[str, str, str], dict], store:
             parents = (st or {}).get("parents", [])
             accepted = ", ".join(_cond(p["conditions"], "Accepted") for p in parents) or "- (no parent of ours)"
             resolved = ", ".join(_cond(p["conditions"], "ResolvedRefs") for p in parents) or "-"
-            rows.append([obj.namespace, obj.name, hosts if kind != "TCPRoute" else "-",
-                         ", ".join(_parent(p["parentRef"], obj.namespace) for p in parents) or "<none>",
+            # Without a parent of ours (a Gateway of another class, or one not in the manifests)
+            # the route's own parentRefs are shown, so that a misspelt name is seen.
+            named = ", ".join(_parent(p["parentRef"], obj.namespace) for p in parents) or ", ".join(
+                _parent({"kind": r.kind, "name": r.name, "namespace": r.namespace, "sectionName": r.section_name,
+                         "port": r.port}, obj.namespace) for r in getattr(obj, "parents", ()))
+            rows.append([obj.namespace, obj.name, hosts if kind != "TCPRoute" else "-", named or "<none>",
                          accepted, resolved])
             for p in parents:
                 conds += [[f"{kind} {name}", _parent(p["parentRef"], obj.namespace), x["type"], x["status"],
