@@ -466,7 +466,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         return 1
     # What the API would accept but does not work: Gateway API objects whose status says so
     # (a missing backend, a reference without its ReferenceGrant, conflicting listeners, ...).
-    ctl = _offline_controller(args, result)
+    try:
+        ctl = _offline_controller(args, result)
+    except ValueError as exc:   # a bad flag value (e.g. --gateway-address), as for get
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 2
     gw = ctl.builder.gateway_result if ctl is not None else None
     lines = gw.problem_lines(with_place=True) if gw is not None else []
     # ingress-nginx annotations refused (the Ingress is not served), denied (its paths answer

@@ -422,8 +422,6 @@ spec:
     assert g.returncode == 1 and lines[0] in g.stderr and g.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason="meshproxy/cli.py _cmd_validate does not catch the ValueError of a bad "
-                                       "--gateway-address (get does): a traceback instead of a message")
 def test_validate_bad_gateway_address_is_a_message(files):
     r = meshproxy("validate", "--gateway-address", "not-an-ip", "-f", files["good"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
