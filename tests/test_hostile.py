@@ -402,7 +402,7 @@ class LoopLag:
     "interim-100", "interim-103", "pipelined-to-pod",
     pytest.param("pipelined-local", marks=pytest.mark.xfail(strict=True, reason=(
         "every pipelined request in one read that the proxy answers itself (404 here) is "
-        "answered in the same loop turn: ~9,500 requests per 256,000-byte read, 100-200 ms"))),
+        "answered in the same loop turn: ~9,500 requests per 256,000-byte read, 0.2-0.8 s"))),
 ])
 def test_loop_budget_holds_under_attack(mode):
     """The loop budget (docs/resilience.md, "Loop budget"): while a pod floods 1xx heads or a
@@ -415,7 +415,7 @@ def test_loop_budget_holds_under_attack(mode):
     before the head, at most 17 interim heads, one exchange per pipelined request), and an idle
     proxy shows 1-5 ms on the 2-core CI machine shared with other jobs, where the kernel may
     also run another process for a slice or two. The attacks that the bound is for stalled the
-    loop for 60 s (the route timeout: issue 20); the one marked xfail holds it 100-200 ms."""
+    loop for 60 s (the route timeout: issue 20); the one marked xfail holds it 0.2-0.8 s."""
     pod = socket.socket()
     pod.bind(("127.0.12.8", 0))
     pod.listen(64)
