@@ -366,32 +366,38 @@ for t in cs:
 print(got[0], flush=True)
 '''
 
-LOOP_LAG_BOUND = 0.050   # seconds; see test_loop_budget_holds_under_attack
+# The loop budget, seconds; see test_loop_budget_holds_under_attack.
+LOOP_TURN_CPU_BOUND = 0.020   # CPU time of the proxy's loop thread between two probe ticks
+LOOP_LAG_BOUND = 0.250        # how late a probe tick may run (wall clock)
 
 
 class LoopLag:
-    """A callback on ``loop`` every millisecond; ``worst`` is the longest it came late (the
-    longest loop turn, plus scheduling noise)."""
+    """A callback on ``loop`` every millisecond. ``worst`` is the longest it came late; ``worst_cpu``
+    the most CPU time the loop's thread used between two ticks - the work of the turns in
+    between, without the time the kernel gave to other processes."""
 
     def __init__(self, loop) -> None:
         self.loop = loop
-        self.worst = 0.0
+        self.worst = self.worst_cpu = 0.0
         self.ticks = 0
-        self._due = 0.0
+        self._due = self._cpu = 0.0
         self._stop = False
         loop.call_soon_threadsafe(self._tick)
 
     def _tick(self) -> None:
         now = time.perf_counter()
+        cpu = time.thread_time()
         if self._due:
             self.worst = max(self.worst, now - self._due)
+            self.worst_cpu = max(self.worst_cpu, cpu - self._cpu)
             self.ticks += 1
         if not self._stop:
             self._due = time.perf_counter() + 0.001
+            self._cpu = time.thread_time()
             self.loop.call_later(0.001, self._tick)
 
     def reset(self) -> None:
-        self.worst = 0.0
+        self.worst = self.worst_cpu = 0.0
         self.ticks = 0
 
     def stop(self) -> None:
@@ -402,20 +408,24 @@ class LoopLag:
     "interim-100", "interim-103", "pipelined-to-pod",
     pytest.param("pipelined-local", marks=pytest.mark.xfail(strict=True, reason=(
         "every pipelined request in one read that the proxy answers itself (404 here) is "
-        "answered in the same loop turn: ~9,500 requests per 256,000-byte read, 0.2-0.8 s"))),
+        "answered in the same loop turn: ~9,500 requests per 256,000-byte read, 0.1-0.8 s"))),
 ])
 def test_loop_budget_holds_under_attack(mode):
     """The loop budget (docs/resilience.md, "Loop budget"): while a pod floods 1xx heads or a
-    client pipelines 256,000-byte reads of requests, no loop turn of the proxy takes longer than
-    LOOP_LAG_BOUND - measured by a callback scheduled every millisecond on the proxy's own loop
-    (an in-process proxy; the attackers run in another process so that they take nothing of
-    its interpreter lock).
+    client pipelines 256,000-byte reads of requests, the proxy's loop keeps turning - measured by
+    a callback scheduled every millisecond on the loop of an in-process proxy (the attackers run
+    in another process, so none of their Python takes the proxy's interpreter lock).
 
-    The bound, 50 ms: the work per turn is a few milliseconds (one pod read of at most 16 KiB
-    before the head, at most 17 interim heads, one exchange per pipelined request), and an idle
-    proxy shows 1-5 ms on the 2-core CI machine shared with other jobs, where the kernel may
-    also run another process for a slice or two. The attacks that the bound is for stalled the
-    loop for 60 s (the route timeout: issue 20); the one marked xfail holds it 0.2-0.8 s."""
+    Two bounds. LOOP_TURN_CPU_BOUND, 20 ms of the loop thread's CPU time between two ticks, is
+    the budget itself: the work per turn is a few ms (one pod read of at most 16 KiB before the
+    head, at most 16 interim heads per request, one exchange per pipelined request); 20 ms
+    leaves room for a slower CPU. CPU time is used because wall time on the shared 2-core CI
+    machine includes the slices the kernel gives to other jobs (an idle proxy's ticks come up to
+    5 ms late there, under attack up to ~50 ms, with ~0.3 ms of it garbage collection).
+    LOOP_LAG_BOUND, 250 ms of wall time, is what clients feel, with that noise allowed for - the
+    bound docs/resilience.md gives for big reloads too. The attacks these bounds are for held
+    the loop for 60 s (the route timeout: issue 20); the one marked xfail holds it 0.1-0.8 s
+    per read (85-150 ms of it CPU time)."""
     pod = socket.socket()
     pod.bind(("127.0.12.8", 0))
     pod.listen(64)
@@ -431,13 +441,13 @@ def test_loop_budget_holds_under_attack(mode):
                                   pass_fds=[pod.fileno()], stdout=subprocess.PIPE, text=True)
         out, _ = attack.communicate(timeout=30)
         attack = None
-        worst, ticks = proxy.call(lambda: (lag.worst, lag.ticks))
+        worst, cpu, ticks = proxy.call(lambda: (lag.worst, lag.worst_cpu, lag.ticks))
         responses = int(out.split()[-1])
-        assert responses >= 10, f"the attack got {responses} responses: it did not reach the proxy"
-        assert ticks >= 100, f"{ticks} probe ticks in 1.5 s"
-        assert worst < LOOP_LAG_BOUND, (
-            f"{mode}: a loop turn took {worst * 1000:.0f} ms (bound {LOOP_LAG_BOUND * 1000:.0f} ms; "
-            f"{ticks} ticks, {responses} responses)")
+        seen = (f"{mode}: worst tick {worst * 1000:.0f} ms late, {cpu * 1000:.1f} ms of loop CPU between "
+                f"two ticks ({ticks} ticks, {responses} responses)")
+        assert responses >= 10, f"the attack did not reach the proxy: {seen}"
+        assert ticks >= 100, seen
+        assert cpu < LOOP_TURN_CPU_BOUND and worst < LOOP_LAG_BOUND, seen
     finally:
         if attack is not None:
             attack.kill()
