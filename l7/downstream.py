@@ -74,6 +74,10 @@ _PAUSE_FLAGS = {"upstream": _RP_UPSTREAM, "connecting": _RP_CONNECTING}
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _WRITE_HIGH = 16 * 1024
+# Pipelined requests started by one _process call: the rest wait for a later loop turn (at once
+# if the client takes our answers, else until it does), so a client pipelining thousands of
+# requests we answer ourselves (404s, redirects) holds the loop for a bounded time.
+_PIPELINE_PER_TURN = 32
 # Longest request head remembered per connection for the repeated-head shortcut: bounds the
 # memory it adds to an idle keep-alive connection (the raw head, its parse and the upstream
 # head: a few KiB at most; ~1 KiB for the usual 100-300 byte head).
@@ -331,6 +335,8 @@ class ClientConnection(asyncio.Protocol):
             ex = self.exchange
             if ex is not None:
                 ex.downstream_resumed()
+            elif self.state == _HEAD and not self.processing and self.parser.buffered:
+                self._process()   # pipelined requests left for when the client reads (_defer_pipeline)
         except Exception as exc:  # noqa: BLE001
             self.internal_error(exc)
 
@@ -506,8 +512,13 @@ class ClientConnection(asyncio.Protocol):
         """Take events from the request parser until it needs data or a request is in flight."""
         parser = self.parser
         self.processing = True
+        begun = 0
         try:
             while self.state != _CLOSED:
+                if begun and self.exchange is None and (begun >= _PIPELINE_PER_TURN or self.writing_paused):
+                    # Between two pipelined requests, this call's share is taken.
+                    self._defer_pipeline()
+                    break
                 try:
                     ev = parser.next_event()
                 except HTTPError as exc:
@@ -519,6 +530,7 @@ class ClientConnection(asyncio.Protocol):
                     if ex is not None:
                         ex.request_data(ev)
                 elif t is RequestHead:
+                    begun += 1
                     self._begin(ev)
                 elif t is EndOfMessage:
                     if ex is not None:
@@ -532,6 +544,25 @@ class ClientConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.flush()
+
+    def _defer_pipeline(self) -> None:
+        """Requests stay buffered for a later turn: the next one when the client takes our
+        answers (``resume_writing``), else in the next loop turn."""
+        if self.state == _IDLE:
+            self.state = _HEAD   # bytes of the next head are here: not the fast path; its deadline runs
+            self._set_deadline(self.loop.time() + self.settings.header_timeout)
+        if self.writing_paused:
+            self._pause_reading(_RP_WRITING)
+        else:
+            self.loop.call_soon(self._pipeline_next)
+
+    def _pipeline_next(self) -> None:
+        try:
+            if (self.state == _HEAD and self.exchange is None and not self.processing
+                    and not self.writing_paused and self.parser.buffered):
+                self._process()
+        except Exception as exc:  # noqa: BLE001 - no exception may escape a loop callback
+            self.internal_error(exc)
 
     def _begin(self, head: RequestHead, complete: bool = False) -> None:
         self.state = _BUSY

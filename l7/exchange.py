@@ -88,7 +88,7 @@ class Exchange(Attempts):
         "ep", "held", "up", "attempts", "connect_failures", "tried", "token", "state", "req",
         "replay", "replay_bytes", "pending", "pending_bytes", "delivered", "trailers", "resp_status", "resp_bytes",
         "up_keep", "interim", "interim_bytes", "budget", "retrying", "deadline", "hard_deadline",
-        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at", "buffering", "mirrored",
+        "timeout", "up_paused", "down_paused", "accounted", "listener", "upstream_addr", "delaying", "held_at", "buffering", "continued", "mirrored",
         "bodiless", "done_keep", "filter_next", "extra_fields", "request_id", "rid_generated", "trace",
         "req_bytes", "flags", "pick_key", "body_limit", "ending", "filter_data", "replaced",
     )
@@ -132,6 +132,7 @@ class Exchange(Attempts):
         self.delaying = False             # a fault delay runs before the first attempt
         self.held_at = None               # when a filter that held the request let it go
         self.buffering = False            # the body is being read before routing goes on
+        self.continued = False            # our 100 Continue is sent
         self.mirrored = False
         self.timeout = 0.0
         self.up_paused = self.down_paused = False
@@ -223,6 +224,11 @@ class Exchange(Attempts):
             # that a slow upload holds no endpoint and no upstream connection meanwhile.
             self.buffering = True
             self._set_deadline(self.t0 + (action.timeout or ctx.settings.upstream_timeout))
+            if self.head.expect_continue:
+                # The client holds its body back until it sees a 100: ask for it now (as nginx
+                # does when it starts reading a body), not after the body we wait for.
+                self.continued = True
+                self.down.send_continue()
             return
         self._route_on()
 
@@ -361,7 +367,7 @@ class Exchange(Attempts):
             budget = ctx.budgets[key] = [0, 0]
         budget[0] += 1
         self.budget = budget
-        if head.expect_continue:
+        if head.expect_continue and not self.continued:
             # We answer the expectation ourselves once the request is routed (nginx and Envoy
             # do the same; RFC 9110 §10.1.1 lets an intermediary do so); Expect is not
             # forwarded and a 100 from the pod is not relayed a second time. A request refused
