@@ -13,6 +13,9 @@ tests/test_nginx_convert.py checks request by request. The mapping (docs/ingress
   in ingress-nginx's order. A host where ingress-nginx matches regular expressions (use-regex, a
   rewrite-target) gets RegularExpression matches that mean what nginx's ``~* "^PATH"`` means:
   ``(?i)PATH.*``, tried in the same order (one route, rules in order);
+* the paths of backend-protocol GRPC / GRPCS Ingresses as one GRPCRoute per namespace and host
+  (ingress2gateway's choice): ``/SERVICE/METHOD`` and ``/SERVICE`` become method matches, ``/``
+  matches every call;
 * Gateway API filters where they exist: redirects (permanent-, temporal-redirect, app-root),
   URLRewrite (a rewrite-target without capture groups, upstream-vhost), RequestHeaderModifier
   (x-forwarded-prefix), the HTTPS redirect as an HTTP-listener route that only redirects,
