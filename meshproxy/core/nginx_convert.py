@@ -35,7 +35,6 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from .nginx_annotations import PREFIX, SNIPPETS, NginxIngress, is_nginx, parse
-from .snapshot import HTTP1, backend_protocol
 
 __all__ = ["ConvertOptions", "convert"]
 
@@ -383,11 +382,15 @@ class _Converter:
                           "spec": spec})
 
     def speaks_http1(self, ing, be) -> bool:
-        """Would meshproxy speak HTTP/1.1 to this Service port's pods (its name and appProtocol)?"""
+        """Would a Gateway speak HTTP/1.1 to this Service port's pods? (The rule of
+        ``snapshot.backend_protocol``, repeated here: importing the snapshot would load the
+        metrics library into ``meshproxy convert`` / the CLI before its multiprocess setup.)"""
         svc = self.services.get((ing.namespace, be.service))
         for sp in svc.ports if svc is not None else ():
             if (be.port_number is not None and sp.port == be.port_number) or (be.port_name and sp.name == be.port_name):
-                return backend_protocol(sp) == HTTP1
+                if sp.app_protocol is not None:
+                    return sp.app_protocol not in ("kubernetes.io/h2c", "grpc")
+                return not (sp.name in ("grpc", "h2c", "http2") or (sp.name or "").startswith(("grpc-", "http2-")))
         return False
 
     def rules_for(self, ing, cfg: NginxIngress, p, regex: bool, alternatives, extensions) -> list[dict]:
