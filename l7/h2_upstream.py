@@ -26,13 +26,17 @@ Invariants:
   the peer after the handshake, e.g. the mesh's SPIFFE ID); connections are told apart by
   address and the security's key, so a stream never rides a connection made for another peer
   identity or in the clear. HTTP/2 then runs over that TLS connection (prior knowledge: our
-  own sidecar on the other end recognises the preface whatever ALPN said).
+  own sidecar on the other end recognises the preface whatever ALPN said). Ingress-nginx's
+  GRPCS pods (``snapshot.upstream_tls`` keys whose backend speaks HTTP/2) are one more such
+  security, applied when the callable says nothing: TLS 1.2+ offering ALPN h2, the pod's
+  certificate not verified and no SNI, as ``l7.upstream`` does for backend-protocol HTTPS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any, Callable
 
 from h2.config import H2Configuration
@@ -538,6 +542,8 @@ class H2Pool:
         # Per address: how to secure a new connection, or None (plain text); None here:
         # everything in plain text (module docstring).
         self.security: Callable[[tuple[str, int]], UpstreamSecurity | None] | None = None
+        self._tls_addrs: frozenset[tuple[str, int]] = frozenset()   # GRPCS pods (ingress-nginx)
+        self._grpcs_pod: UpstreamSecurity | None = None
         self._live: frozenset[tuple[str, int]] | None = None
         self._counts: dict[tuple[str, str], list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -552,7 +558,7 @@ class H2Pool:
         return c
 
     def take(self, addr: tuple[str, int]) -> H2UpstreamStream | None:
-        key = addr if self.security is None else self._key(addr)[0]
+        key = addr if self.security is None and not self._tls_addrs else self._key(addr)[0]
         for conn in self._conns.get(key, ()):
             if conn.room():
                 return conn.new_stream()
@@ -562,7 +568,7 @@ class H2Pool:
         """A stream on a new connection to ``addr``: ``exchange.connected(token, stream, None)``
         or ``(token, None, exc)``, from the event loop. Requests arriving while one connection
         to ``addr`` is being opened wait for it."""
-        key, sec = (addr, None) if self.security is None else self._key(addr)
+        key, sec = (addr, None) if self.security is None and not self._tls_addrs else self._key(addr)
         opening = self._opening.get(key)
         if opening is not None and len(opening[1]) < _ASSUMED_STREAMS:
             opening[1].append((exchange, token))
@@ -576,7 +582,16 @@ class H2Pool:
         task.add_done_callback(self._tasks.discard)
 
     def _key(self, addr: tuple[str, int]):
-        sec = self.security(addr)
+        sec = self.security(addr) if self.security is not None else None
+        if sec is None and addr in self._tls_addrs:
+            sec = self._grpcs_pod
+            if sec is None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ctx.set_alpn_protocols(["h2"])
+                sec = self._grpcs_pod = UpstreamSecurity("grpcs", ctx)
         return (addr if sec is None else (addr, sec.key)), sec
 
     async def _connect(self, conn: H2UpstreamConnection, waiters: list, sec: UpstreamSecurity | None = None) -> None:
@@ -663,9 +678,14 @@ class H2Pool:
             for ep in backend.usable:
                 live.add((ep.ip, ep.port))
         self._live = frozenset(live)
+        tls_keys = getattr(snapshot, "upstream_tls", ())
+        tls = frozenset((ep.ip, ep.port) for k in tls_keys if k in snapshot.backends
+                        for ep in snapshot.backends[k].endpoints)
+        changed = tls.symmetric_difference(self._tls_addrs)
+        self._tls_addrs = tls
         for key in list(self._conns):
             for conn in list(self._conns.get(key, ())):
-                if conn.addr in live:
+                if conn.addr in live and conn.addr not in changed:
                     continue
                 conn.draining = True
                 if not conn.reserved:

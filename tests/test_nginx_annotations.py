@@ -95,8 +95,8 @@ def test_snippets_refuse_the_ingress(name):
     ({"enable-modsecurity": "false"}, False),
     ({"proxy-ssl-verify": "on"}, True),
     ({"proxy-ssl-verify": "off"}, False),
-    ({"backend-protocol": "GRPC"}, True),
-    ({"backend-protocol": "grpcs"}, True),
+    ({"backend-protocol": "GRPC"}, False),      # HTTP/2 to the pods (tests/test_nginx_grpc.py)
+    ({"backend-protocol": "grpcs"}, False),
     ({"backend-protocol": "FCGI"}, True),
     ({"backend-protocol": "https"}, False),
 ])

@@ -223,7 +223,7 @@ class NginxIngress:
     x_forwarded_prefix: str = ""
     connection_header: str = ""                    # connection-proxy-header: Connection sent to the pod
     affinity: Affinity | None = None
-    backend_protocol: str = "HTTP"
+    backend_protocol: str = "HTTP"                 # HTTP, HTTPS, GRPC (h2c) or GRPCS (h2 over TLS)
     ssl_passthrough: bool = False
     aliases: tuple[str, ...] = ()
     ext_auth: ExternalAuth | None = None
@@ -577,9 +577,6 @@ def parse(ingress, secrets: Mapping[tuple[str, str], object] = {}) -> NginxIngre
     if protocol not in _BACKEND_PROTOCOLS:
         r.note("backend-protocol", "ignored", f"{protocol!r} is not one of {', '.join(_BACKEND_PROTOCOLS)}; HTTP applies")
         protocol = "HTTP"
-    elif protocol in ("GRPC", "GRPCS"):
-        r.note("backend-protocol", "refused", f"{protocol} needs HTTP/2 to the pod, which meshproxy does not speak "
-               "yet; the Ingress is not served")
     elif protocol in ("FCGI", "AUTO_HTTP"):
         r.note("backend-protocol", "refused", f"{protocol} is not supported by meshproxy; the Ingress is not served")
 

@@ -13,6 +13,9 @@ tests/test_nginx_convert.py checks request by request. The mapping (docs/ingress
   in ingress-nginx's order. A host where ingress-nginx matches regular expressions (use-regex, a
   rewrite-target) gets RegularExpression matches that mean what nginx's ``~* "^PATH"`` means:
   ``(?i)PATH.*``, tried in the same order (one route, rules in order);
+* the paths of backend-protocol GRPC / GRPCS Ingresses as one GRPCRoute per namespace and host
+  (ingress2gateway's choice): ``/SERVICE/METHOD`` and ``/SERVICE`` become method matches, ``/``
+  matches every call;
 * Gateway API filters where they exist: redirects (permanent-, temporal-redirect, app-root),
   URLRewrite (a rewrite-target without capture groups, upstream-vhost), RequestHeaderModifier
   (x-forwarded-prefix), the HTTPS redirect as an HTTP-listener route that only redirects,
@@ -60,6 +63,13 @@ _NATIVE = frozenset({
     "proxy-read-timeout", "proxy-next-upstream", "proxy-next-upstream-tries", "backend-protocol",
     "connection-proxy-header",
 })
+
+# What a GRPCRoute carries of a backend-protocol GRPC / GRPCS Ingress (the rest of _NATIVE is warned).
+_GRPC_NATIVE = frozenset({"backend-protocol", "server-alias", "ssl-redirect", "canary", "canary-weight",
+                          "canary-weight-total", "canary-by-header", "canary-by-header-value",
+                          "canary-by-header-pattern", "canary-by-cookie"})
+# A path a GRPCRoute method match can say: "/", "/SERVICE", "/SERVICE/METHOD".
+_GRPC_PATH = re.compile(r"/(?:([^/]+)(?:/([^/]+))?/?)?")
 
 
 @dataclass(slots=True)
@@ -212,6 +222,8 @@ class _Converter:
                 locs = sorted(locs, key=lambda loc: len(loc[2].path), reverse=True)
             aliases = next((list(cfg.aliases) for _i, cfg, _p in locs if cfg.aliases), [])
             hostnames = [host] + [a for a in aliases if a != host and (ns, a) not in groups] if host else []
+            grpc_locs = [loc for loc in locs if loc[1].backend_protocol in ("GRPC", "GRPCS")]
+            locs = [loc for loc in locs if loc[1].backend_protocol not in ("GRPC", "GRPCS")]
             rules = []
             for ing, cfg, p in locs:
                 rules.extend(self.rules_for(ing, cfg, p, regex, alternatives, extensions))
@@ -221,6 +233,15 @@ class _Converter:
                                  "filters": [{"type": "RequestRedirect", "requestRedirect": {
                                      "path": {"type": "ReplaceFullPath", "replaceFullPath": app_root}, "statusCode": 302}}]})
             name = _slug(host or "any-host")
+            if grpc_locs:
+                if host in tls_hosts:
+                    https_ref = self.parent(section=f"https-{self.https_hosts.index(host)}")
+                    redirect = any(cfg.ssl_redirect or cfg.force_ssl_redirect for _i, cfg, _p in grpc_locs)
+                    parents = [https_ref] if redirect else [self.parent(section="http"), https_ref]
+                else:
+                    parents = [self.parent(section="http")]
+                self.grpc_route(ns, f"{name}-grpc" if locs else name, hostnames, parents, grpc_locs, regex,
+                                alternatives, extensions)
             if host in tls_hosts:
                 redirect = any(cfg.ssl_redirect or cfg.force_ssl_redirect for _i, cfg, _p in locs)
                 https_ref = self.parent(section=f"https-{self.https_hosts.index(host)}")
@@ -284,6 +305,94 @@ class _Converter:
                 self.warn(ing, "canary", "no main Ingress has the same host, path and type; not converted")
         return out
 
+    def extension(self, ing, ann: dict[str, str], rewrite: str, extensions) -> dict | None:
+        """The ExtensionRef filter to the Ingress's IngressNginxFilter (written once), or None
+        when none of its annotations needs one."""
+        ext = {PREFIX + k: v for k, v in ann.items() if k in _EXTENSION}
+        if rewrite:
+            ext[PREFIX + "rewrite-target"] = rewrite
+        if not ext:
+            return None
+        key = (ing.namespace, ing.name)
+        if key not in extensions:
+            extensions[key] = ing.name
+            self.docs.append({"apiVersion": EXT_API, "kind": "IngressNginxFilter",
+                              "metadata": {"name": ing.name, "namespace": ing.namespace},
+                              "spec": {"annotations": dict(sorted(ext.items()))}})
+        return {"type": "ExtensionRef", "extensionRef": {"group": "meshproxy.dev", "kind": "IngressNginxFilter",
+                                                         "name": ing.name}}
+
+    def grpc_route(self, ns: str, name: str, hostnames: list[str], parents: list[dict], locs, regex: bool,
+                   alternatives, extensions) -> None:
+        """backend-protocol GRPC / GRPCS paths as one GRPCRoute (what ingress2gateway writes):
+        ``/SERVICE/METHOD`` and ``/SERVICE`` become method matches, ``/`` matches every call."""
+        rules = []
+        for ing, cfg, p in locs:
+            path = p.path or "/"
+            m = _GRPC_PATH.fullmatch(path)
+            if m is None:
+                self.warn(ing, "path", f"{path!r} is not /SERVICE or /SERVICE/METHOD, which a GRPCRoute matches; "
+                          "not converted")
+                continue
+            if regex:
+                self.warn(ing, "path", f"{path!r}: ingress-nginx matches it as a case-insensitive regular expression "
+                          "(use-regex on this host); the GRPCRoute matches the service and method exactly")
+            main = self.backend_ref(ing, p.backend)
+            if main is None:
+                continue
+            ann = {k[len(PREFIX):]: v for k, v in ing.meta.annotations.items() if k.startswith(PREFIX)}
+            for k in sorted(_NATIVE - _GRPC_NATIVE):
+                if k in ann:
+                    self.warn(ing, PREFIX + k, "has no GRPCRoute equivalent; not converted")
+            if cfg.backend_protocol == "GRPCS":
+                self.warn(ing, PREFIX + "backend-protocol", "GRPCS (HTTP/2 over TLS to the pods) needs a "
+                          "BackendTLSPolicy, which meshproxy's Gateway does not implement yet; the route sends h2c")
+            if self.speaks_http1(ing, p.backend):
+                self.warn(ing, PREFIX + "backend-protocol", f"Service {p.backend.service}'s port does not say HTTP/2: "
+                          "give it appProtocol: kubernetes.io/h2c (or grpc) so that the Gateway speaks h2c to its pods")
+            rule: dict[str, Any] = {}
+            if m.group(1):
+                method = {"service": m.group(1)}
+                if m.group(2):
+                    method["method"] = m.group(2)
+                rule["matches"] = [{"method": method}]
+            ext = self.extension(ing, ann, "", extensions)
+            if ext is not None:
+                rule["filters"] = [ext]
+            refs = [main]
+            alt = alternatives.get((ing.namespace, p.backend.service, main["port"]))
+            if alt is not None:
+                cing, ccfg, cbe = alt
+                canary = self.backend_ref(cing, cbe)
+                c = ccfg.canary
+                if c.header or c.cookie:
+                    self.warn(cing, PREFIX + "canary", "a canary by header or cookie of a gRPC path is not converted")
+                total = c.weight_total if c.weight_total > 100 else 100
+                if canary is not None and c.weight > 0:
+                    refs = [dict(main, weight=total - c.weight), dict(canary, weight=c.weight)]
+            rule["backendRefs"] = refs
+            rules.append(rule)
+        if not rules:
+            return
+        spec: dict[str, Any] = {"parentRefs": parents}
+        if hostnames:
+            spec["hostnames"] = hostnames
+        spec["rules"] = rules
+        self.docs.append({"apiVersion": GW, "kind": "GRPCRoute", "metadata": {"name": name, "namespace": ns},
+                          "spec": spec})
+
+    def speaks_http1(self, ing, be) -> bool:
+        """Would a Gateway speak HTTP/1.1 to this Service port's pods? (The rule of
+        ``snapshot.backend_protocol``, repeated here: importing the snapshot would load the
+        metrics library into ``meshproxy convert`` / the CLI before its multiprocess setup.)"""
+        svc = self.services.get((ing.namespace, be.service))
+        for sp in svc.ports if svc is not None else ():
+            if (be.port_number is not None and sp.port == be.port_number) or (be.port_name and sp.name == be.port_name):
+                if sp.app_protocol is not None:
+                    return sp.app_protocol not in ("kubernetes.io/h2c", "grpc")
+                return not (sp.name in ("grpc", "h2c", "http2") or (sp.name or "").startswith(("grpc-", "http2-")))
+        return False
+
     def rules_for(self, ing, cfg: NginxIngress, p, regex: bool, alternatives, extensions) -> list[dict]:
         if regex:
             match = {"path": {"type": "RegularExpression", "value": _regex(p.path)}}
@@ -330,18 +439,10 @@ class _Converter:
             sets.append({"name": "Connection", "value": cfg.connection_header})
         if sets:
             filters.append({"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": sets}})
-        ext = {PREFIX + k: v for k, v in ann.items() if k in _EXTENSION}
-        if needs_rewrite and "$" in cfg.rewrite_target:
-            ext[PREFIX + "rewrite-target"] = cfg.rewrite_target
-        if ext:
-            key = (ing.namespace, ing.name)
-            if key not in extensions:
-                extensions[key] = ing.name
-                self.docs.append({"apiVersion": EXT_API, "kind": "IngressNginxFilter",
-                                  "metadata": {"name": ing.name, "namespace": ing.namespace},
-                                  "spec": {"annotations": dict(sorted(ext.items()))}})
-            filters.append({"type": "ExtensionRef", "extensionRef": {"group": "meshproxy.dev",
-                                                                      "kind": "IngressNginxFilter", "name": ing.name}})
+        ext = self.extension(ing, ann, cfg.rewrite_target if needs_rewrite and "$" in cfg.rewrite_target else "",
+                             extensions)
+        if ext is not None:
+            filters.append(ext)
         extra: dict[str, Any] = {}
         if "proxy-read-timeout" in ann:
             extra["timeouts"] = {"backendRequest": f"{int(cfg.read_timeout)}s"}

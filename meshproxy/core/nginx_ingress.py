@@ -45,6 +45,7 @@ class NginxBuild:
     entries: list[RouteEntry] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     upstream_tls: set = field(default_factory=set)          # backend keys reached over TLS
+    upstream_h2: set = field(default_factory=set)           # backend keys reached over HTTP/2 (GRPC, GRPCS)
     passthrough: dict = field(default_factory=dict)         # host -> backend key (ssl-passthrough)
 
 
@@ -108,8 +109,10 @@ def build(nginx: list[tuple[Any, NginxIngress]], others: list[RouteEntry], *,
                 ref, port = backend_ref(ing, p.backend, where)
                 loc = _Location(rule.host, p.path or "/", p.path_type, ing, cfg, ref, port, where)
                 locations.append(loc)
-                if cfg.backend_protocol == "HTTPS" and ref.key is not None:
+                if cfg.backend_protocol in ("HTTPS", "GRPCS") and ref.key is not None:
                     out.upstream_tls.add(ref.key)
+                if cfg.backend_protocol in ("GRPC", "GRPCS") and ref.key is not None:
+                    out.upstream_h2.add(ref.key)
 
     regex_hosts = {_host_key(loc.host) for loc in locations if loc.cfg.use_regex or _needs_rewrite(loc)}
 

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -497,6 +497,7 @@ class SnapshotBuilder:
                     entries.append(ingress_route(rule.host, p.path, p.path_type, t,
                                                  f"{ing.namespace}/{ing.name}", ing.meta.creation_timestamp))
         upstream_tls: frozenset = frozenset()
+        upstream_h2: frozenset = frozenset()
         passthrough: dict = {}
         if nginx:
             def backend_ref(ing, be, where):
@@ -521,6 +522,7 @@ class SnapshotBuilder:
             if default is None:
                 default = nginx_default_server()
             upstream_tls = frozenset(built.upstream_tls)
+            upstream_h2 = frozenset(built.upstream_h2)
             passthrough = built.passthrough
         if self.settings.default_tls_secret:
             ns, _, name = self.settings.default_tls_secret.partition("/")
@@ -543,7 +545,7 @@ class SnapshotBuilder:
         names = tuple(f"{i.namespace}/{i.name}" for i in served)
         self.ingress_findings = tuple(findings)
         self._routes_cache = (sig, table, tuple(problems), tls_hosts, used_secrets, names, upstream_tls,
-                              _frozen(passthrough), self.ingress_findings)
+                              _frozen(passthrough), upstream_h2, self.ingress_findings)
         return self._routes_cache[1:-1]
 
     def _l7_ports(self, services: Mapping[tuple[str, str], o.Service]) -> bool:
@@ -658,10 +660,19 @@ class SnapshotBuilder:
         for p in svc_problems.values():
             problems.extend(p)
         classes = {c.name: c for c in store.list("IngressClass")}
-        table, route_problems, tls_hosts, used_secrets, served, upstream_tls, passthrough = self._routes(
+        table, route_problems, tls_hosts, used_secrets, served, upstream_tls, passthrough, upstream_h2 = self._routes(
             sorted(store.list("Ingress"), key=lambda i: (i.namespace, i.name)), classes, services,
             {k: v for k, v in store.items("Secret").items()})
         problems.extend(route_problems)
+        if upstream_h2:
+            # ingress-nginx's backend-protocol GRPC / GRPCS: the Service port's pods are spoken
+            # to in HTTP/2 whatever the port's name says (a new dict: self._last stays as built).
+            if self.settings.http2:
+                backends = {k: replace(b, l7_protocol=H2C) if k in upstream_h2 and b.l7_protocol != H2C else b
+                            for k, b in backends.items()}
+            else:
+                problems.extend(f"{k[0]}/{k[1]}:{k[2]}: an Ingress says backend-protocol GRPC or GRPCS, but HTTP/2 "
+                                "is off (--http2); its pods are spoken to in HTTP/1.1" for k in sorted(upstream_h2))
         l4 = tables["TCP"]
         gw = self._gateways(store, services, ips, l4, node)
         problems.extend(gw.problem_lines())
