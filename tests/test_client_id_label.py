@@ -139,3 +139,25 @@ def test_spans_carry_the_callers_identity_and_the_server_identity_of_an_attempt(
                                                     None)))
     plain.finish(200, 0.01)
     assert "meshproxy.client_id" not in rec.spans[-1].attributes
+
+
+def test_top_adds_the_callers_of_a_route_into_one_row():
+    from meshproxy import top
+
+    def series(name, client_id, value, **extra):
+        lab = {"namespace": "shop", "ingress": "mesh-inbound", "service": "server", "route": "r", "client_id": client_id,
+               **extra}
+        return "%s{%s} %s\n" % (name, ",".join('%s="%s"' % kv for kv in lab.items()), value)
+
+    def text(a, b, plain):
+        return ("# TYPE meshproxy_http_requests_total counter\n"
+                + series("meshproxy_http_requests_total", ID_A, a, code="2xx")
+                + series("meshproxy_http_requests_total", ID_B, b, code="5xx")
+                + series("meshproxy_http_requests_total", "", plain, code="2xx"))
+
+    rows = top.compute(top.parse(text(10, 0, 5), 0.0), top.parse(text(16, 2, 7), 2.0))
+    (route,) = rows["routes"]
+    assert route.key == ("r", "mesh-inbound", "shop/server")
+    assert route.total == 10 and route.errors == 2 and route.rate == 5.0
+    (backend,) = rows["backends"]
+    assert backend.total == 10
