@@ -5,7 +5,9 @@ bounded: namespace / service / port / ingress / route / code class — never a p
 address, a request id or a raw path, which would grow without limit. ``route`` names a rule as
 it is written in its object (an Ingress rule as ``host/path``), so there are
 as many values as rules in the configuration, whatever the clients send. The value is the
-matched route's ``name`` (``meshproxy.core.routes.Route``).
+matched route's ``name`` (``meshproxy.core.routes.Route``). ``client_id`` (a mesh caller's
+verified identity) is bounded by the ServiceAccounts that exist and capped per process
+(``client_id_label``).
 
 With ``--workers N`` every worker process keeps its own values; the control plane's
 ``/metrics`` adds them up (``meshproxy.workers``), so this module must stay importable in a
