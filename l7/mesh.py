@@ -12,6 +12,9 @@ Inbound requests go through ``InboundFilter`` (an extension filter, ``Action.fil
 - the workload's AuthorizationPolicies decide per request with the caller's verified identity
   (``MeshPeer``, fixed when the connection was accepted); denied: 403, counted with the
   caller's identity (``meshproxy_mesh_authz_decisions_total``);
+- the request is counted in the golden metrics with the caller's identity (``client_id``: the
+  route's stats child of that identity, ``l7.stats.RouteStats.for_client``) and the identity is
+  put on the request's span: done here, so that no other server pays a lookup for it;
 - ``x-forwarded-client-cert`` is sanitize-and-set: the route removes whatever the client sent
   (``HeaderEdits``), the filter adds ``By=<own ID>;Hash=<caller's leaf SHA-256>;URI=<caller's
   ID>`` for a caller that proved an identity; a plaintext caller's request reaches the
@@ -149,6 +152,14 @@ class InboundFilter:
             # Not a connection the sidecar accepted and checked: never forwarded unchecked.
             exchange.answer(403, DENIED_BODY, ((b"Content-Type", b"text/plain"),))
             return
+        client_id = info.peer.client_id
+        if client_id:
+            stats = exchange.stats
+            if stats is not None:
+                exchange.stats = stats.for_client(client_id)
+            trace = exchange.trace
+            if trace is not None:
+                trace.client_id = client_id
         wp = mesh.policy
         if wp.allows_everything:
             decision = ALLOW_NO_POLICY

@@ -2,7 +2,12 @@
 path and pushed to prometheus-client once a second (``flush``, from the server's ticker) and at
 drain. Why: a Counter.inc plus a Histogram.observe take three locks and about a dozen Python
 calls per request, ~5% of the proxy's CPU at keep-alive rates; an int increment and a bisect do
-the same bookkeeping. Errors and retries are rare and still go straight to their counters."""
+the same bookkeeping. Errors and retries are rare and still go straight to their counters.
+
+The caller's identity (``client_id``, meshproxy.core.metrics): a route's stats are those of
+callers without one (""); an inbound mesh request swaps its exchange's stats for the route's
+child of its caller (``for_client``), so the request path of everything else is unchanged. A
+route holds at most ``CLIENT_ID_LIMIT`` + 1 children (the cap's "other"), flushed with it."""
 
 from __future__ import annotations
 
@@ -36,12 +41,12 @@ def take_retry_slot(budget: list[int]) -> bool:
 class RouteStats:
     """Metric children of one label set (see the module docstring)."""
     __slots__ = ("labels", "codes", "duration", "errors", "retries", "counts", "bounds",
-                 "buckets", "seconds", "dirty")
+                 "buckets", "seconds", "dirty", "clients")
 
-    def __init__(self, namespace: str, ingress: str, service: str, route: str = "") -> None:
-        self.labels = (namespace, ingress, service, route)
+    def __init__(self, namespace: str, ingress: str, service: str, route: str = "", client_id: str = "") -> None:
+        self.labels = (namespace, ingress, service, route, client_id)
         self.codes: list[Any] = [None] * 6
-        self.duration = metrics.http_duration.labels(namespace, ingress, service, route)
+        self.duration = metrics.http_duration.labels(namespace, ingress, service, route, client_id)
         self.errors: dict[str, Any] = {}
         self.retries = None
         self.counts = [0] * 6          # requests by status class since the last flush
@@ -51,6 +56,23 @@ class RouteStats:
         self.buckets = [0] * len(self.bounds)
         self.seconds = 0.0
         self.dirty = False
+        self.clients: dict[str, RouteStats] | None = None   # client_id label -> child (module docstring)
+
+    def for_client(self, client_id: str) -> RouteStats:
+        """The stats of this route for requests of the caller ``client_id`` (a SPIFFE ID; ""
+        is this route's own). Over the process's cap the child is the "other" one."""
+        if not client_id:
+            return self
+        clients = self.clients
+        if clients is None:
+            clients = self.clients = {}
+        s = clients.get(client_id)
+        if s is None:
+            label = metrics.client_id_label(client_id)
+            s = clients.get(label)
+            if s is None:
+                s = clients[label] = RouteStats(*self.labels[:4], label)
+        return s
 
     def done(self, status: int, seconds: float) -> None:
         self.counts[status // 100] += 1
@@ -63,6 +85,9 @@ class RouteStats:
         self.dirty = True
 
     def flush(self) -> None:
+        if self.clients:
+            for child in self.clients.values():
+                child.flush()
         if not self.dirty:
             return
         self.dirty = False

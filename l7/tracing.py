@@ -10,6 +10,10 @@ header. With it, per request::
     trace.attempt_done(now, status=503)          # optional; the next attempt / finish ends it
     trace.finish(200, now, {"meshproxy.route": ..., ...})
 
+and, in the mesh sidecar, ``trace.client_id = "spiffe://..."`` (the inbound caller's verified
+identity) and ``trace.attempt(endpoint, now, server_id="spiffe://...")`` (the identity an
+outbound attempt's peer proved).
+
 ``now`` is the loop's monotonic clock; wall-clock span times come from one ``time.time_ns``
 taken at the start of a recorded request.
 
@@ -33,7 +37,11 @@ exported. Unrecorded requests still send a fresh parent id (with the sampled fla
 
 Attributes follow the OpenTelemetry HTTP semantic conventions (``http.request.method``,
 ``url.path``, ``server.address``, ``http.response.status_code`` as an integer, ...) plus
-``meshproxy.*`` ones passed to ``finish`` (route, backend, request id, attempts).
+``meshproxy.*`` ones passed to ``finish`` (route, backend, request id, attempts). The mesh
+identities have no OpenTelemetry convention (``tls.client.subject`` is an X.509 subject name,
+which a SPIFFE certificate leaves empty): ``meshproxy.client_id`` on the server span and
+``meshproxy.server_id`` on an attempt's span, the same values as the ``client_id`` metric label
+(uncapped: a span is one request, not a series).
 """
 
 from __future__ import annotations
@@ -162,7 +170,7 @@ class RequestTrace:
     """The trace of one request (see the module docstring for the calls)."""
 
     __slots__ = ("tracing", "trace_id", "parent_id", "span_id", "sampled", "tracestate", "t0", "wall0", "info",
-                 "attempts", "_current", "_header")
+                 "attempts", "client_id", "_current", "_header")
 
     def __init__(self, tracing: Tracing, trace_id: int, parent_id: int, span_id: int, sampled: bool,
                  tracestate: bytes | None, now: float) -> None:
@@ -175,7 +183,8 @@ class RequestTrace:
         self.t0 = now
         self.wall0 = 0
         self.info: Any = None
-        self.attempts: list[list] | None = None   # [span id, endpoint, start, end, status, error]
+        self.attempts: list[list] | None = None   # [span id, endpoint, start, end, status, error, server id]
+        self.client_id = ""               # the caller's verified SPIFFE ID (mesh inbound), "" none
         self._current: list | None = None
         self._header: bytes | None = None
 
@@ -191,15 +200,16 @@ class RequestTrace:
             self._header = format_traceparent(self.trace_id, self.span_id, self.sampled)
         return self._header
 
-    def attempt(self, endpoint: str, now: float) -> bytes:
+    def attempt(self, endpoint: str, now: float, server_id: str = "") -> bytes:
         """An upstream attempt to ``endpoint`` (``ip:port``) starts: the ``traceparent`` value
-        to send with it. Ends the previous attempt if it is still open."""
+        to send with it. Ends the previous attempt if it is still open. ``server_id``: the
+        SPIFFE ID the peer proved (mesh mutual TLS), "" for none."""
         if not self.sampled:
             return self.traceparent
         if self._current is not None:
             self._current[3] = now
         span_id = self.tracing.new_id(64)
-        cur = [span_id, endpoint, now, None, None, None]
+        cur = [span_id, endpoint, now, None, None, None, server_id]
         if self.attempts is None:
             self.attempts = [cur]
         else:
@@ -240,6 +250,8 @@ class RequestTrace:
         if peer is not None:
             a["client.address"] = a["network.peer.address"] = peer[0]
             a["network.peer.port"] = peer[1]
+        if self.client_id:
+            a["meshproxy.client_id"] = self.client_id
         route = None
         if attrs:
             a.update(attrs)
@@ -256,12 +268,14 @@ class RequestTrace:
             self._current[3] = now
             if self._current[4] is None and self._current[5] is None:
                 self._current[4] = status
-        for i, (span_id, endpoint, start, end, st, err) in enumerate(self.attempts or ()):
+        for i, (span_id, endpoint, start, end, st, err, server_id) in enumerate(self.attempts or ()):
             ip, eport = _split_hostport(endpoint)
             ca: dict[str, Any] = {"http.request.method": method_s, "server.address": ip,
                                   "network.peer.address": ip, "url.path": path}
             if eport is not None:
                 ca["server.port"] = ca["network.peer.port"] = eport
+            if server_id:
+                ca["meshproxy.server_id"] = server_id
             if i:
                 ca["http.request.resend_count"] = i
             if st is not None:

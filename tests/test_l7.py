@@ -430,7 +430,7 @@ def test_metrics_move_as_requests_go(pods, tmp_path):
                           tls=[(["broken.test"], "no-such-secret")])
     (tmp_path / "m.yaml").write_text(config(pods) + "---\n" + broken)
     port = free_port()
-    svc = {"namespace": "default", "ingress": "default/site", "service": "svc-a", "route": "site.test/"}
+    svc = {"namespace": "default", "ingress": "default/site", "service": "svc-a", "route": "site.test/", "client_id": ""}
     hist = "meshproxy_http_request_duration_seconds"
     with Meshproxy([str(tmp_path)], "--ingress-listen", f"127.0.0.1:{port}", "--no-health-checks") as m:
         # The broken TLS Secret: reported, and the Ingress's route is served anyway.
@@ -458,7 +458,7 @@ def test_metrics_move_as_requests_go(pods, tmp_path):
         assert delta(hist + "_bucket", **svc, le="1.0") == total
         assert 0.3 <= delta(hist + "_sum", **svc) < 0.3 + fast * 0.25
         assert delta("meshproxy_http_requests_total", **svc, code="2xx") == total
-        # The histogram's labels are exactly namespace, ingress, service, route (no code).
+        # The histogram's labels are exactly namespace, ingress, service, route, client_id (no code).
         assert not re.search(hist + r"_count\{[^}]*code=", text)
 
         # A request in flight: active 1, its upstream connection active; afterwards 0 and idle.

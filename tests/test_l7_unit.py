@@ -1055,7 +1055,7 @@ def test_tls_min_version_1_2(pods, certs):
 def test_access_log_and_metrics(pods, tmp_path):
     path = tmp_path / "access.log"
     cfg = service_yaml("web", [pods["web1"]]) + "---\n" + ingress_yaml("logged", [(None, "/", "Prefix", "web")])
-    before = metrics.http_requests.labels("default", "default/logged", "web", "/", "2xx")._value.get()
+    before = metrics.http_requests.labels("default", "default/logged", "web", "/", "", "2xx")._value.get()
     with Proxy(cfg, access_log=str(path)) as p:
         assert get(p.port, "/echo?a=1")[0].status == 200
         assert get(p.port, "/status/503")[0].status == 503
@@ -1066,7 +1066,7 @@ def test_access_log_and_metrics(pods, tmp_path):
     assert "ingress=default/logged" in lines[0] and 'route="/"' in lines[0]
     assert lines[0].startswith("127.0.0.1 ")
     assert '" 503 ' in lines[1]
-    assert metrics.http_requests.labels("default", "default/logged", "web", "/", "2xx")._value.get() == before + 1
+    assert metrics.http_requests.labels("default", "default/logged", "web", "/", "", "2xx")._value.get() == before + 1
 
 
 # -- curl ----------------------------------------------------------------------------------------------

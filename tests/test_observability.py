@@ -274,8 +274,8 @@ def test_route_label_golden_metrics_and_promtool(pods, tmp_path):
         wait_for(lambda: l4_roundtrip(m.cluster_ip), what="L4 listener")
         # Flushed once a second: wait for the last counters to show.
         text = wait_for(lambda: (lambda t: t if "meshproxy_l4_connection_duration_seconds_count{" in t
-                                 and re.search(r'meshproxy_http_requests_total\{code="5xx"[^}]*route="shop.test/status"', t)
-                                 and re.search(r'meshproxy_http_requests_total\{code="4xx"', t)
+                                 and re.search(r'meshproxy_http_requests_total\{[^}]*code="5xx"[^}]*route="shop.test/status"', t)
+                                 and re.search(r'meshproxy_http_requests_total\{[^}]*code="4xx"', t)
                                  else None)(m.metrics()), what="metrics flushed")
         out = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -284,7 +284,8 @@ def test_route_label_golden_metrics_and_promtool(pods, tmp_path):
     assert reqs[("shop.test/status", "cart", "5xx")] == 1
     assert reqs[("", "", "4xx")] == 1                                      # no route: no route label value
     for d, _ in _samples(text, "meshproxy_http_requests_total") + _samples(text, "meshproxy_http_request_duration_seconds_count"):
-        assert set(d) - {"code"} == {"namespace", "ingress", "service", "route"}
+        assert set(d) - {"code"} == {"namespace", "ingress", "service", "route", "client_id"}
+        assert d["client_id"] == ""                                         # not a sidecar: no caller identity
         assert "?" not in d["route"] and "127." not in d["route"]          # never a raw path or an address
     counts = {d["route"]: v for d, v in _samples(text, "meshproxy_http_request_duration_seconds_count")}
     assert counts["shop.test/"] == 3 and counts["shop.test/status"] == 1

@@ -5,7 +5,9 @@ bounded: namespace / service / port / ingress / route / code class — never a p
 address, a request id or a raw path, which would grow without limit. ``route`` names a rule as
 it is written in its object (an Ingress rule as ``host/path``), so there are
 as many values as rules in the configuration, whatever the clients send. The value is the
-matched route's ``name`` (``meshproxy.core.routes.Route``).
+matched route's ``name`` (``meshproxy.core.routes.Route``). ``client_id`` (a mesh caller's
+verified identity) is bounded by the ServiceAccounts that exist and capped per process
+(``client_id_label``).
 
 With ``--workers N`` every worker process keeps its own values; the control plane's
 ``/metrics`` adds them up (``meshproxy.workers``), so this module must stay importable in a
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["REGISTRY", "L4_DURATION_BUCKETS", "HTTP_DURATION_BUCKETS"]  # plus the metric objects below
+__all__ = ["REGISTRY", "L4_DURATION_BUCKETS", "HTTP_DURATION_BUCKETS", "CLIENT_ID_LIMIT", "CLIENT_ID_OTHER",
+           "BoundedLabel", "client_id_label"]  # plus the metric objects below
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -67,11 +70,45 @@ L4_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300
 l4_duration = Histogram("meshproxy_l4_connection_duration_seconds", "Time from accept to close of L4 connections.",
                         _SVC, buckets=L4_DURATION_BUCKETS, registry=REGISTRY)
 
+# -- caller identity ---------------------------------------------------------------------------
+# The ``client_id`` label of the golden metrics (L7, below): the verified
+# SPIFFE ID of the caller of an inbound mesh request ("" for a plaintext caller and on every
+# server that is not a sidecar's inbound side). Identities are ServiceAccounts, so the values
+# are few, but a process also caps them: the first CLIENT_ID_LIMIT distinct IDs it sees get
+# their own value, any later one is counted as "other" - a mesh that grows (or a CA that signs
+# more than it should) cannot grow the series without bound.
+CLIENT_ID_LIMIT = 64
+CLIENT_ID_OTHER = "other"
+
+
+class BoundedLabel:
+    """The first ``limit`` distinct non-empty values pass as they are, then ``other``. ""
+    always passes and takes no place. Admitted values stay admitted for the process's life (a
+    series, once exported, keeps its name)."""
+
+    __slots__ = ("limit", "other", "seen")
+
+    def __init__(self, limit: int, other: str) -> None:
+        self.limit = limit
+        self.other = other
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if not value or value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return self.other
+        self.seen.add(value)
+        return value
+
+
+client_id_label = BoundedLabel(CLIENT_ID_LIMIT, CLIENT_ID_OTHER)
+
 # -- L7 ------------------------------------------------------------------------------------------
 # Golden metrics: per route (the rule that matched) and per backend Service (namespace + service
 # of the same series): requests by status class, and latency. Success rate is derived:
-# 1 - rate(code="5xx") / rate(all).
-_HTTP = ("namespace", "ingress", "service", "route")
+# 1 - rate(code="5xx") / rate(all). client_id: the caller's identity (above).
+_HTTP = ("namespace", "ingress", "service", "route", "client_id")
 HTTP_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 http_requests = Counter("meshproxy_http_requests_total", "HTTP requests answered, by status class.",
                         _HTTP + ("code",), registry=REGISTRY)
