@@ -141,7 +141,8 @@ class InboundFilter:
             if len(self._children) > 4096:   # identities are bounded; this only guards the memo
                 self._children.clear()
             child = self._children[key] = metrics.mesh_authz.labels(
-                "http", "allow" if decision.allowed else "deny", decision.reason, decision.policy, peer.client_id)
+                "http", "allow" if decision.allowed else "deny", decision.reason, decision.policy,
+                metrics.client_id_label(peer.client_id))
         child.inc()
 
     def on_request(self, exchange) -> None:

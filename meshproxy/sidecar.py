@@ -615,7 +615,7 @@ class Sidecar:
         mesh = snap.mesh
         decision = mesh.policy.authorize(caller, dst[1], None, dest_ip)
         metrics.mesh_authz.labels("tcp", "allow" if decision.allowed else "deny", decision.reason,
-                                  decision.policy, caller.client_id).inc()
+                                  decision.policy, metrics.client_id_label(caller.client_id)).inc()
         if not decision.allowed:
             log.debug("sidecar: TCP from %s to port %d denied (%s %s)", caller.client_id or peer_ip, dst[1],
                       decision.reason, decision.policy)
