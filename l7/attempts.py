@@ -72,7 +72,7 @@ class Attempts:
             authority = head.host
         down = self.down
         if self.trace is not None:
-            tail = telemetry.upstream_tail(self, "%s:%d" % conn.addr, self.ctx.now())
+            tail = telemetry.upstream_tail(self, "%s:%d" % conn.addr, self.ctx.now(), conn.peer_id)
         elif self.rid_generated:
             tail = b"x-request-id: " + self.request_id + b"\r\n"
         else:

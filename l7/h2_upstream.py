@@ -716,5 +716,9 @@ class H2Pool:
             task.cancel()
         for conns in list(self._conns.values()):
             for conn in list(conns):
-                conn.close()
+                conn.close()          # GOAWAY, written at once
+                if conn.transport is not None:
+                    # Shutdown: no waiting for a TLS pod's close_notify (up to 30 s in uvloop)
+                    # with the loop about to stop under the transport.
+                    conn.transport.abort()
         self._conns.clear()

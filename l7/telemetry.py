@@ -45,12 +45,13 @@ def strip_trace_fields(fields: list) -> list:
     return [f for f in fields if not (10 <= len(f[0]) <= 11 and f[0].lower() in _TRACE_NAMES)]
 
 
-def upstream_tail(ex, endpoint: str, now: float) -> bytes:
-    """The fields that end this attempt's upstream head (each with its CRLF)."""
+def upstream_tail(ex, endpoint: str, now: float, server_id: str = "") -> bytes:
+    """The fields that end this attempt's upstream head (each with its CRLF). ``server_id``:
+    the identity the pod proved (mesh mutual TLS), for the attempt's span."""
     tail = b"x-request-id: " + ex.request_id + b"\r\n" if ex.rid_generated else b""
     trace = ex.trace
     if trace is not None:
-        tail += b"traceparent: " + trace.attempt(endpoint, now) + b"\r\n"
+        tail += b"traceparent: " + trace.attempt(endpoint, now, server_id) + b"\r\n"
         if trace.tracestate:
             tail += b"tracestate: " + trace.tracestate + b"\r\n"
     return tail

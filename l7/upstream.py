@@ -81,17 +81,20 @@ class UpstreamSecurity:
     two addresses' connections never mix anyway. ``context``: the TLS client context for the
     *next* connection (None: no context can be had, e.g. no workload identity yet: the connect
     fails). ``server_name``: SNI ("" sends none). ``check(ssl_object)``: called after the
-    handshake; raising ``ValueError`` / ``OSError`` refuses the peer (a connect failure)."""
+    handshake; raising ``ValueError`` / ``OSError`` refuses the peer (a connect failure).
+    ``identity``: what ``check`` makes the peer prove (a SPIFFE ID; "" for none), told to the
+    attempt's span once the connection is up."""
     key: Hashable
     context: ssl.SSLContext | None
     server_name: str = ""
     check: Callable[[Any], None] | None = None
+    identity: str = ""
 
 
 class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = ("pool", "addr", "labels", "counts", "transport", "parser", "exchange", "state",
                  "idle_since", "reused", "received", "reading_paused", "requests", "pending",
-                 "chunked", "got_head", "tunnel", "kind", "read_size", "memo_in", "memo_out", "pool_key")
+                 "chunked", "got_head", "tunnel", "kind", "read_size", "memo_in", "memo_out", "pool_key", "peer_id")
 
     def __init__(self, pool: UpstreamPool, addr: tuple[str, int], labels: tuple[str, str]) -> None:
         self.pool = pool
@@ -119,6 +122,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.memo_in = None
         self.memo_out = None
         self.pool_key: Any = addr      # where it idles in the pool: the address, or (address, security key)
+        self.peer_id = ""              # the identity the peer proved at the handshake (UpstreamSecurity.identity)
 
     # -- what the exchange sends -----------------------------------------------------------------
 
@@ -475,6 +479,7 @@ class UpstreamPool:
                                           ssl_handshake_timeout=self.connect_timeout)
         if sec.check is not None:
             sec.check(conn.transport.get_extra_info("ssl_object"))
+            conn.peer_id = sec.identity
 
     @staticmethod
     def _report(exchange, token: int, conn, exc) -> None:

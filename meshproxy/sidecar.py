@@ -491,7 +491,7 @@ class Sidecar:
             ctx = self.contexts
             sec = UpstreamSecurity((pod.identity.uri, ctx.version if ctx is not None else 0),
                                    ctx.client_http if ctx is not None else None, "",
-                                   functools.partial(self._check_peer, pod.identity))
+                                   functools.partial(self._check_peer, pod.identity), pod.identity.uri)
         if len(self._security) > 65536:
             self._security.clear()
         self._security[addr] = sec

@@ -214,7 +214,7 @@ def test_pool_reaches_pods_over_mutual_tls_keyed_by_identity():
 
         def check(expected):
             return lambda obj: peer_identity(obj, "cluster.local", expected=expected)
-        right = UpstreamSecurity(("mtls", str(api_id)), ctx, "", check(api_id))
+        right = UpstreamSecurity(("mtls", str(api_id)), ctx, "", check(api_id), str(api_id))
         wrong_id = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/db")
         wrong = UpstreamSecurity(("mtls", str(wrong_id)), ctx, "", check(wrong_id))
         no_ctx = UpstreamSecurity(("mtls", "x"), None)
@@ -228,6 +228,7 @@ def test_pool_reaches_pods_over_mutual_tls_keyed_by_identity():
 
         conn, exc = await connect()
         assert exc is None and conn.pool_key == (addr, ("mtls", str(api_id)))
+        assert conn.peer_id == str(api_id)        # what the attempt's span is told (meshproxy.server_id)
         pool.release(conn)
         assert pool.take(addr) is conn            # same security: reused
         pool.release(conn)
