@@ -67,7 +67,7 @@ HTTP1 = "http/1.1"
 # _READ_MAX; a client that stops reading (our buffer for it is full) brings them back to
 # _READ_MIN. So a client that reads slowly holds about one small read in our memory, not one
 # 256 KiB read (uvloop's default), and a fast client's 1 MiB body takes only a few more reads.
-_READ_MIN = 16 * 1024
+_READ_MIN = 32 * 1024
 # Longest response head remembered per connection for the repeated-head shortcut.
 _MEMO_MAX = 1024
 _READ_MAX = 256 * 1024
