@@ -114,7 +114,8 @@ class ApiServer:
             with urllib.request.urlopen(req, context=self.ctx, timeout=10) as r:
                 return r.status, json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            with e:   # it holds the connection: closed here, not by the garbage collector mid-test
+                return e.code, json.loads(e.read() or b"{}")
 
     def ok(self, method, path, body=None, **kw) -> dict:
         status, doc = self.call(method, path, body, **kw)
