@@ -56,7 +56,7 @@ from meshproxy.core import metrics
 
 from .downstream import reset
 from .exchange import Exchange
-from .h2_fields import H2Conn, request_head
+from .h2_fields import H2Conn, request_head, send_window
 from .h2_stream import BAD_HEAD, STREAM_HIGH, H2Stream
 from .http1 import HTTPError
 
@@ -333,28 +333,12 @@ class H2ClientConnection(asyncio.Protocol):
             if not st.head_sent:
                 return wrote
             if st.out:
-                window = conn.local_flow_control_window(sid)
-                size = conn.max_outbound_frame_size
-                out = st.out
-                while out and window > 0:
-                    chunk = out[0]
-                    n = len(chunk)
-                    if n > window or n > size:
-                        k = window if window < size else size
-                        out[0] = chunk[k:]
-                        chunk = chunk[:k]
-                        n = k
-                    else:
-                        out.pop(0)
-                    last = not out and st.ended and not st.trailers
-                    conn.send_data(sid, chunk, end_stream=last)
-                    st.out_bytes -= n
-                    window -= n
-                    wrote = True
-                    if last:
-                        self._finished(st)
-                        return True
-                if out:
+                sent, last = send_window(conn, sid, st)
+                wrote = wrote or sent
+                if last:
+                    self._finished(st)
+                    return True
+                if st.out:
                     if st not in self.flow_blocked:
                         self.flow_blocked.add(st)
                         if not self.blocked_since:

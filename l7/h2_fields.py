@@ -29,10 +29,39 @@ from . import grpc
 from .h1events import HTTPError, RequestHead
 from .h1grammar import TARGET_RE, TRAILER_DROP, check_host, parse_content_length
 
-__all__ = ["H2Conn", "H2RequestHead", "valid_origin_target", "H2ResponseHead", "request_head", "response_block", "trailer_block",
+__all__ = ["H2Conn", "send_window", "H2RequestHead", "valid_origin_target", "H2ResponseHead", "request_head", "response_block", "trailer_block",
            "request_block", "response_head", "NO_TOKENS"]
 
 NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def send_window(conn: H2Connection, sid: int, st) -> tuple[bool, bool]:
+    """Hand ``conn`` what of ``st.out`` (a list of byte chunks) the stream's window and the
+    peer's frame size allow, END_STREAM on the last chunk when ``st.ended`` and no trailers
+    follow; ``st.out_bytes`` goes down by what was sent. Returns (anything sent, stream ended).
+    Both shells' streams (client side and pod side) go through here."""
+    out = st.out
+    window = conn.local_flow_control_window(sid)
+    size = conn.max_outbound_frame_size
+    wrote = False
+    while out and window > 0:
+        chunk = out[0]
+        n = len(chunk)
+        if n > window or n > size:
+            k = window if window < size else size
+            out[0] = chunk[k:]
+            chunk = chunk[:k]
+            n = k
+        else:
+            out.pop(0)
+        last = not out and st.ended and not st.trailers
+        conn.send_data(sid, chunk, end_stream=last)
+        st.out_bytes -= n
+        window -= n
+        wrote = True
+        if last:
+            return True, True
+    return wrote, False
 
 
 class H2Conn(H2Connection):

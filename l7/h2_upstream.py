@@ -58,7 +58,7 @@ from h2.settings import SettingCodes
 from meshproxy.core import metrics
 
 from .downstream import REASONS
-from .h2_fields import H2Conn, request_block, response_head, tail_fields, trailer_block
+from .h2_fields import H2Conn, request_block, response_head, send_window, tail_fields, trailer_block
 from .http1 import HTTPError
 from .upstream import UpstreamSecurity
 
@@ -232,26 +232,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         try:
             out = st.out
             if out:
-                window = conn.local_flow_control_window(sid)
-                size = conn.max_outbound_frame_size
-                while out and window > 0:
-                    chunk = out[0]
-                    n = len(chunk)
-                    if n > window or n > size:
-                        k = window if window < size else size
-                        out[0] = chunk[k:]
-                        chunk = chunk[:k]
-                        n = k
-                    else:
-                        out.pop(0)
-                    last = not out and st.ended and not st.trailers
-                    conn.send_data(sid, chunk, end_stream=last)
-                    st.out_bytes -= n
-                    window -= n
-                    wrote = True
-                    if last:
-                        st.closed = True
-                        st.ended = False
+                wrote, last = send_window(conn, sid, st)
+                if last:
+                    st.closed = True
+                    st.ended = False
                 if out:
                     self.blocked.add(st)
                     ex = st.exchange
